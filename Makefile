@@ -1,0 +1,44 @@
+# Every target does its own setup on a fresh machine: a venv in .venv with the CPU torch wheel,
+# the pinned tools, and lowbit built in place (CPU module, CUDA module when nvcc is present, and
+# the test-only CUDA sim).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+BUILD_STAMP := $(VENV)/.lowbit-built
+SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
+
+.PHONY: setup build test test-slow demo bench clean
+
+setup: $(VENV)/.setup-done
+
+$(VENV)/.setup-done: requirements-ci.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -U pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -r requirements-ci.txt
+	touch $@
+
+build: setup $(BUILD_STAMP)
+
+$(BUILD_STAMP): $(SOURCES)
+	LOWBIT_SIM=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+# The suite: reference, CPU, CUDA-through-the-sim and Triton-through-the-interpreter backends.
+test: build
+	TRITON_INTERPRET=1 $(PY) -m pytest -n 2 -q tests
+
+test-slow: build
+	TRITON_INTERPRET=1 $(PY) -m pytest -n 2 -q -m slow tests
+
+# The main job. Until the pretraining demo lands: the quantization and stochastic-rounding
+# benchmark table on the embedded default input (2**24 fp32 elements).
+demo: build
+	$(PY) bench/run.py --quick
+
+bench: build
+	$(PY) bench/run.py
+
+clean:
+	rm -rf build $(VENV) python/lowbit/*.so *.egg-info

@@ -1,0 +1,77 @@
+// lowbit._C: the CPU kernels, bound with pybind11 on raw pointers so the build never needs torch
+// (DESIGN.md contract 6). Python passes data_ptr() integers, sizes and dtype codes; every
+// validation of shapes and dtypes happens in python/lowbit before these are called.
+#include <pybind11/pybind11.h>
+
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+#include <string>
+
+#include "cpu/cpu_kernels.h"
+
+namespace py = pybind11;
+using namespace lowbit::cpu;
+
+namespace {
+
+template <typename T>
+T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+// The nearest-code lookup table depends only on the midpoints; codebooks are few, so cache one
+// table per distinct midpoint vector (keyed by its bytes).
+const NearestLut& lut_for(const float* mids, int nmid) {
+  static std::mutex mu;
+  static std::unordered_map<std::string, std::pair<std::vector<int32_t>, int>> cache;
+  std::string key(reinterpret_cast<const char*>(mids), sizeof(float) * nmid);
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(key);
+  if (it == cache.end()) {
+    std::vector<int32_t> table(65536);
+    int max_inside = 0;
+    build_nearest_lut(mids, nmid, table.data(), &max_inside);
+    it = cache.emplace(key, std::make_pair(std::move(table), max_inside)).first;
+  }
+  static thread_local NearestLut lut;
+  lut.table = it->second.first.data();
+  lut.max_inside = it->second.second;
+  return lut;
+}
+
+void py_quantize_blockwise(uintptr_t x, int x_dtype, int64_t n, int block, uintptr_t code,
+                        uintptr_t mids, int ncode, uintptr_t codes, uintptr_t absmax,
+                           bool stochastic, uint64_t seed, uint64_t offset) {
+  QuantArgs a{};
+  a.x = ptr<const void>(x); a.x_dtype = x_dtype; a.n = n; a.block = block;
+  a.code = ptr<const float>(code); a.mids = ptr<const float>(mids); a.ncode = ncode;
+  if (ncode == 256 && !stochastic) a.lut = lut_for(a.mids, ncode - 1);
+  a.codes = ptr<uint8_t>(codes); a.absmax = ptr<float>(absmax);
+  a.stochastic = stochastic; a.seed = seed; a.offset = offset;
+  py::gil_scoped_release release;
+  lowbit::cpu::quantize_blockwise(a);
+}
+
+void py_dequantize_blockwise(uintptr_t codes, uintptr_t absmax, uintptr_t code, int ncode,
+                          int64_t n, int block, uintptr_t out, int out_dtype) {
+  DequantArgs a{ptr<const uint8_t>(codes), ptr<const float>(absmax), ptr<const float>(code),
+                ncode, n, block, ptr<void>(out), out_dtype};
+  py::gil_scoped_release release;
+  lowbit::cpu::dequantize_blockwise(a);
+}
+
+void py_stochastic_round(uintptr_t x, int64_t n, uintptr_t out, int fmt, uint64_t seed,
+                      uint64_t offset) {
+  RoundArgs a{ptr<const float>(x), n, ptr<void>(out), fmt, seed, offset};
+  py::gil_scoped_release release;
+  lowbit::cpu::stochastic_round(a);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "lowbit CPU kernels (raw-pointer API; use the lowbit Python package instead)";
+  m.def("isa", &isa_name, "SIMD instruction set the kernels dispatched to on this CPU");
+  m.def("quantize_blockwise", &py_quantize_blockwise);
+  m.def("dequantize_blockwise", &py_dequantize_blockwise);
+  m.def("stochastic_round", &py_stochastic_round);
+}

@@ -1,0 +1,53 @@
+// CPU kernels over whole tensors. Each is compiled three times (isa_avx512.cpp, isa_avx2.cpp,
+// isa_scalar.cpp) under different target flags; dispatch.cpp picks one at run time.
+#pragma once
+#include <stdint.h>
+
+namespace lowbit {
+namespace cpu {
+
+// Exact accelerator for nearest-code search over a 256-entry codebook: entry k covers every
+// fp32 y whose top 16 bits equal k; low 16 bits = number of midpoints below the bucket, high 16
+// bits = number of midpoints inside it (each needs one comparison). Built by build_nearest_lut.
+struct NearestLut {
+  const int32_t* table;  // 65536 entries
+  int max_inside;        // max over buckets of the "inside" count
+};
+
+struct QuantArgs {
+  const void* x; int x_dtype; int64_t n; int block;
+  const float* code; const float* mids; int ncode;
+  NearestLut lut;                 // used for ncode == 256 nearest rounding
+  uint8_t* codes; float* absmax;
+  bool stochastic; uint64_t seed; uint64_t offset;
+};
+
+struct DequantArgs {
+  const uint8_t* codes; const float* absmax; const float* code; int ncode;
+  int64_t n; int block; void* out; int out_dtype;
+};
+
+struct RoundArgs {
+  const float* x; int64_t n; void* out; int fmt; uint64_t seed; uint64_t offset;
+};
+
+#define LOWBIT_DECLARE_ISA(ns)                          \
+  namespace ns {                                        \
+  void quantize_blockwise(const QuantArgs& a);          \
+  void dequantize_blockwise(const DequantArgs& a);      \
+  void stochastic_round(const RoundArgs& a);            \
+  }
+LOWBIT_DECLARE_ISA(avx512)
+LOWBIT_DECLARE_ISA(avx2)
+LOWBIT_DECLARE_ISA(scalar)
+#undef LOWBIT_DECLARE_ISA
+
+// dispatch.cpp
+const char* isa_name();
+void build_nearest_lut(const float* mids, int nmid, int32_t* table, int* max_inside);
+void quantize_blockwise(const QuantArgs& a);
+void dequantize_blockwise(const DequantArgs& a);
+void stochastic_round(const RoundArgs& a);
+
+}  // namespace cpu
+}  // namespace lowbit

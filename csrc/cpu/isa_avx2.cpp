@@ -1,0 +1,5 @@
+// The CPU kernels compiled for avx2; dispatch.cpp calls them only on CPUs that support it.
+#pragma GCC target("avx2,bmi2")
+#include "cpu_kernels.h"
+#define LOWBIT_ISA_NS avx2
+#include "kernels_impl.h"

@@ -1,0 +1,5 @@
+// The CPU kernels compiled for avx512; dispatch.cpp calls them only on CPUs that support it.
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi2,prefer-vector-width=512")
+#include "cpu_kernels.h"
+#define LOWBIT_ISA_NS avx512
+#include "kernels_impl.h"

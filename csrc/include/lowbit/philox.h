@@ -1,0 +1,45 @@
+// Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11), keyed and
+// countered exactly as Triton's tl.randint / tl.randint4x:
+//   key     = (lo32(seed), hi32(seed))
+//   counter = (lo32(i), hi32(i), 0, 0)     with i = offset + element index (64-bit)
+// so CPU, CUDA, the sim, Triton and the torch reference draw the same 32-bit word for the same
+// (seed, offset, index). lowbit uses word 0 (what tl.randint returns).
+#pragma once
+#include "hd.h"
+
+namespace lowbit {
+
+LOWBIT_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
+  return (uint32_t)(((uint64_t)a * (uint64_t)b) >> 32);
+}
+
+struct Philox4 {
+  uint32_t w[4];
+};
+
+LOWBIT_HD Philox4 philox4x32_10(uint64_t seed, uint64_t counter) {
+  uint32_t c0 = (uint32_t)counter, c1 = (uint32_t)(counter >> 32), c2 = 0, c3 = 0;
+  uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    const uint32_t a0 = c0, a2 = c2;
+    c0 = mulhi32(0xCD9E8D57u, a2) ^ c1 ^ k0;
+    c2 = mulhi32(0xD2511F53u, a0) ^ c3 ^ k1;
+    c1 = 0xCD9E8D57u * a2;
+    c3 = 0xD2511F53u * a0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  Philox4 r;
+  r.w[0] = c0; r.w[1] = c1; r.w[2] = c2; r.w[3] = c3;
+  return r;
+}
+
+// The one random word per element used by stochastic rounding and stochastic quantization.
+LOWBIT_HD uint32_t philox_word0(uint64_t seed, uint64_t counter) {
+  return philox4x32_10(seed, counter).w[0];
+}
+
+// A uniform in [0, 1) with 24 random bits: exact in fp32, identical on every backend.
+LOWBIT_HD float uniform24(uint32_t r) { return (float)(r >> 8) * 5.9604644775390625e-08f; }
+
+}  // namespace lowbit

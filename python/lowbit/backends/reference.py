@@ -1,0 +1,17 @@
+"""The pure-PyTorch reference as a backend (any device; computes on the CPU)."""
+from .. import reference as ref
+
+
+def quantize_blockwise(x, code, mids, block_size, stochastic, seed, offset, codes, absmax):
+    c, a = ref.quantize_blockwise(x.cpu(), code.cpu(), block_size, stochastic, seed, offset)
+    codes.copy_(c.reshape(codes.shape))
+    absmax.copy_(a)
+
+
+def dequantize_blockwise(codes, absmax, code, block_size, n, out):
+    out.copy_(ref.dequantize_blockwise(codes.cpu(), absmax.cpu(), code.cpu(), block_size,
+                                       out.shape, out.dtype))
+
+
+def stochastic_round(x, out, seed, offset):
+    out.copy_(ref.stochastic_round(x.cpu(), out.dtype, seed, offset))

@@ -1,0 +1,123 @@
+"""The op table: one torch.library custom op per kernel (with a fake impl, so torch.compile and
+DTensor see a single op), dispatching to a backend.
+
+Backends: "cpu" (lowbit._C), "cuda" (lowbit._C_cuda), "triton" (lowbit.triton_kernels),
+"reference" (pure PyTorch, the spec), and the test-only "cuda_sim" (the .cu kernels compiled for
+the CPU). Default order: CUDA tensors -> cuda if its module is built and sees a device, else
+triton, else reference; CPU tensors -> cpu if built, else reference. `backend=` on every public
+entry point overrides the default; so does the LOWBIT_BACKEND environment variable.
+"""
+import functools
+import importlib
+import os
+
+import torch
+
+from . import _ext
+from .backends import reference as _reference
+from .backends.native import NativeBackend
+
+BACKENDS = ("cpu", "cuda", "triton", "reference", "cuda_sim")
+
+
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _backend_impl(name: str):
+    if name == "reference":
+        return _reference
+    if name == "cpu" and _ext.C is not None:
+        return NativeBackend(_ext.C, needs_stream=False)
+    if name == "cuda" and _ext.C_CUDA is not None:
+        return NativeBackend(_ext.C_CUDA, needs_stream=True)
+    if name == "cuda_sim" and _ext.C_SIM is not None:
+        return NativeBackend(_ext.C_SIM, needs_stream=False)
+    if name == "triton" and _triton_available():
+        from .backends import triton as triton_backend
+        return triton_backend
+    return None
+
+
+def available_backends() -> list[str]:
+    return [b for b in BACKENDS if _backend_impl(b) is not None]
+
+
+def default_backend(device: torch.device) -> str:
+    env = os.environ.get("LOWBIT_BACKEND")
+    if env:
+        return env
+    if device.type == "cuda":
+        if _ext.cuda_device_count() > 0:
+            return "cuda"
+        return "triton" if _triton_available() else "reference"
+    return "cpu" if _ext.C is not None else "reference"
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    name = backend or default_backend(device)
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)} or None, got {name!r}")
+    if _backend_impl(name) is None:
+        hint = {"cpu": "reinstall lowbit so that lowbit._C is built",
+                "cuda": "install lowbit where nvcc is found (or LOWBIT_CUDA=1)",
+                "cuda_sim": "build with LOWBIT_SIM=1 (make test does)",
+                "triton": "pip install triton"}[name]
+        raise RuntimeError(f"backend {name!r} is not available here: {hint}")
+    if name in ("cpu", "cuda_sim") and device.type != "cpu":
+        raise ValueError(f"backend {name!r} runs on CPU tensors, got a tensor on {device}")
+    if name == "cuda" and device.type != "cuda":
+        raise ValueError(f"backend 'cuda' needs CUDA tensors, got a tensor on {device}")
+    return name
+
+
+# --- custom ops ------------------------------------------------------------------------------
+
+@torch.library.custom_op("lowbit::quantize_blockwise", mutates_args=())
+def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, mids: torch.Tensor, block_size: int,
+                       stochastic: bool, seed: int, offset: int,
+                       backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    n = x.numel()
+    nblocks = -(-n // block_size)
+    if code.numel() == 16:
+        codes = torch.empty((n + 1) // 2, dtype=torch.uint8, device=x.device)
+    else:
+        codes = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+    absmax = torch.empty(nblocks, dtype=torch.float32, device=x.device)
+    if n:
+        _backend_impl(backend).quantize_blockwise(x, code, mids, block_size, stochastic, seed,
+                                                  offset, codes, absmax)
+    return codes, absmax
+
+
+@quantize_blockwise.register_fake
+def _(x, code, mids, block_size, stochastic, seed, offset, backend):
+    n = x.numel()
+    shape = ((n + 1) // 2,) if code.numel() == 16 else x.shape
+    return (x.new_empty(shape, dtype=torch.uint8),
+            x.new_empty((-(-n // block_size),), dtype=torch.float32))
+
+
+@torch.library.custom_op("lowbit::dequantize_blockwise", mutates_args=("out",))
+def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                         block_size: int, n: int, out: torch.Tensor, backend: str) -> None:
+    if n:
+        _backend_impl(backend).dequantize_blockwise(codes, absmax, code, block_size, n, out)
+
+
+@dequantize_blockwise.register_fake
+def _(codes, absmax, code, block_size, n, out, backend):
+    return None
+
+
+@torch.library.custom_op("lowbit::stochastic_round", mutates_args=("out",))
+def stochastic_round(x: torch.Tensor, out: torch.Tensor, seed: int, offset: int,
+                     backend: str) -> None:
+    if x.numel():
+        _backend_impl(backend).stochastic_round(x, out, seed, offset)
+
+
+@stochastic_round.register_fake
+def _(x, out, seed, offset, backend):
+    return None

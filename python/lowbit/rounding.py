@@ -1,0 +1,39 @@
+"""Stochastic rounding of fp32 tensors into bf16, fp16, float8_e4m3fn and float8_e5m2.
+
+The Philox stream contract (DESIGN.md contract 2), shared with every other random op:
+Philox4x32-10 with key = (lo32(seed), hi32(seed)) and counter = (lo32(i), hi32(i), 0, 0) where
+i = offset + the element's row-major index; word 0 is used — exactly Triton's
+tl.randint(seed, offset + index). Element i rounds away from zero iff (word >> 8) is below the
+fraction of the gap it has covered scaled to 2**24, so P(up) is that fraction and the rounding is
+unbiased. Optimizers derive (seed, offset) from their own seed and step.
+
+Special values, as the target formats define them:
+  NaN -> NaN (canonical; bf16 NaN is positive, as torch's cast gives).
+  +-inf -> +-inf, or NaN for float8_e4m3fn (it has no infinity).
+  finite |x| above the largest finite value: rounds between the largest finite value and the
+  format's overflow value (inf; NaN for e4m3fn) — so values near the top can overflow, as an
+  IEEE cast of the same value would.
+  Values below the smallest subnormal round to 0 or to it with probability truncated to 2**-24.
+"""
+import torch
+
+from . import _validate, ops
+
+TARGETS = (torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def stochastic_round(x: torch.Tensor, dtype: torch.dtype, *, seed: int, offset: int = 0,
+                     backend: str | None = None) -> torch.Tensor:
+    """Round fp32 `x` to `dtype` stochastically; same bits on every backend for the same
+    (seed, offset). Returns a new tensor of x's shape."""
+    _validate.float_tensor("x", x, allowed=(torch.float32,))
+    if dtype not in TARGETS:
+        raise ValueError(f"dtype must be one of {', '.join(map(str, TARGETS))}, got {dtype}")
+    seed_v = _validate.seed_value(seed)
+    offset_v = _validate.offset_value(offset)
+    if x.numel() and offset_v + x.numel() > 2**63:
+        raise ValueError("offset + x.numel() must stay below 2**63")
+    be = ops.resolve_backend(backend, x.device)
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    ops.stochastic_round(x.detach().contiguous(), out, seed_v, offset_v, be)
+    return out
