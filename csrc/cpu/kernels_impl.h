@@ -11,6 +11,10 @@ namespace lowbit {
 namespace cpu {
 namespace LOWBIT_ISA_NS {
 
+// Below this many elements a call runs on the calling thread: waking the OpenMP team costs more
+// than the work, and far more when the other core is busy.
+static const int64_t kParallelMin = 1 << 16;
+
 template <int DT>
 static inline float load_t(const void* p, int64_t i) {
   if (DT == kBF16) return bf16_to_f32(((const uint16_t*)p)[i]);
@@ -44,6 +48,34 @@ static inline int nearest256(float y, const float* mids, const NearestLut& lut) 
   return idx;
 }
 
+// The hot loops take __restrict locals: the uint8 output may alias anything as far as the
+// compiler knows, and without the promise it refuses to vectorize the table lookups.
+template <int DT>
+static void nearest16_run(const void* __restrict x, int64_t begin, int64_t len, float am,
+                          const float* __restrict mids, uint8_t* __restrict out) {
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i)
+    out[i] = (uint8_t)nearest16(scale_to_unit(load_t<DT>(x, begin + i), am), mids);
+}
+
+// Every built-in 256-entry codebook has at most one midpoint per table bucket: one table load
+// and at most one comparison per element.
+template <int DT>
+static void nearest256_run(const void* __restrict x, int64_t begin, int64_t len, float am,
+                           const int32_t* __restrict table, const float* __restrict mids,
+                           uint8_t* __restrict out) {
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    const float y = scale_to_unit(load_t<DT>(x, begin + i), am);
+    const int32_t e = table[f32_bits(y) >> 16];
+    const int base = e & 0xFFFF;
+    // Unconditional (clamped) load so the loop has no control flow; `inside` masks it.
+    const float m = mids[base < 254 ? base : 254];
+    const int step = ((e >> 16) > 0) & (m < y);
+    out[i] = (uint8_t)(base + step);
+  }
+}
+
 template <int DT>
 static void quantize_block(const QuantArgs& a, int64_t b, uint8_t* idx_buf) {
   const int64_t begin = b * a.block;
@@ -57,26 +89,13 @@ static void quantize_block(const QuantArgs& a, int64_t b, uint8_t* idx_buf) {
       idx_buf[i] = (uint8_t)stochastic_index(y, a.code, a.ncode, r);
     }
   } else if (a.ncode == 16) {
-#pragma omp simd
-    for (int64_t i = 0; i < len; ++i)
-      idx_buf[i] = (uint8_t)nearest16(scale_to_unit(load_t<DT>(a.x, begin + i), am), a.mids);
+    nearest16_run<DT>(a.x, begin, len, am, a.mids, idx_buf);
+  } else if (a.lut.max_inside <= 1) {
+    nearest256_run<DT>(a.x, begin, len, am, a.lut.table, a.mids, idx_buf);
   } else {
-    const int32_t* table = a.lut.table;
-    if (a.lut.max_inside <= 1) {
-      // The common case (every built-in codebook): one table load, at most one comparison.
-#pragma omp simd
-      for (int64_t i = 0; i < len; ++i) {
-        const float y = scale_to_unit(load_t<DT>(a.x, begin + i), am);
-        const int32_t e = table[f32_bits(y) >> 16];
-        const int base = e & 0xFFFF;
-        const int inside = e >> 16;
-        idx_buf[i] = (uint8_t)(base + ((inside > 0 && a.mids[base] < y) ? 1 : 0));
-      }
-    } else {
-      for (int64_t i = 0; i < len; ++i)
-        idx_buf[i] = (uint8_t)nearest256(scale_to_unit(load_t<DT>(a.x, begin + i), am), a.mids,
-                                         a.lut);
-    }
+    for (int64_t i = 0; i < len; ++i)
+      idx_buf[i] = (uint8_t)nearest256(scale_to_unit(load_t<DT>(a.x, begin + i), am), a.mids,
+                                       a.lut);
   }
   if (a.ncode == 16) {
     uint8_t* out = a.codes + begin / 2;  // blocks have even size, so they start on a byte
@@ -95,7 +114,7 @@ static void quantize_block(const QuantArgs& a, int64_t b, uint8_t* idx_buf) {
 template <int DT>
 static void quantize_all(const QuantArgs& a) {
   const int64_t nblocks = (a.n + a.block - 1) / a.block;
-#pragma omp parallel
+#pragma omp parallel if (a.n >= kParallelMin)
   {
     uint8_t idx_buf[4096];
 #pragma omp for schedule(static)
@@ -112,7 +131,7 @@ void quantize_blockwise(const QuantArgs& a) {
 template <int DT, int NCODE>
 static void dequantize_all(const DequantArgs& a) {
   const int64_t nblocks = (a.n + a.block - 1) / a.block;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (a.n >= kParallelMin)
   for (int64_t b = 0; b < nblocks; ++b) {
     const int64_t begin = b * a.block;
     const int64_t len = (a.n - begin) < a.block ? (a.n - begin) : a.block;
@@ -145,7 +164,7 @@ void dequantize_blockwise(const DequantArgs& a) {
 template <int FMT>
 static void round_all(const RoundArgs& a) {
   const Fmt f = fmt_of(FMT);
-#pragma omp parallel for simd schedule(static)
+#pragma omp parallel for simd schedule(static) if (a.n >= kParallelMin)
   for (int64_t i = 0; i < a.n; ++i) {
     const uint32_t r = philox_word0(a.seed, a.offset + (uint64_t)i);
     const uint32_t bits = round_to_fmt(f32_bits(a.x[i]), f, true, r);

@@ -7,12 +7,12 @@ tl.randint(seed, offset + index). Element i rounds away from zero iff (word >> 8
 fraction of the gap it has covered scaled to 2**24, so P(up) is that fraction and the rounding is
 unbiased. Optimizers derive (seed, offset) from their own seed and step.
 
-Special values, as the target formats define them:
-  NaN -> NaN (canonical; bf16 NaN is positive, as torch's cast gives).
-  +-inf -> +-inf, or NaN for float8_e4m3fn (it has no infinity).
+Special values, as the target formats define them (and as torch's casts treat them):
+  NaN -> NaN.
+  +-inf -> +-inf; float8_e4m3fn has no infinity and saturates: +-inf -> +-448.
   finite |x| above the largest finite value: rounds between the largest finite value and the
-  format's overflow value (inf; NaN for e4m3fn) — so values near the top can overflow, as an
-  IEEE cast of the same value would.
+  next step above it, which is inf for bf16/fp16/e5m2 (so values near the top can overflow, as
+  an IEEE cast of the same value would) and 448 again for e4m3fn (saturation).
   Values below the smallest subnormal round to 0 or to it with probability truncated to 2**-24.
 """
 import torch

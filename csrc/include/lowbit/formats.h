@@ -11,10 +11,10 @@
 //   stochastic:   add 1 iff (r >> 8) < dropped/2^s * 2^24, so P(up) = distance to the lower
 //                 neighbour / gap (exact while s <= 24, i.e. unbiased for every value the
 //                 target can resolve; below that the probability is truncated to 2^-24 steps)
-//   a result above the largest finite value becomes the format's overflow value: +-inf, or NaN
-//   for float8_e4m3fn, which has no infinity (this is also what torch's casts produce).
-// NaN maps to the format's canonical NaN (sign kept except for bf16, as torch does); +-inf maps
-// to the overflow value.
+//   a result above the largest finite value becomes the format's overflow value: +-inf, except
+//   float8_e4m3fn, which has no infinity and saturates to +-448 (torch's cast, CUDA's SATFINITE).
+// NaN maps to the format's canonical NaN (sign kept except for bf16); +-inf maps to the overflow
+// value (so +-448 for e4m3fn, as torch's cast gives).
 #pragma once
 #include "hd.h"
 
@@ -36,7 +36,7 @@ LOWBIT_HD Fmt fmt_of(int dtype) {
   Fmt f;
   switch (dtype) {
     case kF16:    f = {16, 10, -14, 0x7BFFu, 0x7C00u, 0x7E00u, true}; break;
-    case kE4M3FN: f = {8, 3, -6, 0x7Eu, 0x7Fu, 0x7Fu, true}; break;
+    case kE4M3FN: f = {8, 3, -6, 0x7Eu, 0x7Eu, 0x7Fu, true}; break;  // saturates
     case kE5M2:   f = {8, 2, -14, 0x7Bu, 0x7Cu, 0x7Fu, true}; break;
     default:      f = {16, 7, -126, 0x7F7Fu, 0x7F80u, 0x7FC0u, false}; break;  // bf16
   }

@@ -4,8 +4,8 @@ The rule (same as csrc/include/lowbit/formats.h): on the fp32 bits, drop the s s
 the target cannot hold; nearest-even adds one unit if the dropped part is above half (or exactly
 half with an odd kept part); stochastic adds one unit iff (r >> 8) < dropped / 2**s * 2**24, r
 being the element's Philox word. Results above the largest finite value become the format's
-overflow value (inf; NaN for float8_e4m3fn). NaN -> canonical NaN (sign kept except bf16, as
-torch's casts do); +-inf -> overflow value.
+overflow value: +-inf, or +-448 for float8_e4m3fn (no infinity; torch's cast saturates).
+NaN -> canonical NaN (sign kept except bf16); +-inf -> the overflow value.
 """
 import torch
 
@@ -16,7 +16,7 @@ from .philox import philox_word0
 FORMATS = {
     torch.bfloat16: (16, 7, -126, 0x7F7F, 0x7F80, 0x7FC0, False),
     torch.float16: (16, 10, -14, 0x7BFF, 0x7C00, 0x7E00, True),
-    torch.float8_e4m3fn: (8, 3, -6, 0x7E, 0x7F, 0x7F, True),
+    torch.float8_e4m3fn: (8, 3, -6, 0x7E, 0x7E, 0x7F, True),  # saturating, like torch's cast
     torch.float8_e5m2: (8, 2, -14, 0x7B, 0x7C, 0x7F, True),
 }
 _BITS_VIEW = {16: torch.int16, 8: torch.int8}
