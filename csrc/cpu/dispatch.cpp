@@ -3,19 +3,33 @@
 
 #include "lowbit/quant.h"
 
+#include <stdlib.h>
+#include <string.h>
+
 namespace lowbit {
 namespace cpu {
 
 namespace {
 enum class Isa { kAvx512, kAvx2, kScalar };
 
-Isa detect() {
+Isa best_supported() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
     return Isa::kAvx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("bmi2")) return Isa::kAvx2;
   return Isa::kScalar;
+}
+
+// LOWBIT_CPU_ISA=avx2|scalar forces a lower clone (the tests use it so that every clone runs);
+// a request above what the CPU supports is ignored.
+Isa detect() {
+  const Isa best = best_supported();
+  const char* forced = getenv("LOWBIT_CPU_ISA");
+  if (forced == nullptr) return best;
+  if (strcmp(forced, "scalar") == 0) return Isa::kScalar;
+  if (strcmp(forced, "avx2") == 0 && best != Isa::kScalar) return Isa::kAvx2;
+  return best;
 }
 
 const Isa kIsa = detect();

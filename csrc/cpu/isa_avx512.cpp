@@ -2,4 +2,5 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi2,prefer-vector-width=512")
 #include "cpu_kernels.h"
 #define LOWBIT_ISA_NS avx512
+#define LOWBIT_ISA_AVX512 1
 #include "kernels_impl.h"

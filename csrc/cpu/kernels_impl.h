@@ -3,6 +3,10 @@
 // source is vectorized for AVX-512, AVX2 or plain x86-64. The per-element math comes from
 // csrc/include/lowbit/*.h, the headers the CUDA kernels use too.
 #include <omp.h>
+#include <string.h>
+#if defined(LOWBIT_ISA_AVX512)
+#include <immintrin.h>
+#endif
 #include "lowbit/formats.h"
 #include "lowbit/philox.h"
 #include "lowbit/quant.h"
@@ -76,6 +80,90 @@ static void nearest256_run(const void* __restrict x, int64_t begin, int64_t len,
   }
 }
 
+// stochastic_index (quant.h) with the binary search unrolled to log2(N) fixed steps, so the
+// loop vectorizes (gathers from the codebook); same result: count of code[k] <= y.
+template <int N>
+static inline int count_le_fixed(float y, const float* __restrict code) {
+  const int log2n = N == 16 ? 4 : 8;
+  int pos = 0;
+#pragma GCC unroll 8
+  for (int k = log2n - 1; k >= 0; --k) pos += (code[pos + (1 << k) - 1] <= y) ? (1 << k) : 0;
+  return pos + (code[pos] <= y ? 1 : 0);
+}
+
+template <int DT, int N>
+static void stochastic_run(const void* __restrict x, int64_t begin, int64_t len, float am,
+                           const float* __restrict code, uint64_t seed, uint64_t offset,
+                           uint8_t* __restrict out) {
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    const float y = scale_to_unit(load_t<DT>(x, begin + i), am);
+    const uint32_t r = philox_word0(seed, offset + (uint64_t)(begin + i));
+    int lo = count_le_fixed<N>(y, code) - 1;
+    lo = lo < 0 ? 0 : (lo > N - 2 ? N - 2 : lo);
+    const float p = div_rn(y - code[lo], code[lo + 1] - code[lo]);
+    out[i] = (uint8_t)(uniform24(r) < p ? lo + 1 : lo);
+  }
+}
+
+#if defined(LOWBIT_ISA_AVX512)
+// Hand-written AVX-512 versions of the two nearest-code loops (gcc's own vectorization of them
+// is several times slower). Same results as the scalar definitions above, lane by lane: the
+// division is IEEE, comparisons are ordered (false for NaN), tails are masked.
+template <int DT>
+static inline __m512 load16(const void* x, int64_t i, __mmask16 m) {
+  if (DT == kF32) return _mm512_maskz_loadu_ps(m, (const float*)x + i);
+  const __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t*)x + i);
+  if (DT == kBF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  return _mm512_cvtph_ps(h);  // exact; quiets NaNs like f16_to_f32
+}
+
+static inline __mmask16 tail_mask(int64_t remaining) {
+  return remaining >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << remaining) - 1u);
+}
+
+template <int DT>
+static void nearest256_avx512(const void* x, int64_t begin, int64_t len, float am,
+                              const int32_t* table, const float* mids, uint8_t* out) {
+  const __m512 vam = _mm512_set1_ps(am);
+  const __m512i low16 = _mm512_set1_epi32(0xFFFF), one = _mm512_set1_epi32(1);
+  const __m512i last_mid = _mm512_set1_epi32(254), zero = _mm512_setzero_si512();
+  for (int64_t i = 0; i < len; i += 16) {
+    const __mmask16 m = tail_mask(len - i);
+    const __m512 y = _mm512_div_ps(load16<DT>(x, begin + i, m), vam);
+    const __m512i key = _mm512_srli_epi32(_mm512_castps_si512(y), 16);
+    const __m512i e = _mm512_mask_i32gather_epi32(zero, m, key, table, 4);
+    const __m512i base = _mm512_and_si512(e, low16);
+    const __m512i inside = _mm512_srli_epi32(e, 16);
+    const __m512 mid = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m,
+                                                _mm512_min_epi32(base, last_mid), mids, 4);
+    const __mmask16 up = _mm512_cmp_ps_mask(mid, y, _CMP_LT_OQ) &
+                         _mm512_cmpgt_epi32_mask(inside, zero);
+    _mm512_mask_cvtepi32_storeu_epi8(out + i, m, _mm512_mask_add_epi32(base, up, base, one));
+  }
+}
+
+template <int DT>
+static void nearest16_avx512(const void* x, int64_t begin, int64_t len, float am,
+                             const float* mids, uint8_t* out) {
+  const __m512 vam = _mm512_set1_ps(am);
+  // 15 midpoints and a +inf sentinel: a 4-step branch-free binary search by lane permutes.
+  const __m512 table = _mm512_mask_loadu_ps(_mm512_set1_ps(__builtin_inff()), 0x7FFF, mids);
+  for (int64_t i = 0; i < len; i += 16) {
+    const __mmask16 m = tail_mask(len - i);
+    const __m512 y = _mm512_div_ps(load16<DT>(x, begin + i, m), vam);
+    __m512i pos = _mm512_setzero_si512();
+    for (int step = 8; step >= 1; step >>= 1) {
+      const __m512 probe = _mm512_permutexvar_ps(
+          _mm512_add_epi32(pos, _mm512_set1_epi32(step - 1)), table);
+      pos = _mm512_mask_add_epi32(pos, _mm512_cmp_ps_mask(probe, y, _CMP_LT_OQ), pos,
+                                  _mm512_set1_epi32(step));
+    }
+    _mm512_mask_cvtepi32_storeu_epi8(out + i, m, pos);
+  }
+}
+#endif
+
 template <int DT>
 static void quantize_block(const QuantArgs& a, int64_t b, uint8_t* idx_buf) {
   const int64_t begin = b * a.block;
@@ -83,15 +171,26 @@ static void quantize_block(const QuantArgs& a, int64_t b, uint8_t* idx_buf) {
   const float am = block_absmax<DT>(a.x, begin, len);
   a.absmax[b] = am;
   if (a.stochastic) {
-    for (int64_t i = 0; i < len; ++i) {
-      const float y = scale_to_unit(load_t<DT>(a.x, begin + i), am);
-      const uint32_t r = philox_word0(a.seed, a.offset + (uint64_t)(begin + i));
-      idx_buf[i] = (uint8_t)stochastic_index(y, a.code, a.ncode, r);
-    }
+    if (a.ncode == 16)
+      stochastic_run<DT, 16>(a.x, begin, len, am, a.code, a.seed, a.offset, idx_buf);
+    else
+      stochastic_run<DT, 256>(a.x, begin, len, am, a.code, a.seed, a.offset, idx_buf);
+  } else if (!(am > 0.0f)) {
+    // all-zero or NaN block: every y is 0 (scale_to_unit), so every code is the code of 0
+    const int z = a.ncode == 16 ? nearest16(0.0f, a.mids) : nearest_index(0.0f, a.mids, 255);
+    memset(idx_buf, z, (size_t)len);
   } else if (a.ncode == 16) {
+#if defined(LOWBIT_ISA_AVX512)
+    nearest16_avx512<DT>(a.x, begin, len, am, a.mids, idx_buf);
+#else
     nearest16_run<DT>(a.x, begin, len, am, a.mids, idx_buf);
+#endif
   } else if (a.lut.max_inside <= 1) {
+#if defined(LOWBIT_ISA_AVX512)
+    nearest256_avx512<DT>(a.x, begin, len, am, a.lut.table, a.mids, idx_buf);
+#else
     nearest256_run<DT>(a.x, begin, len, am, a.lut.table, a.mids, idx_buf);
+#endif
   } else {
     for (int64_t i = 0; i < len; ++i)
       idx_buf[i] = (uint8_t)nearest256(scale_to_unit(load_t<DT>(a.x, begin + i), am), a.mids,
@@ -161,15 +260,28 @@ void dequantize_blockwise(const DequantArgs& a) {
   else four ? dequantize_all<kF32, 16>(a) : dequantize_all<kF32, 256>(a);
 }
 
+template <int FMT, typename Out>
+static void round_run(const float* __restrict x, Out* __restrict out, int64_t begin, int64_t end,
+                      uint64_t seed, uint64_t offset) {
+  const Fmt f = fmt_of(FMT);
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    const uint32_t r = philox_word0(seed, offset + (uint64_t)i);
+    out[i] = (Out)round_to_fmt(f32_bits(x[i]), f, true, r);
+  }
+}
+
 template <int FMT>
 static void round_all(const RoundArgs& a) {
-  const Fmt f = fmt_of(FMT);
-#pragma omp parallel for simd schedule(static) if (a.n >= kParallelMin)
-  for (int64_t i = 0; i < a.n; ++i) {
-    const uint32_t r = philox_word0(a.seed, a.offset + (uint64_t)i);
-    const uint32_t bits = round_to_fmt(f32_bits(a.x[i]), f, true, r);
-    if (f.width == 16) ((uint16_t*)a.out)[i] = (uint16_t)bits;
-    else ((uint8_t*)a.out)[i] = (uint8_t)bits;
+  const int64_t chunk = 1 << 14;
+  const int64_t nchunks = (a.n + chunk - 1) / chunk;
+#pragma omp parallel for schedule(static) if (a.n >= kParallelMin)
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const int64_t begin = c * chunk, end = begin + chunk < a.n ? begin + chunk : a.n;
+    if (fmt_of(FMT).width == 16)
+      round_run<FMT>(a.x, (uint16_t*)a.out, begin, end, a.seed, a.offset);
+    else
+      round_run<FMT>(a.x, (uint8_t*)a.out, begin, end, a.seed, a.offset);
   }
 }
 

@@ -80,7 +80,8 @@ LOWBIT_HD float f16_to_f32(uint16_t h) {
   const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
   const uint32_t e = (h >> 10) & 0x1Fu;
   const uint32_t m = h & 0x3FFu;
-  if (e == 0x1Fu) return bits_f32(sign | 0x7F800000u | (m << 13));
+  // inf, or NaN made quiet as hardware conversions (and torch's) do
+  if (e == 0x1Fu) return bits_f32(sign | 0x7F800000u | (m << 13) | (m ? 0x400000u : 0u));
   if (e != 0) return bits_f32(sign | ((e + 112u) << 23) | (m << 13));
   // Subnormal (or zero): m * 2^-24 is exact in fp32; branch-free so loops vectorize.
   const float v = (float)m * 5.9604644775390625e-08f;

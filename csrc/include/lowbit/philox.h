@@ -20,6 +20,12 @@ struct Philox4 {
 LOWBIT_HD Philox4 philox4x32_10(uint64_t seed, uint64_t counter) {
   uint32_t c0 = (uint32_t)counter, c1 = (uint32_t)(counter >> 32), c2 = 0, c3 = 0;
   uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+  // Fully unrolled so that CPU loops over elements vectorize around it.
+#if defined(__CUDACC__)
+#pragma unroll
+#else
+#pragma GCC unroll 10
+#endif
   for (int round = 0; round < 10; ++round) {
     const uint32_t a0 = c0, a2 = c2;
     c0 = mulhi32(0xCD9E8D57u, a2) ^ c1 ^ k0;
