@@ -175,3 +175,16 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(ops.dequantize_blockwise, (codes, absmax, code, 64, 300, out, "cpu"))
     torch.library.opcheck(ops.stochastic_round,
                           (x, torch.empty(300, dtype=torch.bfloat16), 3, 0, "cpu"))
+
+
+def test_shapes_beyond_int32_on_meta_tensors():
+    # More than 2**31 elements without allocating them: the fake implementations give the
+    # layout (the kernels index with int64 on every backend).
+    n = 2**31 + 5
+    x = torch.empty(n, device="meta", dtype=torch.bfloat16)
+    q8 = lowbit.quantize_blockwise(x, "dynamic", 4096)
+    assert q8.codes.shape == (n,) and q8.absmax.shape == (-(-n // 4096),)
+    q4 = lowbit.quantize_blockwise(x, "nf4", 64)
+    assert q4.codes.shape == ((n + 1) // 2,) and q4.absmax.shape == (-(-n // 64),)
+    assert lowbit.dequantize_blockwise(q4).shape == (n,)
+    assert lowbit.stochastic_round(torch.empty(n, device="meta"), torch.bfloat16, seed=1).shape == (n,)

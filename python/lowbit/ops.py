@@ -59,6 +59,8 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     name = backend or default_backend(device)
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)} or None, got {name!r}")
+    if device.type == "meta":
+        return name  # only the fake implementations run: shapes, no kernels
     if _backend_impl(name) is None:
         hint = {"cpu": "reinstall lowbit so that lowbit._C is built",
                 "cuda": "install lowbit where nvcc is found (or LOWBIT_CUDA=1)",
