@@ -80,6 +80,54 @@ static void nearest256_run(const void* __restrict x, int64_t begin, int64_t len,
   }
 }
 
+// Philox words for `len` consecutive counters starting at counter0 (element i gets counter0 + i).
+// Drawn into a small buffer first, so the rounding loops that consume them stay simple.
+#if defined(LOWBIT_ISA_AVX512)
+#include <immintrin.h>
+// 16 counters per vector: the 32x32->64 products come from two vpmuludq (even and odd lanes).
+// Both halves come from the two 64-bit products (vpmulld would cost another two multiplier uops).
+static inline void mulhilo16(__m512i a, uint32_t m, __m512i* hi, __m512i* lo) {
+  const __m512i vm = _mm512_set1_epi32((int)m);
+  const __m512i even = _mm512_mul_epu32(a, vm);
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), vm);
+  *hi = _mm512_mask_blend_epi32((__mmask16)0xAAAA, _mm512_srli_epi64(even, 32), odd);
+  *lo = _mm512_mask_blend_epi32((__mmask16)0xAAAA, even, _mm512_slli_epi64(odd, 32));
+}
+
+static void fill_philox(uint64_t seed, uint64_t counter0, int64_t len, uint32_t* out) {
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t i = 0; i < len; i += 16) {
+    const uint64_t base = counter0 + (uint64_t)i;
+    const __m512i hi = _mm512_set1_epi32((int)(uint32_t)(base >> 32));
+    __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)base), lane);
+    // lanes whose low word wrapped around carry into the high word
+    __m512i c1 = _mm512_mask_add_epi32(hi, _mm512_cmplt_epu32_mask(c0, lane), hi,
+                                       _mm512_set1_epi32(1));
+    __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
+    uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+    for (int round = 0; round < 10; ++round) {
+      __m512i hi_b, lo_b, hi_a, lo_a;
+      mulhilo16(c2, 0xCD9E8D57u, &hi_b, &lo_b);
+      mulhilo16(c0, 0xD2511F53u, &hi_a, &lo_a);
+      c0 = _mm512_xor_si512(_mm512_xor_si512(hi_b, c1), _mm512_set1_epi32((int)k0));
+      c2 = _mm512_xor_si512(_mm512_xor_si512(hi_a, c3), _mm512_set1_epi32((int)k1));
+      c1 = lo_b;
+      c3 = lo_a;
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    const int64_t rem = len - i;
+    const __mmask16 m = rem >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << rem) - 1u);
+    _mm512_mask_storeu_epi32(out + i, m, c0);
+  }
+}
+#else
+static void fill_philox(uint64_t seed, uint64_t counter0, int64_t len, uint32_t* __restrict out) {
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) out[i] = philox_word0(seed, counter0 + (uint64_t)i);
+}
+#endif
+
 // stochastic_index (quant.h) with the binary search unrolled to log2(N) fixed steps, so the
 // loop vectorizes (gathers from the codebook); same result: count of code[k] <= y.
 template <int N>
@@ -95,10 +143,12 @@ template <int DT, int N>
 static void stochastic_run(const void* __restrict x, int64_t begin, int64_t len, float am,
                            const float* __restrict code, uint64_t seed, uint64_t offset,
                            uint8_t* __restrict out) {
+  uint32_t rbuf[4096];  // blocks are at most 4096 elements
+  fill_philox(seed, offset + (uint64_t)begin, len, rbuf);
 #pragma omp simd
   for (int64_t i = 0; i < len; ++i) {
     const float y = scale_to_unit(load_t<DT>(x, begin + i), am);
-    const uint32_t r = philox_word0(seed, offset + (uint64_t)(begin + i));
+    const uint32_t r = rbuf[i];
     int lo = count_le_fixed<N>(y, code) - 1;
     lo = lo < 0 ? 0 : (lo > N - 2 ? N - 2 : lo);
     const float p = div_rn(y - code[lo], code[lo + 1] - code[lo]);
@@ -264,10 +314,14 @@ template <int FMT, typename Out>
 static void round_run(const float* __restrict x, Out* __restrict out, int64_t begin, int64_t end,
                       uint64_t seed, uint64_t offset) {
   const Fmt f = fmt_of(FMT);
+  uint32_t rbuf[1024];
+  for (int64_t b = begin; b < end; b += 1024) {
+    const int64_t len = end - b < 1024 ? end - b : 1024;
+    fill_philox(seed, offset + (uint64_t)b, len, rbuf);
+    const float* __restrict xb = x + b;
+    Out* __restrict ob = out + b;
 #pragma omp simd
-  for (int64_t i = begin; i < end; ++i) {
-    const uint32_t r = philox_word0(seed, offset + (uint64_t)i);
-    out[i] = (Out)round_to_fmt(f32_bits(x[i]), f, true, r);
+    for (int64_t i = 0; i < len; ++i) ob[i] = (Out)round_to_fmt(f32_bits(xb[i]), f, true, rbuf[i]);
   }
 }
 
