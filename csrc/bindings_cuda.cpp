@@ -1,0 +1,110 @@
+// lowbit._C_cuda: the CUDA kernels (csrc/cuda/*.cu, compiled by nvcc) bound with pybind11 on raw
+// pointers, like lowbit._C, plus (device_index, stream) on every op. Compiled by the host compiler
+// against cuda_runtime_api.h and linked with the static cudart, so the module imports on machines
+// without a driver or GPU; it only fails, with a RuntimeError, when asked to launch there.
+#include <pybind11/pybind11.h>
+
+#include <cuda_runtime_api.h>
+
+#include <string>
+
+#include "cuda/launchers.h"
+
+namespace py = pybind11;
+
+namespace {
+
+template <typename T>
+T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+// Raised as RuntimeError: "lowbit CUDA <what>: cudaErrorX (message)".
+[[noreturn]] void raise(const char* what, cudaError_t err) {
+  throw std::runtime_error(std::string("lowbit CUDA ") + what + ": " + cudaGetErrorName(err) +
+                           " (" + cudaGetErrorString(err) + ")");
+}
+
+void check(const char* what, cudaError_t err) {
+  if (err != cudaSuccess) raise(what, err);
+}
+
+// Makes `device` current for this host thread. Our static cudart is a separate runtime instance
+// from torch's libcudart, so torch's current device says nothing about ours; the driver's primary
+// context is shared, which is what makes torch's pointers and stream handles valid here.
+cudaError_t set_device(int device) { return cudaSetDevice(device); }
+
+int device_count() {
+  int n = 0;
+  // Without a driver (cudaErrorInsufficientDriver, cudaErrorNoDevice, ...) there is no device to
+  // use: that is an answer, not an error. Clear the error so it does not stick to later calls.
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
+int runtime_version() {
+  int v = 0;
+  return cudaRuntimeGetVersion(&v) == cudaSuccess ? v : 0;
+}
+
+int driver_version() {
+  int v = 0;
+  return cudaDriverGetVersion(&v) == cudaSuccess ? v : 0;
+}
+
+void py_quantize_blockwise(uintptr_t x, int x_dtype, int64_t n, int block, uintptr_t code,
+                           uintptr_t mids, int ncode, uintptr_t codes, uintptr_t absmax,
+                           bool stochastic, uint64_t seed, uint64_t offset, int device,
+                           uintptr_t stream) {
+  cudaError_t err;
+  {
+    py::gil_scoped_release release;
+    err = set_device(device);
+    if (err == cudaSuccess) err = lowbit::cuda::quantize_blockwise(
+        ptr<const void>(x), x_dtype, n, block, ptr<const float>(code), ptr<const float>(mids),
+        ncode, ptr<uint8_t>(codes), ptr<float>(absmax), stochastic, seed, offset,
+        reinterpret_cast<cudaStream_t>(stream));
+  }
+  check("quantize_blockwise launch", err);
+}
+
+void py_dequantize_blockwise(uintptr_t codes, uintptr_t absmax, uintptr_t code, int ncode,
+                             int64_t n, int block, uintptr_t out, int out_dtype, int device,
+                             uintptr_t stream) {
+  cudaError_t err;
+  {
+    py::gil_scoped_release release;
+    err = set_device(device);
+    if (err == cudaSuccess) err = lowbit::cuda::dequantize_blockwise(
+        ptr<const uint8_t>(codes), ptr<const float>(absmax), ptr<const float>(code), ncode, n,
+        block, ptr<void>(out), out_dtype, reinterpret_cast<cudaStream_t>(stream));
+  }
+  check("dequantize_blockwise launch", err);
+}
+
+void py_stochastic_round(uintptr_t x, int64_t n, uintptr_t out, int fmt, uint64_t seed,
+                         uint64_t offset, int device, uintptr_t stream) {
+  cudaError_t err;
+  {
+    py::gil_scoped_release release;
+    err = set_device(device);
+    if (err == cudaSuccess)
+      err = lowbit::cuda::stochastic_round(ptr<const float>(x), n, ptr<void>(out), fmt, seed,
+                                           offset, reinterpret_cast<cudaStream_t>(stream));
+  }
+  check("stochastic_round launch", err);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C_cuda, m) {
+  m.doc() = "lowbit CUDA kernels (raw-pointer API; use the lowbit Python package instead)";
+  m.def("device_count", &device_count,
+        "CUDA devices usable by this module; 0 (never an exception) without a driver or GPU");
+  m.def("runtime_version", &runtime_version, "CUDA runtime version linked in, e.g. 13000");
+  m.def("driver_version", &driver_version, "CUDA version the driver supports; 0 without one");
+  m.def("quantize_blockwise", &py_quantize_blockwise);
+  m.def("dequantize_blockwise", &py_dequantize_blockwise);
+  m.def("stochastic_round", &py_stochastic_round);
+}

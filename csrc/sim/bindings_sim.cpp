@@ -1,0 +1,167 @@
+// lowbit._C_sim (test-only): the CUDA kernels of csrc/cuda/*.cu, compiled as C++ with
+// -DLOWBIT_CUDA_SIM and run by the fiber simulator (sim.h) on CPU memory. Same signatures as
+// lowbit._C, so the Python "cuda_sim" backend is a drop-in for "cpu"; the parity tests compare it
+// with the torch reference bit for bit. Also exposes tiny self-test kernels for the simulator's
+// own primitives (tests/test_cuda_sim_primitives.py).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+// The kernels themselves, textually: exactly the source nvcc compiles.
+#include "cuda/quant.cu"
+
+namespace py = pybind11;
+namespace lc = lowbit::cuda;
+
+namespace {
+
+template <typename T>
+T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+void check(const char* what, cudaError_t err) {
+  if (err != cudaSuccess)
+    throw std::invalid_argument(std::string("lowbit sim ") + what + ": invalid argument");
+}
+
+void py_quantize_blockwise(uintptr_t x, int x_dtype, int64_t n, int block, uintptr_t code,
+                           uintptr_t mids, int ncode, uintptr_t codes, uintptr_t absmax,
+                           bool stochastic, uint64_t seed, uint64_t offset) {
+  cudaError_t err;
+  {
+    py::gil_scoped_release release;
+    err = lc::quantize_blockwise(ptr<const void>(x), x_dtype, n, block, ptr<const float>(code),
+                                 ptr<const float>(mids), ncode, ptr<uint8_t>(codes),
+                                 ptr<float>(absmax), stochastic, seed, offset, nullptr);
+  }
+  check("quantize_blockwise", err);
+}
+
+void py_dequantize_blockwise(uintptr_t codes, uintptr_t absmax, uintptr_t code, int ncode,
+                             int64_t n, int block, uintptr_t out, int out_dtype) {
+  cudaError_t err;
+  {
+    py::gil_scoped_release release;
+    err = lc::dequantize_blockwise(ptr<const uint8_t>(codes), ptr<const float>(absmax),
+                                   ptr<const float>(code), ncode, n, block, ptr<void>(out),
+                                   out_dtype, nullptr);
+  }
+  check("dequantize_blockwise", err);
+}
+
+void py_stochastic_round(uintptr_t x, int64_t n, uintptr_t out, int fmt, uint64_t seed,
+                         uint64_t offset) {
+  cudaError_t err;
+  {
+    py::gil_scoped_release release;
+    err = lc::stochastic_round(ptr<const float>(x), n, ptr<void>(out), fmt, seed, offset,
+                               nullptr);
+  }
+  check("stochastic_round", err);
+}
+
+// ---- self-test kernels: each checks one primitive's CUDA semantics ------------------------------
+
+// Every thread writes its slot, then reads its neighbour's: correct only if no thread passes the
+// barrier before all have written (fibers run in order, so thread 0 would read an unwritten slot).
+__global__ void barrier_kernel(int64_t* out) {
+  __shared__ int64_t s[1024];
+  const int t = threadIdx.x, n = blockDim.x;
+  s[t] = 1000 + t + 1000000 * (int64_t)blockIdx.x;
+  __syncthreads();
+  out[blockIdx.x * n + t] = s[(t + 1) % n];
+  __syncthreads();  // nobody overwrites s (next block) before everybody has read it
+}
+
+__global__ void shfl_xor_kernel(int64_t* out, int lane_mask, int width) {
+  out[threadIdx.x] = __shfl_xor_sync(lc::kFullMask, (int)(100 + threadIdx.x), lane_mask, width);
+}
+
+__global__ void shfl_down_kernel(int64_t* out, int delta, int width) {
+  out[threadIdx.x] = __shfl_down_sync(lc::kFullMask, (int)(100 + threadIdx.x), delta, width);
+}
+
+// Reductions of known inputs: sum of t (exact in fp32 for <= 1024 threads), max of a permutation,
+// twice in a row on the same scratch (the reuse block_allreduce documents as safe).
+__global__ void block_reduce_kernel(int64_t* out) {
+  __shared__ float s_sum[lc::kMaxWarps + 1];
+  __shared__ uint32_t s_max[lc::kMaxWarps + 1];
+  const int t = threadIdx.x, n = blockDim.x;
+  const float sum = lc::block_allreduce((float)t, lc::SumF32(), 0.0f, s_sum);
+  const uint32_t mx = lc::block_allreduce((uint32_t)((t * 37) % n), lc::MaxU32(), 0u, s_max);
+  const uint32_t mx2 = lc::block_allreduce((uint32_t)(n - t), lc::MaxU32(), 0u, s_max);
+  out[3 * t] = (int64_t)sum;
+  out[3 * t + 1] = mx;
+  out[3 * t + 2] = mx2;
+}
+
+// Deliberate misuse; each must raise a RuntimeError naming the problem, never hang.
+__global__ void misuse_kernel(int which) {
+  const int t = threadIdx.x;
+  if (which == 0) {  // divergent barrier: the halves of the block sync at different places
+    if (t < 32) __syncthreads();
+    else __syncthreads();
+  } else if (which == 1) {  // some threads exit before a barrier the others wait at
+    if (t >= 40) return;
+    __syncthreads();
+  } else if (which == 2) {  // lanes disagree about the shuffle mask
+    (void)__shfl_xor_sync(t < 16 ? 0x0000FFFFu : lc::kFullMask, t, 1);
+  } else if (which == 3) {  // a lane named in the mask never comes to the shuffle
+    if (t == 5) return;
+    (void)__shfl_xor_sync(lc::kFullMask, t, 1);
+  }
+}
+
+std::vector<int64_t> selftest_barrier(int nthreads, int nblocks) {
+  std::vector<int64_t> out((size_t)nthreads * nblocks, -1);
+  auto k = barrier_kernel;
+  LOWBIT_LAUNCH(k, dim3(nblocks), dim3(nthreads), 0, nullptr, out.data());
+  return out;
+}
+
+std::vector<int64_t> selftest_shfl(const std::string& kind, int nthreads, int arg, int width) {
+  std::vector<int64_t> out(nthreads, -1);
+  if (kind == "xor") {
+    auto k = shfl_xor_kernel;
+    LOWBIT_LAUNCH(k, dim3(1), dim3(nthreads), 0, nullptr, out.data(), arg, width);
+  } else if (kind == "down") {
+    auto k = shfl_down_kernel;
+    LOWBIT_LAUNCH(k, dim3(1), dim3(nthreads), 0, nullptr, out.data(), arg, width);
+  } else {
+    throw std::invalid_argument("kind must be 'xor' or 'down'");
+  }
+  return out;
+}
+
+std::vector<int64_t> selftest_block_reduce(int nthreads) {
+  std::vector<int64_t> out((size_t)3 * nthreads, -1);
+  auto k = block_reduce_kernel;
+  LOWBIT_LAUNCH(k, dim3(1), dim3(nthreads), 0, nullptr, out.data());
+  return out;
+}
+
+void selftest_misuse(int which) {
+  auto k = misuse_kernel;
+  LOWBIT_LAUNCH(k, dim3(1), dim3(64), 0, nullptr, which);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C_sim, m) {
+  m.doc() = "lowbit's CUDA kernels run on the CPU by a fiber simulator (test-only)";
+  m.def("quantize_blockwise", &py_quantize_blockwise);
+  m.def("dequantize_blockwise", &py_dequantize_blockwise);
+  m.def("stochastic_round", &py_stochastic_round);
+  m.def("sim_selftest_barrier", &selftest_barrier, py::arg("nthreads"), py::arg("nblocks") = 1,
+        "out[b*n + t] = value thread (t+1)%n of block b wrote before a __syncthreads()");
+  m.def("sim_selftest_shfl", &selftest_shfl, py::arg("kind"), py::arg("nthreads"), py::arg("arg"),
+        py::arg("width") = 32,
+        "per-thread result of __shfl_{kind}_sync(full, 100 + t, arg, width)");
+  m.def("sim_selftest_block_reduce", &selftest_block_reduce, py::arg("nthreads"),
+        "per thread: block sum of t, block max of (37 t) % n, block max of n - t");
+  m.def("sim_selftest_misuse", &selftest_misuse, py::arg("which"),
+        "0 divergent barrier, 1 early exit before a barrier, 2 mismatched shuffle masks, "
+        "3 lane missing from a shuffle; each raises RuntimeError");
+}
