@@ -19,7 +19,8 @@
 // streams are ignored (launches are synchronous). __CUDA_ARCH__ stays undefined, so shared
 // __host__ __device__ helpers take their host branches, which compute identical results.
 //
-// Cost: a context switch is ~10 instructions (hand-written on x86-64; ucontext elsewhere), so a
+// Cost: a context switch is ~10 instructions (hand-written on x86-64; ucontext elsewhere, or with
+// -DLOWBIT_SIM_UCONTEXT, ~10x slower since swapcontext makes a sigprocmask syscall), so a
 // 256-thread block with a dozen synchronization points costs tens of microseconds.
 #pragma once
 #include <stddef.h>
@@ -34,7 +35,12 @@
 #include <utility>
 #include <vector>
 
-#if !defined(__x86_64__)
+// Context switches: hand-written on x86-64, ucontext elsewhere (or when LOWBIT_SIM_UCONTEXT is set,
+// to test that path).
+#if defined(__x86_64__) && !defined(LOWBIT_SIM_UCONTEXT)
+#define LOWBIT_SIM_ASM_SWITCH 1
+#else
+#define LOWBIT_SIM_ASM_SWITCH 0
 #include <ucontext.h>
 #endif
 
@@ -66,7 +72,7 @@ namespace lowbit_sim {
 enum class State { Ready, AtBarrier, AtShuffle, Done };
 
 struct Fiber {
-#if defined(__x86_64__)
+#if LOWBIT_SIM_ASM_SWITCH
   void* sp;  // saved stack pointer while suspended
 #else
   ucontext_t ctx;
@@ -96,7 +102,7 @@ struct Runtime {  // per OS thread
   char* stacks = nullptr;
   size_t nstacks = 0;
   Fiber* cur = nullptr;
-#if defined(__x86_64__)
+#if LOWBIT_SIM_ASM_SWITCH
   void* sched_sp = nullptr;
 #else
   ucontext_t sched_ctx;
@@ -129,7 +135,7 @@ inline std::string block_str() {
          std::to_string(rt.block_idx.z) + ")";
 }
 
-#if defined(__x86_64__)
+#if LOWBIT_SIM_ASM_SWITCH
 // Saves the callee-saved registers and the stack pointer of the running context into *save_sp
 // and resumes the context whose stack pointer is `load_sp`. Everything else is caller-saved under
 // the SysV ABI, so the compiler has already spilled it around this (opaque) call.
@@ -163,8 +169,8 @@ inline void fiber_entry() {
 }
 
 inline void make_fiber(Fiber& f) {
+#if LOWBIT_SIM_ASM_SWITCH
   char* top = f.stack + kStack;  // 16-byte aligned (stacks are page aligned)
-#if defined(__x86_64__)
   // Frame that switch_stack's pops + ret consume: six zeroed registers, then fiber_entry as the
   // return address, placed so fiber_entry starts with rsp = 8 (mod 16) as after a real call.
   void** sp = (void**)(top - 64);
