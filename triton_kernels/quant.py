@@ -1,4 +1,4 @@
-"""Block-wise codebook quantization and dequantization in Triton (rules: csrc/include/lowbit/quant.h).
+"""Block-wise codebook quantization and dequantization in Triton (rules: lowbit/quant.h in csrc).
 
 One program handles ROWS consecutive quantization blocks as a [ROWS, BLOCK] tile (ROWS is a
 constexpr so interpreter grids stay small and GPU tiles stay around 2K elements). For 16-entry
@@ -10,8 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (FORMATS, KINDS, LAUNCH_OPTS, code_index, load_as_f32, philox_word0, round_to_fmt,
-                      tile_rows)
+from ._common import (FORMATS, KINDS, LAUNCH_OPTS, code_index, load_as_f32, philox_word0,
+                      round_to_fmt, tile_rows)
 
 
 @triton.jit
@@ -153,10 +153,13 @@ def _launch_shape(nblocks: int, block_size: int):
     return rows, grid, num_warps
 
 
-def _check_book(code: torch.Tensor):
+def _check_args(code: torch.Tensor, block_size: int):
     ncode = code.numel()
     if ncode not in (16, 256):
         raise ValueError(f"Triton quantization supports 16- or 256-entry codebooks, got {ncode}")
+    # tl.arange needs power-of-two extents; 4-bit tiles split each block into byte pairs.
+    if block_size < 2 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two >= 2, got {block_size}")
     return ncode
 
 
@@ -168,9 +171,7 @@ def quantize_blockwise(x, code, mids, block_size, stochastic, seed, offset, code
         return
     if x.dtype not in KINDS:
         raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
-    ncode = _check_book(code)
-    if block_size % 2:
-        raise ValueError("block_size must be even")
+    ncode = _check_args(code, block_size)
     nblocks = absmax.numel()
     rows, grid, num_warps = _launch_shape(nblocks, block_size)
     _quantize_kernel[grid](
@@ -186,7 +187,7 @@ def dequantize_blockwise(codes, absmax, code, block_size, n, out):
         return
     if out.dtype not in KINDS:
         raise TypeError(f"out must be float32, bfloat16 or float16, got {out.dtype}")
-    ncode = _check_book(code)
+    ncode = _check_args(code, block_size)
     nblocks = absmax.numel()
     rows, grid, num_warps = _launch_shape(nblocks, block_size)
     out_buf = out.reshape(-1)

@@ -10,7 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FORMATS, LAUNCH_OPTS, interpreting, philox_word0, round_to_fmt
+from ._common import (FORMATS, INTERP_MAX_PROGRAMS, INTERP_MAX_TILE, LAUNCH_OPTS,
+                      interpreting, philox_word0, round_to_fmt)
 
 
 @triton.jit
@@ -33,8 +34,9 @@ def _stochastic_round_kernel(x_ptr, out_ptr, n, seed, offset,
 def _elems_per_program(n: int) -> int:
     if interpreting():
         # Interpreter cost is per program (Philox is ~5 ms a program almost regardless of size):
-        # at most ~32 programs, tiles between 1K and 64K elements.
-        return min(1 << 16, max(1024, triton.next_power_of_2(triton.cdiv(n, 32))))
+        # a handful of programs, tiles between 1K and 64K elements.
+        per_program = triton.next_power_of_2(triton.cdiv(n, INTERP_MAX_PROGRAMS))
+        return min(INTERP_MAX_TILE, max(1024, per_program))
     return 1024
 
 

@@ -1,0 +1,145 @@
+"""Ahead-of-time compile of every Triton kernel for sm_80 and sm_90 (no GPU needed).
+
+The suite runs the Triton kernels under TRITON_INTERPRET=1, which never lowers them, so GPU-only
+compile errors and codegen regressions would go unnoticed. Here each kernel variant the wrappers
+can launch is compiled to PTX with triton's own backend and the PTX is checked for the
+instructions bit-exactness depends on: IEEE division (div.rn.f32, never the approximate
+div.full.f32 / div.approx.f32 that `/` gives) and no fma.rn.f32 (the launches pass
+enable_fp_fusion=False; a contracted a*b+c rounds once instead of twice).
+
+With TRITON_INTERPRET=1 in the environment `@triton.jit` returns interpreter objects that cannot be
+compiled, so the compile runs in a subprocess (this file run as a script) with the variable
+removed; one subprocess per target, in parallel.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+
+TARGETS = ((80, "sm_80"), (90, "sm_90"))
+# Small tiles keep the compile fast (Triton unrolls the per-thread elements: a 2048-element tile
+# takes 1.5-4 s to compile, 128 elements 0.1-0.4 s); the instruction mix checked here does not
+# depend on the tile size. One variant per kernel family is also built at the tile the wrappers
+# launch on a GPU (2048 quantization elements, 1024 rounding elements), to catch size-dependent
+# failures.
+SMALL = (64, 2)
+GPU_TILE = (256, 8)
+
+
+def _variants():
+    """(label, kernel name, signature, constexprs, options) for each kernel variant to compile.
+
+    Runtime ints are typed as the wrappers' int64 path (n > 2**31, large seeds and offsets)."""
+    from lowbit.triton_kernels._common import FORMATS
+
+    import torch
+
+    out = []
+    x_ptr = {0: "*fp32", 1: "*i16", 2: "*i16"}
+    for kind in (0, 1, 2):
+        for ncode in (16, 256):
+            for stochastic in (False, True):
+                tiles = [SMALL] + ([GPU_TILE] if (kind, ncode, stochastic) == (1, 16, True)
+                                   else [])
+                for block, rows in tiles:
+                    sig = {"x_ptr": x_ptr[kind], "code_ptr": "*fp32", "mids_ptr": "*fp32",
+                           "codes_ptr": "*u8", "absmax_ptr": "*fp32", "n": "i64",
+                           "nblocks": "i64", "seed": "i64", "offset": "i64"}
+                    const = {"IN_KIND": kind, "BLOCK": block, "ROWS": rows, "NCODE": ncode,
+                             "STOCHASTIC": stochastic}
+                    out.append((f"quantize kind={kind} ncode={ncode} st={stochastic} "
+                                f"block={block} rows={rows}", "quant._quantize_kernel", sig,
+                                const, True))
+    for kind, dtype in ((0, torch.float32), (1, torch.bfloat16), (2, torch.float16)):
+        fmt = FORMATS.get(dtype, (0, 0, 0, 0, 0, 0, False))
+        for ncode, (block, rows) in ((16, SMALL), (256, SMALL), (16, GPU_TILE)):
+            if (block, rows) == GPU_TILE and kind != 1:
+                continue
+            sig = {"codes_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32",
+                   "out_ptr": "*fp32" if kind == 0 else "*i16", "n": "i64", "nblocks": "i64"}
+            const = {"OUT_KIND": kind, "BLOCK": block, "ROWS": rows, "NCODE": ncode,
+                     "MBITS": fmt[1],
+                     "EMIN": fmt[2], "MAX_FINITE": fmt[3], "OVERFLOW": fmt[4], "NAN": fmt[5],
+                     "NAN_KEEPS_SIGN": fmt[6]}
+            out.append((f"dequantize out={dtype} ncode={ncode} block={block} rows={rows}",
+                        "quant._dequantize_kernel", sig, const, False))
+    for dtype, fmt in FORMATS.items():
+        for elems in (128, 1024) if dtype == torch.float8_e4m3fn else (128,):
+            sig = {"x_ptr": "*fp32", "out_ptr": "*i16" if fmt[0] == 16 else "*u8", "n": "i64",
+                   "seed": "i64", "offset": "i64"}
+            const = dict(zip(("WIDTH", "MBITS", "EMIN", "MAX_FINITE", "OVERFLOW", "NAN",
+                              "NAN_KEEPS_SIGN"), fmt), ELEMS=elems)
+            out.append((f"stochastic_round to {dtype} elems={elems}",
+                        "rounding._stochastic_round_kernel", sig, const, False))
+    return out
+
+
+def _worker(cc: int) -> None:
+    """Compile every variant for cuda cc (80 / 90) and print one JSON line of PTX facts each."""
+    assert os.environ.get("TRITON_INTERPRET", "0") != "1"
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lowbit.triton_kernels._common import LAUNCH_OPTS
+
+    target = GPUTarget("cuda", cc, 32)
+    for label, name, sig, const, divides in _variants():
+        mod_name, fn_name = name.split(".")
+        fn = getattr(importlib.import_module(f"lowbit.triton_kernels.{mod_name}"), fn_name)
+        full_sig = dict(sig, **{k: "constexpr" for k in const})
+        t0 = time.perf_counter()
+        kernel = triton.compile(ASTSource(fn=fn, signature=full_sig, constexprs=const),
+                                target=target, options=dict(LAUNCH_OPTS, num_warps=4))
+        ptx = kernel.asm["ptx"]
+        print(json.dumps({
+            "label": label, "divides": divides, "seconds": time.perf_counter() - t0,
+            "ptx_chars": len(ptx), "cubin_bytes": len(kernel.asm.get("cubin", b"")),
+            "div_rn": ptx.count("div.rn.f32"), "div_full": ptx.count("div.full.f32"),
+            "div_approx": ptx.count("div.approx"), "fma": ptx.count("fma.rn.f32"),
+            "target": f".target sm_{cc}" in ptx}), flush=True)
+
+
+def test_triton_kernels_compile_for_sm80_and_sm90(tmp_path):
+    import pytest
+
+    pytest.importorskip("triton")
+    from lowbit.triton_kernels._common import LAUNCH_OPTS
+    assert LAUNCH_OPTS.get("enable_fp_fusion") is False, "launches must turn FMA contraction off"
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")   # a real compile, not a cache hit
+    start = time.perf_counter()
+    procs = {arch: subprocess.Popen([sys.executable, __file__, str(cc)], env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for cc, arch in TARGETS}
+    results = {}
+    for arch, p in procs.items():
+        stdout, stderr = p.communicate(timeout=300)
+        assert p.returncode == 0, f"AOT compile for {arch} failed:\n{stderr[-4000:]}"
+        results[arch] = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    elapsed = time.perf_counter() - start
+
+    n_variants = len(_variants())
+    problems = []
+    for arch, rows in results.items():
+        assert len(rows) == n_variants, f"{arch}: compiled {len(rows)} of {n_variants} variants"
+        for r in rows:
+            where = f"{arch} {r['label']}"
+            if r["ptx_chars"] == 0 or r["cubin_bytes"] == 0 or not r["target"]:
+                problems.append(f"{where}: no PTX/cubin for the target")
+            if r["divides"] and r["div_rn"] == 0:
+                problems.append(f"{where}: no div.rn.f32 (x / absmax must be IEEE division)")
+            if r["div_full"] or r["div_approx"]:
+                problems.append(f"{where}: approximate division in the PTX")
+            if r["fma"]:
+                problems.append(f"{where}: {r['fma']} fma.rn.f32 although fusion is off")
+    assert not problems, "\n".join(problems)
+    print(f"AOT: {n_variants} variants x {len(TARGETS)} targets in {elapsed:.1f} s")
+
+
+if __name__ == "__main__":
+    _worker(int(sys.argv[1]))
