@@ -9,6 +9,7 @@ fractional distance, using the element's Philox word. 4-bit codes: element 2j in
 import torch
 
 from .philox import philox_word0, uniform24
+from .rounding import round_to_format
 
 
 def midpoints(code: torch.Tensor) -> torch.Tensor:
@@ -85,7 +86,7 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, block_size: int,
 
 def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                          block_size: int, shape, dtype: torch.dtype) -> torch.Tensor:
-    """value = code[c] * absmax[block] in fp32, then cast to dtype with nearest-even."""
+    """value = code[c] * absmax[block] in fp32, then rounded to dtype with nearest-even."""
     n = 1
     for d in shape:
         n *= d
@@ -94,4 +95,9 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, code: torch.
     else:
         idx = codes.reshape(-1).to(torch.int64)
     per_elem = absmax.repeat_interleave(block_size)[:n]
-    return (code.to(torch.float32)[idx] * per_elem).to(dtype).reshape(shape)
+    value = code.to(torch.float32)[idx] * per_elem
+    if dtype == torch.float32:
+        return value.reshape(shape)
+    # the documented nearest-even rule, with its canonical NaN (torch's own casts give different
+    # NaN payloads on their scalar and vector paths)
+    return round_to_format(value, dtype).reshape(shape)
