@@ -7,6 +7,7 @@ narrowing goes through `round_to_fmt`, a port of the header's integer routine on
 Shifts by >= 32 are undefined in LLVM (and mask the count in numpy), so every variable shift is
 clamped and its out-of-range result selected away with tl.where.
 """
+import contextlib
 import os
 
 import torch
@@ -30,6 +31,15 @@ LAUNCH_OPTS = {"enable_fp_fusion": False}
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def quiet_fp_warnings():
+    """Context for a launch: under the interpreter every tl op is a numpy op, and the inf/inf,
+    0*inf and NaN lanes the kernels handle on purpose would print RuntimeWarnings."""
+    if interpreting():
+        import numpy as np
+        return np.errstate(invalid="ignore", divide="ignore", over="ignore")
+    return contextlib.nullcontext()
 
 
 # Interpreter launch policy. Its cost is ~1-5 ms per program and per tl op, nearly independent of

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from ._common import (FORMATS, KINDS, LAUNCH_OPTS, code_index, load_as_f32, philox_word0,
-                      round_to_fmt, tile_rows)
+                      quiet_fp_warnings, round_to_fmt, tile_rows)
 
 
 @triton.jit
@@ -174,11 +174,12 @@ def quantize_blockwise(x, code, mids, block_size, stochastic, seed, offset, code
     ncode = _check_args(code, block_size)
     nblocks = absmax.numel()
     rows, grid, num_warps = _launch_shape(nblocks, block_size)
-    _quantize_kernel[grid](
-        _as_kernel_buffer(x), code.contiguous(), mids.contiguous(), codes.reshape(-1), absmax,
-        n, nblocks, int(seed), int(offset),
-        IN_KIND=KINDS[x.dtype], BLOCK=block_size, ROWS=rows, NCODE=ncode,
-        STOCHASTIC=bool(stochastic), num_warps=num_warps, **LAUNCH_OPTS)
+    with quiet_fp_warnings():
+        _quantize_kernel[grid](
+            _as_kernel_buffer(x), code.contiguous(), mids.contiguous(), codes.reshape(-1),
+            absmax, n, nblocks, int(seed), int(offset),
+            IN_KIND=KINDS[x.dtype], BLOCK=block_size, ROWS=rows, NCODE=ncode,
+            STOCHASTIC=bool(stochastic), num_warps=num_warps, **LAUNCH_OPTS)
 
 
 def dequantize_blockwise(codes, absmax, code, block_size, n, out):
@@ -196,8 +197,9 @@ def dequantize_blockwise(codes, absmax, code, block_size, n, out):
         _, mbits, emin, max_finite, overflow, nan, nan_sign = FORMATS[out.dtype]
     else:  # unused by the fp32 path
         mbits, emin, max_finite, overflow, nan, nan_sign = 0, 0, 0, 0, 0, False
-    _dequantize_kernel[grid](
-        codes.reshape(-1), absmax, code.contiguous(), out_buf, n, nblocks,
-        OUT_KIND=KINDS[out.dtype], BLOCK=block_size, ROWS=rows, NCODE=ncode, MBITS=mbits,
-        EMIN=emin, MAX_FINITE=max_finite, OVERFLOW=overflow, NAN=nan, NAN_KEEPS_SIGN=nan_sign,
-        num_warps=num_warps, **LAUNCH_OPTS)
+    with quiet_fp_warnings():
+        _dequantize_kernel[grid](
+            codes.reshape(-1), absmax, code.contiguous(), out_buf, n, nblocks,
+            OUT_KIND=KINDS[out.dtype], BLOCK=block_size, ROWS=rows, NCODE=ncode, MBITS=mbits,
+            EMIN=emin, MAX_FINITE=max_finite, OVERFLOW=overflow, NAN=nan,
+            NAN_KEEPS_SIGN=nan_sign, num_warps=num_warps, **LAUNCH_OPTS)
