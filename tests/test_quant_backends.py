@@ -80,8 +80,12 @@ def test_special_values_match_reference(backend):
             b = lowbit.quantize_blockwise(x, code, 64, stochastic=stochastic, seed=9,
                                           backend="reference")
             _assert_same_quant(a, b)
-    d = lowbit.dequantize_blockwise(lowbit.quantize_blockwise(x, "dynamic", 64, backend=backend),
-                                    backend=backend)
+    qs = lowbit.quantize_blockwise(x, "dynamic", 64, backend=backend)
+    for out_dtype in DTYPES:  # NaN bits too: every backend emits the canonical NaN
+        got = lowbit.dequantize_blockwise(qs, dtype=out_dtype, backend=backend)
+        ref = lowbit.dequantize_blockwise(qs, dtype=out_dtype, backend="reference")
+        assert torch.equal(got.view(torch.uint8), ref.view(torch.uint8))
+    d = lowbit.dequantize_blockwise(qs, backend=backend)
     assert torch.isnan(d[:64]).all()                  # a NaN block never becomes finite
     assert not torch.isfinite(d[64:128]).all()
     assert (d[128:192] == 0).all()

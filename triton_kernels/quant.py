@@ -80,15 +80,11 @@ def _quantize_kernel(x_ptr, code_ptr, mids_ptr, codes_ptr, absmax_ptr, n, nblock
 
 @triton.jit
 def _scale_back(c, amax):
-    """c * absmax in fp32 with the NaN bits of the x86 CPU backends, so the GPU agrees bit for bit:
-    a NaN absmax comes out quieted with its payload (x86 returns the NaN operand), and 0 * inf the
-    x86 default NaN 0xFFC00000, where GPU arithmetic would give the canonical 0x7FFFFFFF."""
+    """c * absmax in fp32; a NaN result becomes the canonical quiet NaN 0x7FC00000, as
+    dequant_value in quant.h (x86 and GPU arithmetic give different NaN bits otherwise)."""
     v = c * amax
-    a_bits = amax.to(tl.uint32, bitcast=True)
-    a_nan = (a_bits & 0x7FFFFFFF) > 0x7F800000
-    v_bits = tl.where(a_nan, a_bits | 0x400000,
-                      tl.where(v != v, 0xFFC00000, v.to(tl.uint32, bitcast=True)))
-    return v_bits.to(tl.float32, bitcast=True)
+    return tl.where(v != v, 0x7FC00000, v.to(tl.uint32, bitcast=True)).to(tl.float32,
+                                                                          bitcast=True)
 
 
 @triton.jit

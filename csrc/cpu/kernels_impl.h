@@ -296,7 +296,7 @@ static void dequantize_all(const DequantArgs& a) {
       } else {
         c = a.codes[k];
       }
-      const float v = code[c] * am;
+      const float v = dequant_value(code[c], am);
       if (DT == kF32) ((float*)a.out)[k] = v;
       else ((uint16_t*)a.out)[k] = (uint16_t)round_to_fmt(f32_bits(v), fmt_of(DT), false, 0u);
     }

@@ -78,7 +78,7 @@ quantize_kernel(const void* __restrict__ x, int64_t n, int block, const float* _
   }
 }
 
-// value = code[c] * absmax[block] in fp32, stored with nearest-even (torch's cast).
+// value = code[c] * absmax[block] in fp32 (canonical NaN), stored with nearest-even.
 template <int DT, int NC>
 __global__ void __launch_bounds__(kEltThreads)
 dequantize_kernel(const uint8_t* __restrict__ codes, const float* __restrict__ absmax,
@@ -94,7 +94,7 @@ dequantize_kernel(const uint8_t* __restrict__ codes, const float* __restrict__ a
     } else {
       c = codes[k];
     }
-    store_rne(out, DT, k, s_code[c] * absmax[k / block]);
+    store_rne(out, DT, k, dequant_value(s_code[c], absmax[k / block]));
   }
 }
 

@@ -11,6 +11,8 @@
 //             p = (y - code[lo]) / (code[hi] - code[lo]), pick hi iff uniform24(r) < p — so the
 //             expectation of the dequantized value is y (unbiased) inside the codebook's range,
 //             and y outside the range saturates to the end code.
+//   dequantize = code[c] * absmax in fp32; a NaN result is the canonical quiet NaN 0x7FC00000
+//             (x86 and GPU arithmetic produce different NaN bits; this keeps backends identical).
 //   4-bit codes are packed two per byte, element 2j in the high nibble (bitsandbytes' order).
 #pragma once
 #include "hd.h"
@@ -19,6 +21,11 @@
 namespace lowbit {
 
 LOWBIT_HD uint32_t abs_bits(float x) { return f32_bits(x) & 0x7FFFFFFFu; }
+
+LOWBIT_HD float dequant_value(float code_value, float absmax) {
+  const float v = code_value * absmax;
+  return v != v ? bits_f32(0x7FC00000u) : v;
+}
 
 LOWBIT_HD float scale_to_unit(float x, float absmax) {
   return absmax > 0.0f ? div_rn(x, absmax) : 0.0f;

@@ -86,7 +86,8 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, block_size: int,
 
 def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                          block_size: int, shape, dtype: torch.dtype) -> torch.Tensor:
-    """value = code[c] * absmax[block] in fp32, then rounded to dtype with nearest-even."""
+    """value = code[c] * absmax[block] in fp32 (NaN -> the canonical 0x7FC00000), then rounded to
+    dtype with nearest-even."""
     n = 1
     for d in shape:
         n *= d
@@ -96,6 +97,8 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, code: torch.
         idx = codes.reshape(-1).to(torch.int64)
     per_elem = absmax.repeat_interleave(block_size)[:n]
     value = code.to(torch.float32)[idx] * per_elem
+    canonical_nan = torch.tensor(0x7FC00000, dtype=torch.int32).view(torch.float32)
+    value = torch.where(torch.isnan(value), canonical_nan, value)
     if dtype == torch.float32:
         return value.reshape(shape)
     # the documented nearest-even rule, with its canonical NaN (torch's own casts give different
