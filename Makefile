@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 BUILD_STAMP := $(VENV)/.lowbit-built
 SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
 
-.PHONY: setup build test test-slow demo bench clean
+.PHONY: setup build test test-slow test-triton-newest demo bench clean
 
 setup: $(VENV)/.setup-done
 
@@ -29,6 +29,21 @@ $(BUILD_STAMP): $(SOURCES)
 test: build
 	TRITON_INTERPRET=1 $(PY) -m pytest -n 2 -q tests
 
+# The Triton kernels must also keep working on the newest triton (GPU users of torch 2.13 get
+# 3.7.1, the pin above): a second venv runs the Triton tests and the AOT compile test there.
+TRITON_NEWEST ?= 3.9.0
+NEWEST_VENV := .venv-triton-newest
+NEWEST_PY := $(NEWEST_VENV)/bin/python
+
+test-triton-newest:
+	$(PYTHON) -m venv $(NEWEST_VENV)
+	$(NEWEST_PY) -m pip install -q -U pip
+	$(NEWEST_PY) -m pip install -q $(TORCH)
+	$(NEWEST_PY) -m pip install -q triton==$(TRITON_NEWEST) setuptools pybind11 numpy scipy \
+		pytest pytest-xdist pytest-benchmark
+	LOWBIT_SIM=1 $(NEWEST_PY) -m pip install -q --no-build-isolation --no-deps -e .
+	TRITON_INTERPRET=1 $(NEWEST_PY) -m pytest -n 2 -q tests -k triton
+
 test-slow: build
 	TRITON_INTERPRET=1 $(PY) -m pytest -n 2 -q -m slow tests
 
@@ -41,4 +56,4 @@ bench: build
 	$(PY) bench/run.py
 
 clean:
-	rm -rf build $(VENV) python/lowbit/*.so *.egg-info
+	rm -rf build $(VENV) $(NEWEST_VENV) python/lowbit/*.so *.egg-info
