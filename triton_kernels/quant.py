@@ -15,10 +15,12 @@ from ._common import (FORMATS, KINDS, LAUNCH_OPTS, code_index, load_as_f32, phil
 
 
 @triton.jit
-def _scale(x, den, ok):
-    # y = x / absmax with IEEE division (div.rn.f32 on the GPU, not the default div.full.f32);
-    # blocks whose absmax is not > 0 (all zero, or NaN) divide by 1 and are then zeroed.
-    return tl.where(ok, tl.math.div_rn(x, den), 0.0)
+def _unit_scale(amax):
+    # inv = 1 / absmax with IEEE division (div.rn.f32 on the GPU, not the default div.full.f32),
+    # or 0 for blocks whose absmax is not > 0 (all zero, or NaN): unit_scale in quant.h.
+    ok = amax > 0.0
+    return tl.where(ok, tl.math.div_rn(tl.full(amax.shape, 1.0, tl.float32),
+                                       tl.where(ok, amax, 1.0)), 0.0)
 
 
 @triton.jit
@@ -43,10 +45,9 @@ def _quantize_kernel(x_ptr, code_ptr, mids_ptr, codes_ptr, absmax_ptr, n, nblock
         a_o = tl.max(x_o.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1)
         amax = tl.maximum(a_e, a_o).to(tl.float32, bitcast=True)
         tl.store(absmax_ptr + rows, amax, mask=row_ok)
-        ok = amax[:, None] > 0.0
-        den = tl.where(ok, amax[:, None], 1.0)
-        y_e = _scale(x_e, den, ok)
-        y_o = _scale(x_o, den, ok)
+        inv = _unit_scale(amax)[:, None]
+        y_e = x_e * inv  # one rounded product (launched with fp fusion off)
+        y_o = x_o * inv
         if STOCHASTIC:
             r_e = philox_word0(seed, offset + even)
             r_o = philox_word0(seed, offset + odd)
@@ -67,9 +68,8 @@ def _quantize_kernel(x_ptr, code_ptr, mids_ptr, codes_ptr, absmax_ptr, n, nblock
         amax = tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1).to(tl.float32,
                                                                            bitcast=True)
         tl.store(absmax_ptr + rows, amax, mask=row_ok)
-        ok = amax[:, None] > 0.0
-        den = tl.where(ok, amax[:, None], 1.0)
-        y = _scale(x, den, ok)
+        inv = _unit_scale(amax)[:, None]
+        y = x * inv  # one rounded product (launched with fp fusion off)
         if STOCHASTIC:
             r = philox_word0(seed, offset + idx)
         else:

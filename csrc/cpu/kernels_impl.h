@@ -55,22 +55,22 @@ static inline int nearest256(float y, const float* mids, const NearestLut& lut) 
 // The hot loops take __restrict locals: the uint8 output may alias anything as far as the
 // compiler knows, and without the promise it refuses to vectorize the table lookups.
 template <int DT>
-static void nearest16_run(const void* __restrict x, int64_t begin, int64_t len, float am,
+static void nearest16_run(const void* __restrict x, int64_t begin, int64_t len, float inv,
                           const float* __restrict mids, uint8_t* __restrict out) {
 #pragma omp simd
   for (int64_t i = 0; i < len; ++i)
-    out[i] = (uint8_t)nearest16(scale_to_unit(load_t<DT>(x, begin + i), am), mids);
+    out[i] = (uint8_t)nearest16(scale_to_unit(load_t<DT>(x, begin + i), inv), mids);
 }
 
 // Every built-in 256-entry codebook has at most one midpoint per table bucket: one table load
 // and at most one comparison per element.
 template <int DT>
-static void nearest256_run(const void* __restrict x, int64_t begin, int64_t len, float am,
+static void nearest256_run(const void* __restrict x, int64_t begin, int64_t len, float inv,
                            const int32_t* __restrict table, const float* __restrict mids,
                            uint8_t* __restrict out) {
 #pragma omp simd
   for (int64_t i = 0; i < len; ++i) {
-    const float y = scale_to_unit(load_t<DT>(x, begin + i), am);
+    const float y = scale_to_unit(load_t<DT>(x, begin + i), inv);
     const int32_t e = table[f32_bits(y) >> 16];
     const int base = e & 0xFFFF;
     // Unconditional (clamped) load so the loop has no control flow; `inside` masks it.
@@ -140,14 +140,14 @@ static inline int count_le_fixed(float y, const float* __restrict code) {
 }
 
 template <int DT, int N>
-static void stochastic_run(const void* __restrict x, int64_t begin, int64_t len, float am,
+static void stochastic_run(const void* __restrict x, int64_t begin, int64_t len, float inv,
                            const float* __restrict code, uint64_t seed, uint64_t offset,
                            uint8_t* __restrict out) {
   uint32_t rbuf[4096];  // blocks are at most 4096 elements
   fill_philox(seed, offset + (uint64_t)begin, len, rbuf);
 #pragma omp simd
   for (int64_t i = 0; i < len; ++i) {
-    const float y = scale_to_unit(load_t<DT>(x, begin + i), am);
+    const float y = scale_to_unit(load_t<DT>(x, begin + i), inv);
     const uint32_t r = rbuf[i];
     int lo = count_le_fixed<N>(y, code) - 1;
     lo = lo < 0 ? 0 : (lo > N - 2 ? N - 2 : lo);
@@ -158,8 +158,8 @@ static void stochastic_run(const void* __restrict x, int64_t begin, int64_t len,
 
 #if defined(LOWBIT_ISA_AVX512)
 // Hand-written AVX-512 versions of the two nearest-code loops (gcc's own vectorization of them
-// is several times slower). Same results as the scalar definitions above, lane by lane: the
-// division is IEEE, comparisons are ordered (false for NaN), tails are masked.
+// is several times slower). Same results as the scalar definitions above, lane by lane: one
+// rounded product, comparisons are ordered (false for NaN), tails are masked.
 template <int DT>
 static inline __m512 load16(const void* x, int64_t i, __mmask16 m) {
   if (DT == kF32) return _mm512_maskz_loadu_ps(m, (const float*)x + i);
@@ -173,14 +173,14 @@ static inline __mmask16 tail_mask(int64_t remaining) {
 }
 
 template <int DT>
-static void nearest256_avx512(const void* x, int64_t begin, int64_t len, float am,
+static void nearest256_avx512(const void* x, int64_t begin, int64_t len, float inv,
                               const int32_t* table, const float* mids, uint8_t* out) {
-  const __m512 vam = _mm512_set1_ps(am);
+  const __m512 vinv = _mm512_set1_ps(inv);
   const __m512i low16 = _mm512_set1_epi32(0xFFFF), one = _mm512_set1_epi32(1);
   const __m512i last_mid = _mm512_set1_epi32(254), zero = _mm512_setzero_si512();
   for (int64_t i = 0; i < len; i += 16) {
     const __mmask16 m = tail_mask(len - i);
-    const __m512 y = _mm512_div_ps(load16<DT>(x, begin + i, m), vam);
+    const __m512 y = _mm512_mul_ps(load16<DT>(x, begin + i, m), vinv);
     const __m512i key = _mm512_srli_epi32(_mm512_castps_si512(y), 16);
     const __m512i e = _mm512_mask_i32gather_epi32(zero, m, key, table, 4);
     const __m512i base = _mm512_and_si512(e, low16);
@@ -193,15 +193,17 @@ static void nearest256_avx512(const void* x, int64_t begin, int64_t len, float a
   }
 }
 
+// Writes the packed 4-bit codes directly: element 2j in the high nibble; an odd tail's missing
+// partner is a 0 nibble.
 template <int DT>
-static void nearest16_avx512(const void* x, int64_t begin, int64_t len, float am,
-                             const float* mids, uint8_t* out) {
-  const __m512 vam = _mm512_set1_ps(am);
+static void nearest16_avx512(const void* x, int64_t begin, int64_t len, float inv,
+                             const float* mids, uint8_t* packed) {
+  const __m512 vinv = _mm512_set1_ps(inv);
   // 15 midpoints and a +inf sentinel: a 4-step branch-free binary search by lane permutes.
   const __m512 table = _mm512_mask_loadu_ps(_mm512_set1_ps(__builtin_inff()), 0x7FFF, mids);
   for (int64_t i = 0; i < len; i += 16) {
     const __mmask16 m = tail_mask(len - i);
-    const __m512 y = _mm512_div_ps(load16<DT>(x, begin + i, m), vam);
+    const __m512 y = _mm512_mul_ps(load16<DT>(x, begin + i, m), vinv);
     __m512i pos = _mm512_setzero_si512();
     for (int step = 8; step >= 1; step >>= 1) {
       const __m512 probe = _mm512_permutexvar_ps(
@@ -209,7 +211,13 @@ static void nearest16_avx512(const void* x, int64_t begin, int64_t len, float am
       pos = _mm512_mask_add_epi32(pos, _mm512_cmp_ps_mask(probe, y, _CMP_LT_OQ), pos,
                                   _mm512_set1_epi32(step));
     }
-    _mm512_mask_cvtepi32_storeu_epi8(out + i, m, pos);
+    pos = _mm512_maskz_mov_epi32(m, pos);
+    // each 64-bit lane holds (even, odd): even << 4 | odd, then one byte per lane
+    const __m512i pairs = _mm512_or_si512(_mm512_slli_epi64(pos, 4), _mm512_srli_epi64(pos, 32));
+    const int64_t rem = len - i;
+    const int nbytes = rem >= 16 ? 8 : (int)((rem + 1) / 2);
+    _mm512_mask_cvtepi64_storeu_epi8(packed + i / 2, (__mmask8)((1u << nbytes) - 1u),
+                                     _mm512_and_si512(pairs, _mm512_set1_epi64(0xFF)));
   }
 }
 #endif
@@ -220,30 +228,32 @@ static void quantize_block(const QuantArgs& a, int64_t b, uint8_t* idx_buf) {
   const int64_t len = (a.n - begin) < a.block ? (a.n - begin) : a.block;
   const float am = block_absmax<DT>(a.x, begin, len);
   a.absmax[b] = am;
+  const float inv = unit_scale(am);
+#if defined(LOWBIT_ISA_AVX512)
+  // The hand-written loops store straight into the output (no index buffer pass).
+  if (!a.stochastic) {
+    if (a.ncode == 16) {
+      nearest16_avx512<DT>(a.x, begin, len, inv, a.mids, a.codes + begin / 2);
+      return;
+    }
+    if (a.lut.max_inside <= 1) {
+      nearest256_avx512<DT>(a.x, begin, len, inv, a.lut.table, a.mids, a.codes + begin);
+      return;
+    }
+  }
+#endif
   if (a.stochastic) {
     if (a.ncode == 16)
-      stochastic_run<DT, 16>(a.x, begin, len, am, a.code, a.seed, a.offset, idx_buf);
+      stochastic_run<DT, 16>(a.x, begin, len, inv, a.code, a.seed, a.offset, idx_buf);
     else
-      stochastic_run<DT, 256>(a.x, begin, len, am, a.code, a.seed, a.offset, idx_buf);
-  } else if (!(am > 0.0f)) {
-    // all-zero or NaN block: every y is 0 (scale_to_unit), so every code is the code of 0
-    const int z = a.ncode == 16 ? nearest16(0.0f, a.mids) : nearest_index(0.0f, a.mids, 255);
-    memset(idx_buf, z, (size_t)len);
+      stochastic_run<DT, 256>(a.x, begin, len, inv, a.code, a.seed, a.offset, idx_buf);
   } else if (a.ncode == 16) {
-#if defined(LOWBIT_ISA_AVX512)
-    nearest16_avx512<DT>(a.x, begin, len, am, a.mids, idx_buf);
-#else
-    nearest16_run<DT>(a.x, begin, len, am, a.mids, idx_buf);
-#endif
+    nearest16_run<DT>(a.x, begin, len, inv, a.mids, idx_buf);
   } else if (a.lut.max_inside <= 1) {
-#if defined(LOWBIT_ISA_AVX512)
-    nearest256_avx512<DT>(a.x, begin, len, am, a.lut.table, a.mids, idx_buf);
-#else
-    nearest256_run<DT>(a.x, begin, len, am, a.lut.table, a.mids, idx_buf);
-#endif
+    nearest256_run<DT>(a.x, begin, len, inv, a.lut.table, a.mids, idx_buf);
   } else {
     for (int64_t i = 0; i < len; ++i)
-      idx_buf[i] = (uint8_t)nearest256(scale_to_unit(load_t<DT>(a.x, begin + i), am), a.mids,
+      idx_buf[i] = (uint8_t)nearest256(scale_to_unit(load_t<DT>(a.x, begin + i), inv), a.mids,
                                        a.lut);
   }
   if (a.ncode == 16) {

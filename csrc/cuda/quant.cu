@@ -20,11 +20,11 @@ template <int DT>
 __device__ __forceinline__ float load(const void* x, int64_t i) { return load_f32(x, DT, i); }
 
 // Index of the code for element k (global index, for the Philox counter) of a block whose absmax
-// is `am`. Tables are in shared memory.
+// scales by `inv` (unit_scale of its absmax). Tables are in shared memory.
 template <int DT, int NC, bool STOCH>
-__device__ __forceinline__ int code_index(const void* x, int64_t k, float am, const float* s_code,
+__device__ __forceinline__ int code_index(const void* x, int64_t k, float inv, const float* s_code,
                                           const float* s_mids, uint64_t seed, uint64_t offset) {
-  const float y = scale_to_unit(load<DT>(x, k), am);
+  const float y = scale_to_unit(load<DT>(x, k), inv);
   if (STOCH) return stochastic_index(y, s_code, NC, philox_word0(seed, offset + (uint64_t)k));
   return nearest_index(y, s_mids, NC - 1);
 }
@@ -58,6 +58,7 @@ quantize_kernel(const void* __restrict__ x, int64_t n, int block, const float* _
   m = block_allreduce(m, MaxU32(), 0u, s_red);
   const float am = bits_f32(m);
   if (t == 0) absmax[b] = am;
+  const float inv = unit_scale(am);
 
   if (NC == 16) {
     // Element 2j in the high nibble, 2j+1 in the low one; an odd tail gets a 0 low nibble.
@@ -65,16 +66,16 @@ quantize_kernel(const void* __restrict__ x, int64_t n, int block, const float* _
     uint8_t* out = codes + begin / 2;
     for (int p = t; 2 * p < len; p += nt) {
       const int64_t k = begin + 2 * p;
-      const int hi = code_index<DT, NC, STOCH>(x, k, am, s_code, s_mids, seed, offset);
+      const int hi = code_index<DT, NC, STOCH>(x, k, inv, s_code, s_mids, seed, offset);
       const int lo = 2 * p + 1 < len
-                         ? code_index<DT, NC, STOCH>(x, k + 1, am, s_code, s_mids, seed, offset)
+                         ? code_index<DT, NC, STOCH>(x, k + 1, inv, s_code, s_mids, seed, offset)
                          : 0;
       out[p] = (uint8_t)((hi << 4) | lo);
     }
   } else {
     for (int i = t; i < len; i += nt)
       codes[begin + i] =
-          (uint8_t)code_index<DT, NC, STOCH>(x, begin + i, am, s_code, s_mids, seed, offset);
+          (uint8_t)code_index<DT, NC, STOCH>(x, begin + i, inv, s_code, s_mids, seed, offset);
   }
 }
 

@@ -43,4 +43,13 @@ LOWBIT_HD float div_rn(float a, float b) {
 #endif
 }
 
+// IEEE round-to-nearest product that nvcc may not contract into an FMA with a later add.
+LOWBIT_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
 }  // namespace lowbit

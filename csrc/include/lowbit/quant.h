@@ -2,11 +2,11 @@
 //   absmax  = max over the block of |x|, taken on the fp32 bit patterns (bits & 0x7FFFFFFF) as
 //             unsigned integers: exact, order-independent, and NaN-propagating (a block holding a
 //             NaN gets a NaN absmax and so dequantizes to NaN rather than to made-up numbers).
-//   y       = x / absmax with IEEE division (|y| <= 1), or 0 when absmax is not > 0
-//             (all-zero blocks and NaN blocks).
+//   y       = x * inv with inv = 1 / absmax (one IEEE division per block), or inv = 0 when
+//             absmax is not > 0 (all-zero and NaN blocks); the product is rounded once (no FMA).
 //   nearest = number of midpoints strictly below y, where mids[k] = (code[k] + code[k+1]) * 0.5f is
-//             computed once in fp32 on the host: ties go to the lower code; NaN y (only from
-//             inf/inf) gives index 0.
+//             computed once in fp32 on the host: ties go to the lower code; NaN y (from a NaN
+//             or an inf element) gives index 0.
 //   stochastic: lo = clamp(#{code[k] <= y} - 1, 0, n-2), hi = lo + 1,
 //             p = (y - code[lo]) / (code[hi] - code[lo]), pick hi iff uniform24(r) < p — so the
 //             expectation of the dequantized value is y (unbiased) inside the codebook's range,
@@ -23,13 +23,14 @@ namespace lowbit {
 LOWBIT_HD uint32_t abs_bits(float x) { return f32_bits(x) & 0x7FFFFFFFu; }
 
 LOWBIT_HD float dequant_value(float code_value, float absmax) {
-  const float v = code_value * absmax;
+  const float v = mul_rn(code_value, absmax);
   return v != v ? bits_f32(0x7FC00000u) : v;
 }
 
-LOWBIT_HD float scale_to_unit(float x, float absmax) {
-  return absmax > 0.0f ? div_rn(x, absmax) : 0.0f;
-}
+// Per block: the multiplier that maps the block into [-1, 1].
+LOWBIT_HD float unit_scale(float absmax) { return absmax > 0.0f ? div_rn(1.0f, absmax) : 0.0f; }
+
+LOWBIT_HD float scale_to_unit(float x, float inv) { return mul_rn(x, inv); }
 
 // count of mids[0..nmid) strictly below y (lower_bound); mids sorted ascending.
 LOWBIT_HD int nearest_index(float y, const float* mids, int nmid) {

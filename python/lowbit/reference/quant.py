@@ -1,8 +1,8 @@
 """Block-wise codebook quantization, the readable spec (rules in csrc/include/lowbit/quant.h).
 
 Per block of `block_size` consecutive elements of the flattened (row-major) input:
-absmax = max |x| taken on the fp32 bit patterns (NaN-propagating); y = x / absmax (IEEE, 0 when
-absmax is not > 0); nearest code = number of fp32 midpoints strictly below y (ties to the lower
+absmax = max |x| taken on the fp32 bit patterns (NaN-propagating); y = x * (1 / absmax) (the
+reciprocal by IEEE division once per block, 0 when absmax is not > 0); nearest code = number of fp32 midpoints strictly below y (ties to the lower
 code); stochastic: between the two neighbouring codes, up with probability equal to the
 fractional distance, using the element's Philox word. 4-bit codes: element 2j in the high nibble.
 """
@@ -33,11 +33,17 @@ def _divide_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.double() / b.double()).float()
 
 
+def unit_scale(absmax: torch.Tensor) -> torch.Tensor:
+    """inv = 1 / absmax per block (IEEE division), 0 where absmax is not > 0."""
+    inv = _divide_exact(torch.ones_like(absmax), absmax)
+    return torch.where(absmax > 0, inv, torch.zeros_like(inv))
+
+
 def scale_to_unit(x32: torch.Tensor, absmax: torch.Tensor, block_size: int) -> torch.Tensor:
+    """y = x * inv, one rounded fp32 product per element."""
     n = x32.numel()
-    per_elem = absmax.repeat_interleave(block_size)[:n]
-    y = _divide_exact(x32.reshape(-1), per_elem)
-    return torch.where(per_elem > 0, y, torch.zeros_like(y))
+    inv = unit_scale(absmax).repeat_interleave(block_size)[:n]
+    return x32.reshape(-1) * inv
 
 
 def nearest_codes(y: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
