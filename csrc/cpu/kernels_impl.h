@@ -287,6 +287,41 @@ void quantize_blockwise(const QuantArgs& a) {
   else quantize_all<kF32>(a);
 }
 
+#if defined(LOWBIT_ISA_AVX512)
+// fp32 output, 16 values per step: 4-bit codes expand from 8 bytes (high nibble first) and are
+// looked up with one lane permute; 8-bit codes with one gather. NaN results become the canonical
+// NaN exactly as dequant_value does.
+template <int NCODE>
+static void dequant_f32_avx512(const uint8_t* codes, const float* code, int64_t begin,
+                               int64_t len, float am, float* out) {
+  const __m512 vam = _mm512_set1_ps(am);
+  const __m512 qnan = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FC00000));
+  const __m512 table16 = NCODE == 16 ? _mm512_loadu_ps(code) : _mm512_setzero_ps();
+  for (int64_t i = 0; i < len; i += 16) {
+    const __mmask16 m = tail_mask(len - i);
+    __m512 vals;
+    if (NCODE == 16) {
+      const int64_t rem = len - i;
+      const int nbytes = rem >= 16 ? 8 : (int)((rem + 1) / 2);
+      const __m128i bytes = _mm_maskz_loadu_epi8((__mmask16)((1u << nbytes) - 1u),
+                                                 codes + (begin + i) / 2);
+      const __m512i wide = _mm512_cvtepu8_epi64(bytes);
+      // 32-bit lanes (2j, 2j+1) = (high nibble, low nibble) of byte j
+      const __m512i idx = _mm512_or_si512(
+          _mm512_srli_epi64(wide, 4),
+          _mm512_slli_epi64(_mm512_and_si512(wide, _mm512_set1_epi64(0xF)), 32));
+      vals = _mm512_permutexvar_ps(idx, table16);
+    } else {
+      const __m512i idx = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, codes + begin + i));
+      vals = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, code, 4);
+    }
+    __m512 v = _mm512_mul_ps(vals, vam);
+    v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), qnan);
+    _mm512_mask_storeu_ps(out + begin + i, m, v);
+  }
+}
+#endif
+
 template <int DT, int NCODE>
 static void dequantize_all(const DequantArgs& a) {
   const int64_t nblocks = (a.n + a.block - 1) / a.block;
@@ -296,6 +331,12 @@ static void dequantize_all(const DequantArgs& a) {
     const int64_t len = (a.n - begin) < a.block ? (a.n - begin) : a.block;
     const float am = a.absmax[b];
     const float* code = a.code;
+#if defined(LOWBIT_ISA_AVX512)
+    if (DT == kF32) {
+      dequant_f32_avx512<NCODE>(a.codes, code, begin, len, am, (float*)a.out);
+      continue;
+    }
+#endif
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i) {
       const int64_t k = begin + i;
