@@ -3,6 +3,7 @@
 // validation of shapes and dtypes happens in python/lowbit before these are called.
 #include <pybind11/pybind11.h>
 
+#include <limits>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
@@ -20,22 +21,31 @@ T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
 // The nearest-code lookup table depends only on the midpoints; codebooks are few, so cache one
 // table per distinct midpoint vector (keyed by its bytes).
-const NearestLut& lut_for(const float* mids, int nmid) {
+struct LutStorage {
+  std::vector<int32_t> table;
+  std::vector<uint8_t> below8;
+  std::vector<float> mids256;
+  int max_inside = 0;
+};
+
+NearestLut lut_for(const float* mids, int nmid) {
   static std::mutex mu;
-  static std::unordered_map<std::string, std::pair<std::vector<int32_t>, int>> cache;
+  static std::unordered_map<std::string, LutStorage> cache;
   std::string key(reinterpret_cast<const char*>(mids), sizeof(float) * nmid);
   std::lock_guard<std::mutex> lock(mu);
   auto it = cache.find(key);
   if (it == cache.end()) {
-    std::vector<int32_t> table(65536);
-    int max_inside = 0;
-    build_nearest_lut(mids, nmid, table.data(), &max_inside);
-    it = cache.emplace(key, std::make_pair(std::move(table), max_inside)).first;
+    LutStorage st;
+    st.table.resize(65536);
+    st.below8.assign(65536 + 3, 0);
+    build_nearest_lut(mids, nmid, st.table.data(), &st.max_inside, st.below8.data());
+    st.mids256.assign(mids, mids + nmid);
+    st.mids256.resize(256, std::numeric_limits<float>::infinity());
+    it = cache.emplace(key, std::move(st)).first;
   }
-  static thread_local NearestLut lut;
-  lut.table = it->second.first.data();
-  lut.max_inside = it->second.second;
-  return lut;
+  // Entries are never erased, so the pointers stay valid for the process.
+  const LutStorage& st = it->second;
+  return NearestLut{st.table.data(), st.max_inside, st.below8.data(), st.mids256.data()};
 }
 
 void py_quantize_blockwise(uintptr_t x, int x_dtype, int64_t n, int block, uintptr_t code,

@@ -12,6 +12,12 @@ namespace cpu {
 struct NearestLut {
   const int32_t* table;  // 65536 entries
   int max_inside;        // max over buckets of the "inside" count
+  // When max_inside <= 1: the "below" counts alone as bytes (65536 + 3 padding, so a 4-byte
+  // gather at any key stays inside), and the midpoints padded with +inf to 256 entries. A bucket
+  // with no midpoint inside has mids[below] above every value in it (or the +inf sentinel), so
+  // index = below + (mids[below] < y) needs no inside count.
+  const uint8_t* below8;
+  const float* mids256;
 };
 
 struct QuantArgs {
@@ -44,7 +50,8 @@ LOWBIT_DECLARE_ISA(scalar)
 
 // dispatch.cpp
 const char* isa_name();
-void build_nearest_lut(const float* mids, int nmid, int32_t* table, int* max_inside);
+void build_nearest_lut(const float* mids, int nmid, int32_t* table, int* max_inside,
+                       uint8_t* below8);
 void quantize_blockwise(const QuantArgs& a);
 void dequantize_blockwise(const DequantArgs& a);
 void stochastic_round(const RoundArgs& a);

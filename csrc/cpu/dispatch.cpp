@@ -54,11 +54,13 @@ void quantize_blockwise(const QuantArgs& a) { LOWBIT_DISPATCH(quantize_blockwise
 void dequantize_blockwise(const DequantArgs& a) { LOWBIT_DISPATCH(dequantize_blockwise, a) }
 void stochastic_round(const RoundArgs& a) { LOWBIT_DISPATCH(stochastic_round, a) }
 
-void build_nearest_lut(const float* mids, int nmid, int32_t* table, int* max_inside) {
+void build_nearest_lut(const float* mids, int nmid, int32_t* table, int* max_inside,
+                       uint8_t* below8) {
   int worst = 0;
   for (uint32_t key = 0; key < 65536; ++key) {
     if (((key >> 7) & 0xFFu) == 0xFFu) {  // inf/NaN bucket: only NaN y lands here -> index 0
       table[key] = 0;
+      below8[key] = 0;
       continue;
     }
     const bool negative = key & 0x8000u;
@@ -69,6 +71,7 @@ void build_nearest_lut(const float* mids, int nmid, int32_t* table, int* max_ins
     const int inside = nearest_index(highest, mids, nmid) - below;
     worst = inside > worst ? inside : worst;
     table[key] = (int32_t)((uint32_t)below | ((uint32_t)inside << 16));
+    below8[key] = (uint8_t)below;
   }
   *max_inside = worst;
 }

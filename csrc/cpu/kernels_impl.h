@@ -160,10 +160,14 @@ static void stochastic_run(const void* __restrict x, int64_t begin, int64_t len,
 // Hand-written AVX-512 versions of the two nearest-code loops (gcc's own vectorization of them
 // is several times slower). Same results as the scalar definitions above, lane by lane: one
 // rounded product, comparisons are ordered (false for NaN), tails are masked.
+// Full vectors use plain loads and stores; only a block's tail pays for masking.
 template <int DT>
 static inline __m512 load16(const void* x, int64_t i, __mmask16 m) {
-  if (DT == kF32) return _mm512_maskz_loadu_ps(m, (const float*)x + i);
-  const __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t*)x + i);
+  if (DT == kF32)
+    return m == 0xFFFF ? _mm512_loadu_ps((const float*)x + i)
+                       : _mm512_maskz_loadu_ps(m, (const float*)x + i);
+  const __m256i h = m == 0xFFFF ? _mm256_loadu_si256((const __m256i*)((const uint16_t*)x + i))
+                                : _mm256_maskz_loadu_epi16(m, (const uint16_t*)x + i);
   if (DT == kBF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   return _mm512_cvtph_ps(h);  // exact; quiets NaNs like f16_to_f32
 }
@@ -174,22 +178,18 @@ static inline __mmask16 tail_mask(int64_t remaining) {
 
 template <int DT>
 static void nearest256_avx512(const void* x, int64_t begin, int64_t len, float inv,
-                              const int32_t* table, const float* mids, uint8_t* out) {
+                              const NearestLut& lut, uint8_t* out) {
   const __m512 vinv = _mm512_set1_ps(inv);
-  const __m512i low16 = _mm512_set1_epi32(0xFFFF), one = _mm512_set1_epi32(1);
-  const __m512i last_mid = _mm512_set1_epi32(254), zero = _mm512_setzero_si512();
+  const __m512i low8 = _mm512_set1_epi32(0xFF), one = _mm512_set1_epi32(1);
   for (int64_t i = 0; i < len; i += 16) {
     const __mmask16 m = tail_mask(len - i);
     const __m512 y = _mm512_mul_ps(load16<DT>(x, begin + i, m), vinv);
     const __m512i key = _mm512_srli_epi32(_mm512_castps_si512(y), 16);
-    const __m512i e = _mm512_mask_i32gather_epi32(zero, m, key, table, 4);
-    const __m512i base = _mm512_and_si512(e, low16);
-    const __m512i inside = _mm512_srli_epi32(e, 16);
-    const __m512 mid = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m,
-                                                _mm512_min_epi32(base, last_mid), mids, 4);
-    const __mmask16 up = _mm512_cmp_ps_mask(mid, y, _CMP_LT_OQ) &
-                         _mm512_cmpgt_epi32_mask(inside, zero);
-    _mm512_mask_cvtepi32_storeu_epi8(out + i, m, _mm512_mask_add_epi32(base, up, base, one));
+    const __m512i below = _mm512_and_si512(
+        _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, key, lut.below8, 1), low8);
+    const __m512 mid = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, below, lut.mids256, 4);
+    const __mmask16 up = _mm512_cmp_ps_mask(mid, y, _CMP_LT_OQ);
+    _mm512_mask_cvtepi32_storeu_epi8(out + i, m, _mm512_mask_add_epi32(below, up, below, one));
   }
 }
 
@@ -237,7 +237,7 @@ static void quantize_block(const QuantArgs& a, int64_t b, uint8_t* idx_buf) {
       return;
     }
     if (a.lut.max_inside <= 1) {
-      nearest256_avx512<DT>(a.x, begin, len, inv, a.lut.table, a.mids, a.codes + begin);
+      nearest256_avx512<DT>(a.x, begin, len, inv, a.lut, a.codes + begin);
       return;
     }
   }
