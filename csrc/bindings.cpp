@@ -3,7 +3,6 @@
 // validation of shapes and dtypes happens in python/lowbit before these are called.
 #include <pybind11/pybind11.h>
 
-#include <limits>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
@@ -23,8 +22,7 @@ T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 // table per distinct midpoint vector (keyed by its bytes).
 struct LutStorage {
   std::vector<int32_t> table;
-  std::vector<uint8_t> below8;
-  std::vector<float> mids256;
+  std::vector<uint32_t> packed;
   int max_inside = 0;
 };
 
@@ -37,15 +35,13 @@ NearestLut lut_for(const float* mids, int nmid) {
   if (it == cache.end()) {
     LutStorage st;
     st.table.resize(65536);
-    st.below8.assign(65536 + 3, 0);
-    build_nearest_lut(mids, nmid, st.table.data(), &st.max_inside, st.below8.data());
-    st.mids256.assign(mids, mids + nmid);
-    st.mids256.resize(256, std::numeric_limits<float>::infinity());
+    st.packed.resize(65536);
+    build_nearest_lut(mids, nmid, st.table.data(), &st.max_inside, st.packed.data());
     it = cache.emplace(key, std::move(st)).first;
   }
   // Entries are never erased, so the pointers stay valid for the process.
   const LutStorage& st = it->second;
-  return NearestLut{st.table.data(), st.max_inside, st.below8.data(), st.mids256.data()};
+  return NearestLut{st.table.data(), st.max_inside, st.packed.data()};
 }
 
 void py_quantize_blockwise(uintptr_t x, int x_dtype, int64_t n, int block, uintptr_t code,

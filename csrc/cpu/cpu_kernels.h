@@ -12,12 +12,12 @@ namespace cpu {
 struct NearestLut {
   const int32_t* table;  // 65536 entries
   int max_inside;        // max over buckets of the "inside" count
-  // When max_inside <= 1: the "below" counts alone as bytes (65536 + 3 padding, so a 4-byte
-  // gather at any key stays inside), and the midpoints padded with +inf to 256 entries. A bucket
-  // with no midpoint inside has mids[below] above every value in it (or the +inf sentinel), so
-  // index = below + (mids[below] < y) needs no inside count.
-  const uint8_t* below8;
-  const float* mids256;
+  // When max_inside <= 1, `packed` answers with one load and integer compares: bits 0-7 = below,
+  // bit 8 = a midpoint lies inside the bucket, bits 16-31 = that midpoint's low 16 bits. A value
+  // y in bucket k and a midpoint inside it share their top 16 bits (fp32 order is the order of
+  // the bit patterns within one sign), so mid < y compares the low halves: mid_lo < y_lo for a
+  // positive bucket, mid_lo > y_lo for a negative one.
+  const uint32_t* packed;
 };
 
 struct QuantArgs {
@@ -51,7 +51,7 @@ LOWBIT_DECLARE_ISA(scalar)
 // dispatch.cpp
 const char* isa_name();
 void build_nearest_lut(const float* mids, int nmid, int32_t* table, int* max_inside,
-                       uint8_t* below8);
+                       uint32_t* packed);
 void quantize_blockwise(const QuantArgs& a);
 void dequantize_blockwise(const DequantArgs& a);
 void stochastic_round(const RoundArgs& a);

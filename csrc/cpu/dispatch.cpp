@@ -55,12 +55,12 @@ void dequantize_blockwise(const DequantArgs& a) { LOWBIT_DISPATCH(dequantize_blo
 void stochastic_round(const RoundArgs& a) { LOWBIT_DISPATCH(stochastic_round, a) }
 
 void build_nearest_lut(const float* mids, int nmid, int32_t* table, int* max_inside,
-                       uint8_t* below8) {
+                       uint32_t* packed) {
   int worst = 0;
   for (uint32_t key = 0; key < 65536; ++key) {
     if (((key >> 7) & 0xFFu) == 0xFFu) {  // inf/NaN bucket: only NaN y lands here -> index 0
       table[key] = 0;
-      below8[key] = 0;
+      packed[key] = 0;
       continue;
     }
     const bool negative = key & 0x8000u;
@@ -71,7 +71,8 @@ void build_nearest_lut(const float* mids, int nmid, int32_t* table, int* max_ins
     const int inside = nearest_index(highest, mids, nmid) - below;
     worst = inside > worst ? inside : worst;
     table[key] = (int32_t)((uint32_t)below | ((uint32_t)inside << 16));
-    below8[key] = (uint8_t)below;
+    const uint32_t mid_lo = inside == 1 ? (f32_bits(mids[below]) & 0xFFFFu) : 0u;
+    packed[key] = (uint32_t)(below & 0xFF) | (inside == 1 ? 0x100u : 0u) | (mid_lo << 16);
   }
   *max_inside = worst;
 }

@@ -180,15 +180,20 @@ template <int DT>
 static void nearest256_avx512(const void* x, int64_t begin, int64_t len, float inv,
                               const NearestLut& lut, uint8_t* out) {
   const __m512 vinv = _mm512_set1_ps(inv);
-  const __m512i low8 = _mm512_set1_epi32(0xFF), one = _mm512_set1_epi32(1);
+  const __m512i low8 = _mm512_set1_epi32(0xFF), low16 = _mm512_set1_epi32(0xFFFF);
+  const __m512i inside_bit = _mm512_set1_epi32(0x100), sign = _mm512_set1_epi32((int)0x80000000u);
+  const __m512i one = _mm512_set1_epi32(1);
   for (int64_t i = 0; i < len; i += 16) {
     const __mmask16 m = tail_mask(len - i);
-    const __m512 y = _mm512_mul_ps(load16<DT>(x, begin + i, m), vinv);
-    const __m512i key = _mm512_srli_epi32(_mm512_castps_si512(y), 16);
-    const __m512i below = _mm512_and_si512(
-        _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, key, lut.below8, 1), low8);
-    const __m512 mid = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, below, lut.mids256, 4);
-    const __mmask16 up = _mm512_cmp_ps_mask(mid, y, _CMP_LT_OQ);
+    const __m512i yb = _mm512_castps_si512(_mm512_mul_ps(load16<DT>(x, begin + i, m), vinv));
+    const __m512i e = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m,
+                                                  _mm512_srli_epi32(yb, 16), lut.packed, 4);
+    const __m512i below = _mm512_and_si512(e, low8);
+    const __m512i mid_lo = _mm512_srli_epi32(e, 16), y_lo = _mm512_and_si512(yb, low16);
+    const __mmask16 inside = _mm512_test_epi32_mask(e, inside_bit);
+    const __mmask16 negative = _mm512_test_epi32_mask(yb, sign);
+    const __mmask16 up = inside & ((~negative & _mm512_cmplt_epu32_mask(mid_lo, y_lo)) |
+                                   (negative & _mm512_cmpgt_epu32_mask(mid_lo, y_lo)));
     _mm512_mask_cvtepi32_storeu_epi8(out + i, m, _mm512_mask_add_epi32(below, up, below, one));
   }
 }
