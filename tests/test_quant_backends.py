@@ -105,3 +105,18 @@ def test_stochastic_round_matches_reference(backend, dtype):
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
     empty = lowbit.stochastic_round(torch.empty(0, 3), dtype, seed=1, backend=backend)
     assert empty.shape == (0, 3) and empty.dtype == dtype
+
+
+@pytest.mark.parametrize("backend", kernel_backend_params())
+@pytest.mark.parametrize("ncode", [16, 256])
+def test_clustered_user_codebook_matches_reference(backend, ncode):
+    # Codes closer together than fp32's top-16-bit buckets can separate: the CPU kernel's
+    # table-driven search must fall back to its exact general path.
+    dense = 0.5 + torch.arange(ncode // 2, dtype=torch.float32) * 1e-5
+    book = torch.sort(torch.cat([torch.linspace(-1, 0.4, ncode - ncode // 2), dense])).values
+    x = torch.cat([torch.randn(3000), 0.5 + torch.rand(3000) * ncode * 1e-5])
+    for stochastic in (False, True):
+        _assert_same_quant(
+            lowbit.quantize_blockwise(x, book, 128, stochastic=stochastic, seed=4, backend=backend),
+            lowbit.quantize_blockwise(x, book, 128, stochastic=stochastic, seed=4,
+                                      backend="reference"))

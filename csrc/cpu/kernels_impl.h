@@ -176,25 +176,29 @@ static inline __mmask16 tail_mask(int64_t remaining) {
   return remaining >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << remaining) - 1u);
 }
 
+// Nearest-code indices of 16 values (as int32 lanes) from the byte-exact bucket table.
+static inline __m512i lut_index16(__m512i yb, __mmask16 m, const NearestLut& lut) {
+  const __m512i e = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m,
+                                                _mm512_srli_epi32(yb, 16), lut.packed, 4);
+  const __m512i below = _mm512_and_si512(e, _mm512_set1_epi32(0xFF));
+  const __m512i mid_lo = _mm512_srli_epi32(e, 16);
+  const __m512i y_lo = _mm512_and_si512(yb, _mm512_set1_epi32(0xFFFF));
+  const __mmask16 inside = _mm512_test_epi32_mask(e, _mm512_set1_epi32(0x100));
+  const __mmask16 negative = _mm512_test_epi32_mask(yb, _mm512_set1_epi32((int)0x80000000u));
+  const __mmask16 up = inside & ((~negative & _mm512_cmplt_epu32_mask(mid_lo, y_lo)) |
+                                 (negative & _mm512_cmpgt_epu32_mask(mid_lo, y_lo)));
+  return _mm512_mask_add_epi32(below, up, below, _mm512_set1_epi32(1));
+}
+
+// 8-bit codes, one byte per value, straight into the output.
 template <int DT>
-static void nearest256_avx512(const void* x, int64_t begin, int64_t len, float inv,
-                              const NearestLut& lut, uint8_t* out) {
+static void nearest_lut_avx512(const void* x, int64_t begin, int64_t len, float inv,
+                               const NearestLut& lut, uint8_t* out) {
   const __m512 vinv = _mm512_set1_ps(inv);
-  const __m512i low8 = _mm512_set1_epi32(0xFF), low16 = _mm512_set1_epi32(0xFFFF);
-  const __m512i inside_bit = _mm512_set1_epi32(0x100), sign = _mm512_set1_epi32((int)0x80000000u);
-  const __m512i one = _mm512_set1_epi32(1);
   for (int64_t i = 0; i < len; i += 16) {
     const __mmask16 m = tail_mask(len - i);
     const __m512i yb = _mm512_castps_si512(_mm512_mul_ps(load16<DT>(x, begin + i, m), vinv));
-    const __m512i e = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m,
-                                                  _mm512_srli_epi32(yb, 16), lut.packed, 4);
-    const __m512i below = _mm512_and_si512(e, low8);
-    const __m512i mid_lo = _mm512_srli_epi32(e, 16), y_lo = _mm512_and_si512(yb, low16);
-    const __mmask16 inside = _mm512_test_epi32_mask(e, inside_bit);
-    const __mmask16 negative = _mm512_test_epi32_mask(yb, sign);
-    const __mmask16 up = inside & ((~negative & _mm512_cmplt_epu32_mask(mid_lo, y_lo)) |
-                                   (negative & _mm512_cmpgt_epu32_mask(mid_lo, y_lo)));
-    _mm512_mask_cvtepi32_storeu_epi8(out + i, m, _mm512_mask_add_epi32(below, up, below, one));
+    _mm512_mask_cvtepi32_storeu_epi8(out + i, m, lut_index16(yb, m, lut));
   }
 }
 
@@ -236,15 +240,14 @@ static void quantize_block(const QuantArgs& a, int64_t b, uint8_t* idx_buf) {
   const float inv = unit_scale(am);
 #if defined(LOWBIT_ISA_AVX512)
   // The hand-written loops store straight into the output (no index buffer pass).
-  if (!a.stochastic) {
-    if (a.ncode == 16) {
-      nearest16_avx512<DT>(a.x, begin, len, inv, a.mids, a.codes + begin / 2);
-      return;
-    }
-    if (a.lut.max_inside <= 1) {
-      nearest256_avx512<DT>(a.x, begin, len, inv, a.lut, a.codes + begin);
-      return;
-    }
+  // 16-entry books: a 4-step permute search in registers beats the table load.
+  if (!a.stochastic && a.ncode == 16) {
+    nearest16_avx512<DT>(a.x, begin, len, inv, a.mids, a.codes + begin / 2);
+    return;
+  }
+  if (!a.stochastic && a.lut.max_inside <= 1) {
+    nearest_lut_avx512<DT>(a.x, begin, len, inv, a.lut, a.codes + begin);
+    return;
   }
 #endif
   if (a.stochastic) {
