@@ -2,6 +2,7 @@
 // (DESIGN.md contract 6). Python passes data_ptr() integers, sizes and dtype codes; every
 // validation of shapes and dtypes happens in python/lowbit before these are called.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <mutex>
 #include <unordered_map>
@@ -9,6 +10,7 @@
 #include <string>
 
 #include "cpu/cpu_kernels.h"
+#include "cpu/optim.h"
 
 namespace py = pybind11;
 using namespace lowbit::cpu;
@@ -72,6 +74,37 @@ void py_stochastic_round(uintptr_t x, int64_t n, uintptr_t out, int fmt, uint64_
   lowbit::cpu::stochastic_round(a);
 }
 
+// One fused Adam/AdamW step over a list of tensors sharing a state format. Each list holds
+// data_ptr()s; absmax lists are empty for 32-bit states. `scalars` = (decay, wd, a1, b2, a2,
+// bc2, eps, step_size) as computed by lowbit.reference.optim.adam_scalars.
+void py_adam_step(const std::vector<uintptr_t>& p, const std::vector<uintptr_t>& g,
+                  const std::vector<int64_t>& numel, const std::vector<uintptr_t>& m,
+                  const std::vector<uintptr_t>& m_absmax, const std::vector<uintptr_t>& v,
+                  const std::vector<uintptr_t>& v_absmax, int state_bits, int block,
+                  uintptr_t m_code, uintptr_t m_mids, uintptr_t v_code, uintptr_t v_mids,
+                  int ncode, const std::vector<double>& scalars, bool maximize) {
+  const size_t n = p.size();
+  const bool quantized = state_bits != 32;
+  if (g.size() != n || numel.size() != n || m.size() != n || v.size() != n ||
+      (quantized && (m_absmax.size() != n || v_absmax.size() != n)) || scalars.size() != 8)
+    throw std::invalid_argument("adam_step: tensor lists of different lengths");
+  std::vector<AdamTensor> ts(n);
+  for (size_t i = 0; i < n; ++i) {
+    ts[i] = AdamTensor{ptr<float>(p[i]), ptr<const float>(g[i]), numel[i], ptr<void>(m[i]),
+                       quantized ? ptr<float>(m_absmax[i]) : nullptr, ptr<void>(v[i]),
+                       quantized ? ptr<float>(v_absmax[i]) : nullptr};
+  }
+  AdamArgs a{};
+  a.tensors = ts.data(); a.ntensors = (int)n; a.state_bits = state_bits; a.block = block;
+  a.m_code = ptr<const float>(m_code); a.m_mids = ptr<const float>(m_mids);
+  a.v_code = ptr<const float>(v_code); a.v_mids = ptr<const float>(v_mids); a.ncode = ncode;
+  a.s = lowbit::AdamScalars{(float)scalars[0], (float)scalars[1], (float)scalars[2],
+                            (float)scalars[3], (float)scalars[4], (float)scalars[5],
+                            (float)scalars[6], (float)scalars[7], maximize ? 1 : 0};
+  py::gil_scoped_release release;
+  lowbit::cpu::adam_step(a);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -80,4 +113,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("quantize_blockwise", &py_quantize_blockwise);
   m.def("dequantize_blockwise", &py_dequantize_blockwise);
   m.def("stochastic_round", &py_stochastic_round);
+  m.def("adam_step", &py_adam_step, "fused multi-tensor Adam/AdamW step (issue 3, first slice)");
 }

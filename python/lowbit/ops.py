@@ -123,3 +123,27 @@ def stochastic_round(x: torch.Tensor, out: torch.Tensor, seed: int, offset: int,
 @stochastic_round.register_fake
 def _(x, out, seed, offset, backend):
     return None
+
+
+# --- fused optimizer steps (issue 3) -----------------------------------------------------------
+
+@torch.library.custom_op(
+    "lowbit::adam_step",
+    mutates_args=("params", "exp_avg", "exp_avg_absmax", "exp_avg_sq", "exp_avg_sq_absmax"))
+def adam_step(params: list[torch.Tensor], grads: list[torch.Tensor],
+              exp_avg: list[torch.Tensor], exp_avg_absmax: list[torch.Tensor],
+              exp_avg_sq: list[torch.Tensor], exp_avg_sq_absmax: list[torch.Tensor],
+              state_bits: int, scalars: list[float], maximize: bool, backend: str) -> None:
+    """One fused Adam/AdamW step over tensors sharing a state format (fp32 params and grads).
+    32-bit states: exp_avg/exp_avg_sq are fp32 like the params and the absmax lists are empty;
+    8/4-bit: flat uint8 codes plus float32 absmax per block (lowbit.reference.optim formats).
+    `scalars` = (decay, wd, a1, b2, a2, bc2, eps, step_size) from reference.optim.adam_scalars."""
+    if params:
+        _backend_impl(backend).adam_step(params, grads, exp_avg, exp_avg_absmax, exp_avg_sq,
+                                         exp_avg_sq_absmax, state_bits, scalars, maximize)
+
+
+@adam_step.register_fake
+def _(params, grads, exp_avg, exp_avg_absmax, exp_avg_sq, exp_avg_sq_absmax, state_bits,
+      scalars, maximize, backend):
+    return None

@@ -32,3 +32,20 @@ class NativeBackend:
     def stochastic_round(self, x, out, seed, offset):
         self.module.stochastic_round(x.data_ptr(), x.numel(), out.data_ptr(),
                                      DTYPE_CODE[out.dtype], seed, offset, *self._stream(x))
+
+    def adam_step(self, params, grads, m, m_absmax, v, v_absmax, state_bits, scalars, maximize):
+        from ..reference.optim import STATE_FORMATS
+        from ..codebooks import codebook
+        from ..reference.quant import midpoints
+        ptrs = lambda ts: [t.data_ptr() for t in ts]  # noqa: E731
+        if state_bits == 32:
+            block, tables = 0, (torch.zeros(1),) * 4
+            ncode = 0
+        else:
+            m_name, v_name, block = STATE_FORMATS[state_bits]
+            m_code, v_code = codebook(m_name), codebook(v_name)
+            tables = (m_code, midpoints(m_code), v_code, midpoints(v_code))
+            ncode = m_code.numel()
+        self.module.adam_step(ptrs(params), ptrs(grads), [p.numel() for p in params], ptrs(m),
+                              ptrs(m_absmax), ptrs(v), ptrs(v_absmax), state_bits, block,
+                              *[t.data_ptr() for t in tables], ncode, list(scalars), maximize)

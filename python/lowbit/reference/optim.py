@@ -60,6 +60,12 @@ def _div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.double() / b.double()).float()
 
 
+def _sqrt(a: torch.Tensor) -> torch.Tensor:
+    # Correctly rounded fp32 square root: torch's vectorized CPU sqrt is not (it differs from
+    # IEEE sqrt in the last bit for some inputs); float64 then one rounding is exact.
+    return torch.sqrt(a.double()).float()
+
+
 def adam_update(p, g, m, v, sc, maximize=False):
     """One fp32 Adam/AdamW update of (p, m, v) by g; returns new (p, m, v), all fp32."""
     p, g, m, v = (t.to(torch.float32) for t in (p, g, m, v))
@@ -71,7 +77,7 @@ def adam_update(p, g, m, v, sc, maximize=False):
         g = g + _t(sc["wd"]) * p
     m = m + _t(sc["a1"]) * (g - m)
     v = v * _t(sc["b2"]) + _t(sc["a2"]) * (g * g)
-    d = _div(torch.sqrt(v), _t(sc["bc2"]).expand_as(v)) + _t(sc["eps"])
+    d = _div(_sqrt(v), _t(sc["bc2"]).expand_as(v)) + _t(sc["eps"])
     p = p - _t(sc["step_size"]) * _div(m, d)
     return p, m, v
 
