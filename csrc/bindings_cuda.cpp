@@ -3,10 +3,13 @@
 // against cuda_runtime_api.h and linked with the static cudart, so the module imports on machines
 // without a driver or GPU; it only fails, with a RuntimeError, when asked to launch there.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cuda_runtime_api.h>
 
+#include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "cuda/launchers.h"
 
@@ -96,6 +99,44 @@ void py_stochastic_round(uintptr_t x, int64_t n, uintptr_t out, int fmt, uint64_
   check("stochastic_round launch", err);
 }
 
+// One fused Adam/AdamW step over a list of tensors sharing a state format: lowbit._C's adam_step
+// (csrc/bindings.cpp) plus (device, stream). Every pointer, including the code / mids tables of
+// quantized states, is device memory; the tensor table is packed into kernel parameters.
+void py_adam_step(const std::vector<uintptr_t>& p, const std::vector<uintptr_t>& g,
+                  const std::vector<int64_t>& numel, const std::vector<uintptr_t>& m,
+                  const std::vector<uintptr_t>& m_absmax, const std::vector<uintptr_t>& v,
+                  const std::vector<uintptr_t>& v_absmax, int state_bits, int block,
+                  uintptr_t m_code, uintptr_t m_mids, uintptr_t v_code, uintptr_t v_mids,
+                  int ncode, const std::vector<double>& scalars, bool maximize, int device,
+                  uintptr_t stream) {
+  const size_t n = p.size();
+  const bool quantized = state_bits != 32;
+  if (g.size() != n || numel.size() != n || m.size() != n || v.size() != n ||
+      (quantized && (m_absmax.size() != n || v_absmax.size() != n)) || scalars.size() != 8)
+    throw std::invalid_argument("adam_step: tensor lists of different lengths");
+  std::vector<lowbit::cuda::AdamTensorArgs> ts(n);
+  for (size_t i = 0; i < n; ++i) {
+    ts[i] = lowbit::cuda::AdamTensorArgs{
+        ptr<float>(p[i]), ptr<const float>(g[i]), numel[i], ptr<void>(m[i]),
+        quantized ? ptr<float>(m_absmax[i]) : nullptr, ptr<void>(v[i]),
+        quantized ? ptr<float>(v_absmax[i]) : nullptr};
+  }
+  const lowbit::AdamScalars s{(float)scalars[0], (float)scalars[1], (float)scalars[2],
+                              (float)scalars[3], (float)scalars[4], (float)scalars[5],
+                              (float)scalars[6], (float)scalars[7], maximize ? 1 : 0};
+  cudaError_t err;
+  {
+    py::gil_scoped_release release;
+    err = set_device(device);
+    if (err == cudaSuccess)
+      err = lowbit::cuda::adam_step(ts.data(), (int)n, state_bits, block, ptr<const float>(m_code),
+                                    ptr<const float>(m_mids), ptr<const float>(v_code),
+                                    ptr<const float>(v_mids), ncode, s,
+                                    reinterpret_cast<cudaStream_t>(stream));
+  }
+  check("adam_step launch", err);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C_cuda, m) {
@@ -107,4 +148,5 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def("quantize_blockwise", &py_quantize_blockwise);
   m.def("dequantize_blockwise", &py_dequantize_blockwise);
   m.def("stochastic_round", &py_stochastic_round);
+  m.def("adam_step", &py_adam_step, "fused multi-tensor Adam/AdamW step (issue 3)");
 }

@@ -1,7 +1,7 @@
-// Host entry points of the CUDA kernels (csrc/cuda/quant.cu), on raw pointers. Each enqueues on
-// `stream` and returns the launch status (cudaGetLastError); none synchronizes. Shared by
-// bindings_cuda.cpp (nvcc-compiled kernels) and sim/bindings_sim.cpp (the same source run by the
-// simulator, where streams are ignored and launches are synchronous).
+// Host entry points of the CUDA kernels (csrc/cuda/quant.cu, csrc/cuda/optim.cu), on raw
+// pointers. Each enqueues on `stream` and returns the launch status (cudaGetLastError); none
+// synchronizes. Shared by bindings_cuda.cpp (nvcc-compiled kernels) and sim/bindings_sim.cpp (the
+// same source run by the simulator, where streams are ignored and launches are synchronous).
 #pragma once
 #include <stdint.h>
 
@@ -10,6 +10,8 @@
 #else
 #include <cuda_runtime_api.h>
 #endif
+
+#include "lowbit/adam.h"
 
 namespace lowbit {
 namespace cuda {
@@ -30,6 +32,29 @@ cudaError_t dequantize_blockwise(const uint8_t* codes, const float* absmax, cons
 // out: n elements of fmt (kBF16/kF16: 2 bytes, kE4M3FN/kE5M2: 1 byte).
 cudaError_t stochastic_round(const float* x, int64_t n, void* out, int fmt, uint64_t seed,
                              uint64_t offset, cudaStream_t stream);
+
+// ---- csrc/cuda/optim.cu ------------------------------------------------------------------------
+
+// One tensor of a fused optimizer step (device pointers). 32-bit states: m, v are fp32 arrays of
+// n elements and the absmax pointers are unused; 8/4-bit: m, v are uint8 codes (n or ceil(n/2)
+// bytes) and m_absmax, v_absmax hold ceil(n / block) floats.
+struct AdamTensorArgs {
+  float* p;
+  const float* g;
+  int64_t n;
+  void* m;
+  float* m_absmax;
+  void* v;
+  float* v_absmax;
+};
+
+// Fused multi-tensor Adam/AdamW step, bit-identical to lowbit::cpu::adam_step. `tensors` is a
+// HOST array of ntensors entries (the launcher packs it into kernel parameters); state_bits is
+// 32, 8 (ncode 256) or 4 (ncode 16); block (power of two in [32, 4096]) and the code / mids tables
+// (device memory) are used by quantized states only.
+cudaError_t adam_step(const AdamTensorArgs* tensors, int ntensors, int state_bits, int block,
+                      const float* m_code, const float* m_mids, const float* v_code,
+                      const float* v_mids, int ncode, const AdamScalars& s, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace lowbit

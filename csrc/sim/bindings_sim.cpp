@@ -12,6 +12,7 @@
 
 // The kernels themselves, textually: exactly the source nvcc compiles.
 #include "cuda/quant.cu"
+#include "cuda/optim.cu"
 
 namespace py = pybind11;
 namespace lc = lowbit::cuda;
@@ -60,6 +61,37 @@ void py_stochastic_round(uintptr_t x, int64_t n, uintptr_t out, int fmt, uint64_
                                nullptr);
   }
   check("stochastic_round", err);
+}
+
+// lowbit._C's adam_step signature (csrc/bindings.cpp); runs csrc/cuda/optim.cu.
+void py_adam_step(const std::vector<uintptr_t>& p, const std::vector<uintptr_t>& g,
+                  const std::vector<int64_t>& numel, const std::vector<uintptr_t>& m,
+                  const std::vector<uintptr_t>& m_absmax, const std::vector<uintptr_t>& v,
+                  const std::vector<uintptr_t>& v_absmax, int state_bits, int block,
+                  uintptr_t m_code, uintptr_t m_mids, uintptr_t v_code, uintptr_t v_mids,
+                  int ncode, const std::vector<double>& scalars, bool maximize) {
+  const size_t n = p.size();
+  const bool quantized = state_bits != 32;
+  if (g.size() != n || numel.size() != n || m.size() != n || v.size() != n ||
+      (quantized && (m_absmax.size() != n || v_absmax.size() != n)) || scalars.size() != 8)
+    throw std::invalid_argument("adam_step: tensor lists of different lengths");
+  std::vector<lc::AdamTensorArgs> ts(n);
+  for (size_t i = 0; i < n; ++i) {
+    ts[i] = lc::AdamTensorArgs{ptr<float>(p[i]), ptr<const float>(g[i]), numel[i],
+                               ptr<void>(m[i]), quantized ? ptr<float>(m_absmax[i]) : nullptr,
+                               ptr<void>(v[i]), quantized ? ptr<float>(v_absmax[i]) : nullptr};
+  }
+  const lowbit::AdamScalars s{(float)scalars[0], (float)scalars[1], (float)scalars[2],
+                              (float)scalars[3], (float)scalars[4], (float)scalars[5],
+                              (float)scalars[6], (float)scalars[7], maximize ? 1 : 0};
+  cudaError_t err;
+  {
+    py::gil_scoped_release release;
+    err = lc::adam_step(ts.data(), (int)n, state_bits, block, ptr<const float>(m_code),
+                        ptr<const float>(m_mids), ptr<const float>(v_code),
+                        ptr<const float>(v_mids), ncode, s, nullptr);
+  }
+  check("adam_step", err);
 }
 
 // ---- self-test kernels: each checks one primitive's CUDA semantics ------------------------------
@@ -154,6 +186,7 @@ PYBIND11_MODULE(_C_sim, m) {
   m.def("quantize_blockwise", &py_quantize_blockwise);
   m.def("dequantize_blockwise", &py_dequantize_blockwise);
   m.def("stochastic_round", &py_stochastic_round);
+  m.def("adam_step", &py_adam_step, "fused multi-tensor Adam/AdamW step (issue 3)");
   m.def("sim_selftest_barrier", &selftest_barrier, py::arg("nthreads"), py::arg("nblocks") = 1,
         "out[b*n + t] = value thread (t+1)%n of block b wrote before a __syncthreads()");
   m.def("sim_selftest_shfl", &selftest_shfl, py::arg("kind"), py::arg("nthreads"), py::arg("arg"),

@@ -46,6 +46,9 @@ class NativeBackend:
             m_code, v_code = codebook(m_name), codebook(v_name)
             tables = (m_code, midpoints(m_code), v_code, midpoints(v_code))
             ncode = m_code.numel()
+        # The kernels read the code / mids tables from the params' memory (device, for CUDA).
+        tables = [t.to(params[0].device) for t in tables]
         self.module.adam_step(ptrs(params), ptrs(grads), [p.numel() for p in params], ptrs(m),
                               ptrs(m_absmax), ptrs(v), ptrs(v_absmax), state_bits, block,
-                              *[t.data_ptr() for t in tables], ncode, list(scalars), maximize)
+                              *[t.data_ptr() for t in tables], ncode, list(scalars), maximize,
+                              *self._stream(params[0]))
