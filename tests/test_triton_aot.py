@@ -72,6 +72,18 @@ def _variants():
                               "NAN_KEEPS_SIGN"), fmt), ELEMS=elems)
             out.append((f"stochastic_round to {dtype} elems={elems}",
                         "rounding._stochastic_round_kernel", sig, const, False))
+    # fused Adam: every state format with the AdamW flags, the other branches once, and the 4-bit
+    # tile the wrapper launches on a GPU (16 blocks of 128).
+    adam = [(32, 0, SMALL, (False, True, False)), (8, 256, SMALL, (False, True, False)),
+            (4, 16, SMALL, (False, True, False)), (8, 256, SMALL, (True, False, True)),
+            (4, 16, (128, 16), (False, True, False))]
+    for bits, ncode, (block, rows), (maximize, decay, l2) in adam:
+        sig = {"work_ptr": "*i64", "tab_ptr": "*i64", "sc_ptr": "*fp32", "m_code_ptr": "*fp32",
+               "m_mids_ptr": "*fp32", "v_code_ptr": "*fp32", "v_mids_ptr": "*fp32"}
+        const = {"STATE_BITS": bits, "BLOCK": block, "ROWS": rows, "NCODE": ncode,
+                 "MAXIMIZE": maximize, "DECAY": decay, "L2": l2}
+        out.append((f"adam state_bits={bits} max={maximize} decay={decay} l2={l2} block={block} "
+                    f"rows={rows}", "optim._adam_kernel", sig, const, True))
     return out
 
 
@@ -100,6 +112,8 @@ def _worker(cc: int) -> None:
             "ptx_chars": len(ptx), "cubin_bytes": len(kernel.asm.get("cubin", b"")),
             "div_rn": ptx.count("div.rn.f32"), "div_full": ptx.count("div.full.f32"),
             "div_approx": ptx.count("div.approx"), "fma": ptx.count("fma.rn.f32"),
+            "sqrt": name.startswith("optim."), "sqrt_rn": ptx.count("sqrt.rn.f32"),
+            "sqrt_approx": ptx.count("sqrt.approx"),
             "target": f".target sm_{cc}" in ptx}), flush=True)
 
 
@@ -135,6 +149,10 @@ def test_triton_kernels_compile_for_sm80_and_sm90(tmp_path):
                 problems.append(f"{where}: no div.rn.f32 (x / absmax must be IEEE division)")
             if r["div_full"] or r["div_approx"]:
                 problems.append(f"{where}: approximate division in the PTX")
+            if r["sqrt"] and r["sqrt_rn"] == 0:
+                problems.append(f"{where}: no sqrt.rn.f32 (the Adam denominator is IEEE sqrt)")
+            if r["sqrt_approx"]:
+                problems.append(f"{where}: approximate square root in the PTX")
             if r["fma"]:
                 problems.append(f"{where}: {r['fma']} fma.rn.f32 although fusion is off")
     assert not problems, "\n".join(problems)

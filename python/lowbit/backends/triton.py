@@ -1,7 +1,9 @@
 """Adapter for the Triton kernels (lowbit.triton_kernels); imported only when used."""
+from ..triton_kernels import optim as _optim
 from ..triton_kernels import quant as _quant
 from ..triton_kernels import rounding as _rounding
 
 quantize_blockwise = _quant.quantize_blockwise
 dequantize_blockwise = _quant.dequantize_blockwise
 stochastic_round = _rounding.stochastic_round
+adam_step = _optim.adam_step
