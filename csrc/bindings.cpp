@@ -9,6 +9,7 @@
 #include <vector>
 #include <string>
 
+#include "adam_lists.h"
 #include "cpu/cpu_kernels.h"
 #include "cpu/optim.h"
 
@@ -83,24 +84,14 @@ void py_adam_step(const std::vector<uintptr_t>& p, const std::vector<uintptr_t>&
                   const std::vector<uintptr_t>& v_absmax, int state_bits, int block,
                   uintptr_t m_code, uintptr_t m_mids, uintptr_t v_code, uintptr_t v_mids,
                   int ncode, const std::vector<double>& scalars, bool maximize) {
-  const size_t n = p.size();
-  const bool quantized = state_bits != 32;
-  if (g.size() != n || numel.size() != n || m.size() != n || v.size() != n ||
-      (quantized && (m_absmax.size() != n || v_absmax.size() != n)) || scalars.size() != 8)
-    throw std::invalid_argument("adam_step: tensor lists of different lengths");
-  std::vector<AdamTensor> ts(n);
-  for (size_t i = 0; i < n; ++i) {
-    ts[i] = AdamTensor{ptr<float>(p[i]), ptr<const float>(g[i]), numel[i], ptr<void>(m[i]),
-                       quantized ? ptr<float>(m_absmax[i]) : nullptr, ptr<void>(v[i]),
-                       quantized ? ptr<float>(v_absmax[i]) : nullptr};
-  }
+  const std::vector<AdamTensor> ts = lowbit::adam_tensor_table<AdamTensor>(
+      p, g, numel, m, m_absmax, v, v_absmax, state_bits);
+  const size_t n = ts.size();
   AdamArgs a{};
   a.tensors = ts.data(); a.ntensors = (int)n; a.state_bits = state_bits; a.block = block;
   a.m_code = ptr<const float>(m_code); a.m_mids = ptr<const float>(m_mids);
   a.v_code = ptr<const float>(v_code); a.v_mids = ptr<const float>(v_mids); a.ncode = ncode;
-  a.s = lowbit::AdamScalars{(float)scalars[0], (float)scalars[1], (float)scalars[2],
-                            (float)scalars[3], (float)scalars[4], (float)scalars[5],
-                            (float)scalars[6], (float)scalars[7], maximize ? 1 : 0};
+  a.s = lowbit::adam_scalars_from(scalars, maximize);
   py::gil_scoped_release release;
   lowbit::cpu::adam_step(a);
 }

@@ -7,6 +7,7 @@ import torch
 import lowbit
 from lowbit import ops
 from lowbit.reference import optim as ref
+from conftest import kernel_backend_params
 
 SIZES = (1, 255, 257, 4097, 33 * 65)
 
@@ -23,15 +24,7 @@ def _make_states(params, state_bits):
     return m, m_abs, v, v_abs
 
 
-def _backend_params():
-    # conftest.kernel_backend_params(), spelled out: every kernel backend implements adam_step.
-    available = lowbit.available_backends()
-    return [pytest.param(name, id=name, marks=() if name in available else pytest.mark.skip(
-        reason=f"backend {name!r} is not built in this install"))
-        for name in ("cpu", "cuda_sim", "triton")]
-
-
-@pytest.mark.parametrize("backend", _backend_params())
+@pytest.mark.parametrize("backend", kernel_backend_params())
 @pytest.mark.parametrize("state_bits", [32, 8, 4])
 @pytest.mark.parametrize("variant", ["adamw", "adam_l2", "maximize"])
 def test_fused_adam_matches_reference(backend, state_bits, variant):
@@ -52,3 +45,25 @@ def test_fused_adam_matches_reference(backend, state_bits, variant):
         for got, want in zip(states, ref_states):
             for a, b in zip(got, want):
                 assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+@pytest.mark.parametrize("backend", kernel_backend_params())
+@pytest.mark.parametrize("state_bits", [32, 8, 4])
+def test_many_tensors_in_one_call(backend, state_bits):
+    # More tensors than one CUDA launch's parameter table holds (32), empty ones included.
+    torch.manual_seed(1)
+    sizes = [0, 1] + torch.randint(2, 700, (38,)).tolist()
+    params = [torch.randn(n) for n in sizes]
+    twins = [p.clone() for p in params]
+    states, ref_states = _make_states(params, state_bits), _make_states(twins, state_bits)
+    for step in (1, 2):
+        grads = [torch.randn(n) for n in sizes]
+        sc = ref.adam_scalars(1e-2, 0.9, 0.99, 1e-8, 0.1, step)
+        scalars = [sc[k] for k in ("decay", "wd", "a1", "b2", "a2", "bc2", "eps", "step_size")]
+        ops.adam_step(params, grads, *states, state_bits, scalars, False, backend)
+        ops.adam_step(twins, grads, *ref_states, state_bits, scalars, False, "reference")
+    for a, b in zip(params, twins):
+        assert torch.equal(a, b)
+    for got, want in zip(states, ref_states):
+        for a, b in zip(got, want):
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))

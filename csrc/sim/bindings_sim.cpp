@@ -11,6 +11,7 @@
 #include <vector>
 
 // The kernels themselves, textually: exactly the source nvcc compiles.
+#include "adam_lists.h"
 #include "cuda/quant.cu"
 #include "cuda/optim.cu"
 
@@ -70,20 +71,10 @@ void py_adam_step(const std::vector<uintptr_t>& p, const std::vector<uintptr_t>&
                   const std::vector<uintptr_t>& v_absmax, int state_bits, int block,
                   uintptr_t m_code, uintptr_t m_mids, uintptr_t v_code, uintptr_t v_mids,
                   int ncode, const std::vector<double>& scalars, bool maximize) {
-  const size_t n = p.size();
-  const bool quantized = state_bits != 32;
-  if (g.size() != n || numel.size() != n || m.size() != n || v.size() != n ||
-      (quantized && (m_absmax.size() != n || v_absmax.size() != n)) || scalars.size() != 8)
-    throw std::invalid_argument("adam_step: tensor lists of different lengths");
-  std::vector<lc::AdamTensorArgs> ts(n);
-  for (size_t i = 0; i < n; ++i) {
-    ts[i] = lc::AdamTensorArgs{ptr<float>(p[i]), ptr<const float>(g[i]), numel[i],
-                               ptr<void>(m[i]), quantized ? ptr<float>(m_absmax[i]) : nullptr,
-                               ptr<void>(v[i]), quantized ? ptr<float>(v_absmax[i]) : nullptr};
-  }
-  const lowbit::AdamScalars s{(float)scalars[0], (float)scalars[1], (float)scalars[2],
-                              (float)scalars[3], (float)scalars[4], (float)scalars[5],
-                              (float)scalars[6], (float)scalars[7], maximize ? 1 : 0};
+  const std::vector<lc::AdamTensorArgs> ts = lowbit::adam_tensor_table<lc::AdamTensorArgs>(
+      p, g, numel, m, m_absmax, v, v_absmax, state_bits);
+  const size_t n = ts.size();
+  const lowbit::AdamScalars s = lowbit::adam_scalars_from(scalars, maximize);
   cudaError_t err;
   {
     py::gil_scoped_release release;
