@@ -24,6 +24,18 @@ def _make_states(params, state_bits):
     return m, m_abs, v, v_abs
 
 
+def _step_both(backend, params, twins, states, ref_states, grads, state_bits, sc, maximize):
+    """One fused step on `backend` and on the reference; then everything must be identical."""
+    scalars = [sc[k] for k in ("decay", "wd", "a1", "b2", "a2", "bc2", "eps", "step_size")]
+    ops.adam_step(params, grads, *states, state_bits, scalars, maximize, backend)
+    ops.adam_step(twins, grads, *ref_states, state_bits, scalars, maximize, "reference")
+    for a, b in zip(params, twins):
+        assert torch.equal(a, b)
+    for got, want in zip(states, ref_states):
+        for a, b in zip(got, want):
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
 @pytest.mark.parametrize("backend", kernel_backend_params())
 @pytest.mark.parametrize("state_bits", [32, 8, 4])
 @pytest.mark.parametrize("variant", ["adamw", "adam_l2", "maximize"])
@@ -37,14 +49,7 @@ def test_fused_adam_matches_reference(backend, state_bits, variant):
     for step in range(1, 6):
         grads = [torch.randn(n) * (10.0 ** (step - 3)) for n in SIZES]
         sc = ref.adam_scalars(1e-3, 0.9, 0.999, 1e-8, 1e-2, step, decoupled)
-        scalars = [sc[k] for k in ("decay", "wd", "a1", "b2", "a2", "bc2", "eps", "step_size")]
-        ops.adam_step(params, grads, *states, state_bits, scalars, maximize, backend)
-        ops.adam_step(twins, grads, *ref_states, state_bits, scalars, maximize, "reference")
-        for a, b in zip(params, twins):
-            assert torch.equal(a, b)
-        for got, want in zip(states, ref_states):
-            for a, b in zip(got, want):
-                assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+        _step_both(backend, params, twins, states, ref_states, grads, state_bits, sc, maximize)
 
 
 @pytest.mark.parametrize("backend", kernel_backend_params())
@@ -59,11 +64,4 @@ def test_many_tensors_in_one_call(backend, state_bits):
     for step in (1, 2):
         grads = [torch.randn(n) for n in sizes]
         sc = ref.adam_scalars(1e-2, 0.9, 0.99, 1e-8, 0.1, step)
-        scalars = [sc[k] for k in ("decay", "wd", "a1", "b2", "a2", "bc2", "eps", "step_size")]
-        ops.adam_step(params, grads, *states, state_bits, scalars, False, backend)
-        ops.adam_step(twins, grads, *ref_states, state_bits, scalars, False, "reference")
-    for a, b in zip(params, twins):
-        assert torch.equal(a, b)
-    for got, want in zip(states, ref_states):
-        for a, b in zip(got, want):
-            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+        _step_both(backend, params, twins, states, ref_states, grads, state_bits, sc, False)

@@ -59,6 +59,20 @@ def _dequant(codes, code_ptr, amax):
 
 
 @triton.jit
+def _requant_pairs(vals_e, vals_o, m_e, m_o, rows, row_ok, bidx, abs_ptr, codes_ptr, code_ptr,
+                   mids_ptr, NCODE: tl.constexpr):
+    """4-bit state: new absmax over both halves of each block, nearest codes, element 2j in the
+    high nibble (an odd tail's low nibble is 0)."""
+    am = tl.maximum(_block_absmax(vals_e, m_e), _block_absmax(vals_o, m_o))
+    amf = am.to(tl.float32, bitcast=True)
+    tl.store(abs_ptr + rows, amf, mask=row_ok)
+    inv = _unit_scale(amf)[:, None]
+    c_e = code_index(vals_e * inv, code_ptr, mids_ptr, NCODE, False, 0)
+    c_o = tl.where(m_o, code_index(vals_o * inv, code_ptr, mids_ptr, NCODE, False, 0), 0)
+    tl.store(codes_ptr + bidx, ((c_e << 4) | c_o).to(tl.uint8), mask=m_e)
+
+
+@triton.jit
 def _adam_kernel(work_ptr, tab_ptr, sc_ptr, m_code_ptr, m_mids_ptr, v_code_ptr, v_mids_ptr,
                  STATE_BITS: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
                  NCODE: tl.constexpr, MAXIMIZE: tl.constexpr, DECAY: tl.constexpr,
@@ -125,22 +139,10 @@ def _adam_kernel(work_ptr, tab_ptr, sc_ptr, m_code_ptr, m_mids_ptr, v_code_ptr, 
             tl.store(p_ptr + even, p_e, mask=m_e)
             tl.store(p_ptr + odd, p_o, mask=m_o)
             # requantize m, then v: absmax over both halves of each block, packed nibbles
-            am = tl.maximum(_block_absmax(mm_e, m_e), _block_absmax(mm_o, m_o))
-            amf = am.to(tl.float32, bitcast=True)
-            tl.store(mabs_ptr + rows, amf, mask=row_ok)
-            inv = _unit_scale(amf)[:, None]
-            c_e = code_index(mm_e * inv, m_code_ptr, m_mids_ptr, NCODE, False, 0)
-            c_o = tl.where(m_o, code_index(mm_o * inv, m_code_ptr, m_mids_ptr, NCODE, False, 0),
-                           0)
-            tl.store(m_ptr + bidx, ((c_e << 4) | c_o).to(tl.uint8), mask=m_e)
-            am = tl.maximum(_block_absmax(vv_e, m_e), _block_absmax(vv_o, m_o))
-            amf = am.to(tl.float32, bitcast=True)
-            tl.store(vabs_ptr + rows, amf, mask=row_ok)
-            inv = _unit_scale(amf)[:, None]
-            c_e = code_index(vv_e * inv, v_code_ptr, v_mids_ptr, NCODE, False, 0)
-            c_o = tl.where(m_o, code_index(vv_o * inv, v_code_ptr, v_mids_ptr, NCODE, False, 0),
-                           0)
-            tl.store(v_ptr + bidx, ((c_e << 4) | c_o).to(tl.uint8), mask=m_e)
+            _requant_pairs(mm_e, mm_o, m_e, m_o, rows, row_ok, bidx, mabs_ptr, m_ptr, m_code_ptr,
+                           m_mids_ptr, NCODE)
+            _requant_pairs(vv_e, vv_o, m_e, m_o, rows, row_ok, bidx, vabs_ptr, v_ptr, v_code_ptr,
+                           v_mids_ptr, NCODE)
         else:
             cols = tl.arange(0, BLOCK).to(tl.int64)
             idx = rows[:, None] * BLOCK + cols[None, :]
