@@ -74,7 +74,7 @@ class _AdamBase(torch.optim.Optimizer):
     def _init_state(self, p, bits):
         state = self.state[p]
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        init = ref.init_state(p.detach().cpu() if p.device.type != "cpu" else p.detach(), bits)
+        init = ref.init_state(p.detach().cpu(), bits)  # zero moments in the storage format
         for k, t in init.items():
             state[k] = t.to(p.device)
 
