@@ -67,6 +67,18 @@ def tile_rows(nrows: int, row_len: int, gpu_tile: int,
 
 
 @triton.jit
+def pair_layout(rows, n, BLOCK: tl.constexpr):
+    """A [ROWS, BLOCK] tile of quantization blocks seen as element pairs, the 4-bit layout: the
+    even and odd element indices, their in-range masks, and the index of the byte packing both
+    (element 2j in its high nibble)."""
+    HALF: tl.constexpr = BLOCK // 2
+    j = tl.arange(0, HALF).to(tl.int64)
+    even = rows[:, None] * BLOCK + 2 * j[None, :]
+    odd = even + 1
+    return even, odd, even < n, odd < n, rows[:, None] * HALF + j[None, :]
+
+
+@triton.jit
 def uniform24(r):
     """uniform24() of philox.h: the top 24 bits of the Philox word scaled to [0, 1), exact."""
     return (r >> 8).to(tl.int32).to(tl.float32) * 5.9604644775390625e-08

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._common import (INTERP_MAX_PROGRAMS, INTERP_MAX_TILE, LAUNCH_OPTS, code_index, interpreting,
-                      quiet_fp_warnings, tile_rows)
+                      pair_layout, quiet_fp_warnings, tile_rows)
 from .quant import _scale_back, _unit_scale
 
 # Elements per "block" for 32-bit states (no quantization blocks: just the unit of a work item).
@@ -117,13 +117,7 @@ def _adam_kernel(work_ptr, tab_ptr, sc_ptr, m_code_ptr, m_mids_ptr, v_code_ptr, 
         am_m = tl.load(mabs_ptr + rows, mask=row_ok, other=0.0)[:, None]
         am_v = tl.load(vabs_ptr + rows, mask=row_ok, other=0.0)[:, None]
         if NCODE == 16:
-            HALF: tl.constexpr = BLOCK // 2
-            j = tl.arange(0, HALF).to(tl.int64)
-            even = rows[:, None] * BLOCK + 2 * j[None, :]
-            odd = even + 1
-            m_e = even < n
-            m_o = odd < n
-            bidx = rows[:, None] * HALF + j[None, :]
+            even, odd, m_e, m_o, bidx = pair_layout(rows, n, BLOCK)
             mb = tl.load(m_ptr + bidx, mask=m_e, other=0).to(tl.int32)
             vb = tl.load(v_ptr + bidx, mask=m_e, other=0).to(tl.int32)
             p_e = tl.load(p_ptr + even, mask=m_e, other=0.0)

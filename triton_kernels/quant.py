@@ -10,8 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (FORMATS, KINDS, LAUNCH_OPTS, code_index, load_as_f32, philox_word0,
-                      quiet_fp_warnings, round_to_fmt, tile_rows)
+from ._common import (FORMATS, KINDS, LAUNCH_OPTS, code_index, load_as_f32, pair_layout,
+                      philox_word0, quiet_fp_warnings, round_to_fmt, tile_rows)
 
 
 @triton.jit
@@ -31,12 +31,7 @@ def _quantize_kernel(x_ptr, code_ptr, mids_ptr, codes_ptr, absmax_ptr, n, nblock
     rows = pid * ROWS + tl.arange(0, ROWS).to(tl.int64)
     row_ok = rows < nblocks
     if NCODE == 16:
-        HALF: tl.constexpr = BLOCK // 2
-        j = tl.arange(0, HALF).to(tl.int64)
-        even = rows[:, None] * BLOCK + 2 * j[None, :]
-        odd = even + 1
-        m_e = even < n
-        m_o = odd < n
+        even, odd, m_e, m_o, bidx = pair_layout(rows, n, BLOCK)
         x_e = load_as_f32(x_ptr, even, m_e, IN_KIND)
         x_o = load_as_f32(x_ptr, odd, m_o, IN_KIND)
         # absmax on the bit patterns: |x| bits fit in 31 bits, so the signed int32 max equals
@@ -58,7 +53,6 @@ def _quantize_kernel(x_ptr, code_ptr, mids_ptr, codes_ptr, absmax_ptr, n, nblock
         c_o = code_index(y_o, code_ptr, mids_ptr, NCODE, STOCHASTIC, r_o)
         c_o = tl.where(m_o, c_o, 0)                 # odd tail: low nibble 0
         byte = (c_e << 4) | c_o
-        bidx = rows[:, None] * HALF + j[None, :]
         tl.store(codes_ptr + bidx, byte.to(tl.uint8), mask=m_e)
     else:
         cols = tl.arange(0, BLOCK).to(tl.int64)
@@ -111,13 +105,8 @@ def _dequantize_kernel(codes_ptr, absmax_ptr, code_ptr, out_ptr, n, nblocks,
     rows = pid * ROWS + tl.arange(0, ROWS).to(tl.int64)
     amax = tl.load(absmax_ptr + rows, mask=rows < nblocks, other=0.0)[:, None]
     if NCODE == 16:
-        HALF: tl.constexpr = BLOCK // 2
-        j = tl.arange(0, HALF).to(tl.int64)
-        even = rows[:, None] * BLOCK + 2 * j[None, :]
-        odd = even + 1
-        m_e = even < n
-        m_o = odd < n
-        byte = tl.load(codes_ptr + (rows[:, None] * HALF + j[None, :]), mask=m_e,
+        even, odd, m_e, m_o, bidx = pair_layout(rows, n, BLOCK)
+        byte = tl.load(codes_ptr + bidx, mask=m_e,
                        other=0).to(tl.int32)
         # value = code[c] * absmax in fp32 (one rounding), then the output cast.
         v_e = _scale_back(tl.load(code_ptr + (byte >> 4)), amax)
