@@ -1,55 +1,107 @@
-"""Fused multi-tensor Adam/AdamW step: the CPU kernel, the CUDA kernel (run by the simulator)
-and the Triton kernel (run by the interpreter) equal the reference bit for bit (params, codes,
-absmax, fp32 moments) on one call over tensors of awkward sizes. Issue 3 (fp32 params)."""
+"""The fused multi-tensor optimizer step (lowbit::optim_step): the CPU kernel, the CUDA kernel (run
+by the simulator) and the Triton kernel (run by the interpreter) equal the reference
+(lowbit.reference.optim.fused_step) bit for bit — params, compensations, codes, absmax, fp32
+states — over several steps on tensors of awkward sizes, for every rule, state format, param
+dtype and write-back mode."""
 import pytest
 import torch
 
-import lowbit
 from lowbit import ops
 from lowbit.reference import optim as ref
 from conftest import kernel_backend_params
 
 SIZES = (1, 255, 257, 4097, 33 * 65)
 
+# name -> (kind, scalars(step), flag kwargs(step))
+RULES = {
+    "adamw": ("adam", lambda t: ref.adam_scalars(1e-3, 0.9, 0.999, 1e-8, 1e-2, t), {}),
+    "adam_l2": ("adam", lambda t: ref.adam_scalars(1e-3, 0.9, 0.999, 1e-8, 1e-2, t, False), {}),
+    "adamw_maximize": ("adam", lambda t: ref.adam_scalars(1e-3, 0.9, 0.99, 1e-6, 0.0, t),
+                       {"maximize": True}),
+    "lion": ("lion", lambda t: ref.lion_scalars(1e-4, 0.9, 0.99, 1e-2), {}),
+    "lion_maximize": ("lion", lambda t: ref.lion_scalars(3e-4, 0.95, 0.98, 0.0),
+                      {"maximize": True}),
+    "sgd_nesterov": ("sgd", lambda t: ref.sgd_scalars(1e-2, 0.9, 0.0, 1e-2), {"nesterov": True}),
+    "sgd_dampening": ("sgd", lambda t: ref.sgd_scalars(1e-2, 0.8, 0.3, 0.0), {}),
+    "sgd_plain": ("sgd", lambda t: ref.sgd_scalars(1e-2, 0.0, 0.0, 1e-3), {}),
+}
 
-def _make_states(params, state_bits):
-    m, m_abs, v, v_abs = [], [], [], []
+
+def _make(kind, sizes, dtype, state_bits, writeback, momentum=True):
+    """Params, and (state1, absmax1, state2, absmax2, comps) lists, freshly initialised."""
+    params = [(torch.randn(n) * 0.1).to(dtype) for n in sizes]
+    nstates = {"adam": 2, "lion": 1, "sgd": 1 if momentum else 0}[kind]
+    lists = [[], [], [], []]
     for p in params:
-        st = ref.init_state(p, state_bits)
-        if state_bits == 32:
-            m.append(st["exp_avg"]), v.append(st["exp_avg_sq"])
-        else:
-            m.append(st["exp_avg_codes"]), m_abs.append(st["exp_avg_absmax"])
-            v.append(st["exp_avg_sq_codes"]), v_abs.append(st["exp_avg_sq_absmax"])
-    return m, m_abs, v, v_abs
+        for j in range(nstates):
+            if state_bits == 32:
+                lists[2 * j].append(torch.zeros(p.shape))
+            else:
+                codes, absmax = ref.quantize_state(torch.zeros(p.numel()), j, state_bits)
+                lists[2 * j].append(codes)
+                lists[2 * j + 1].append(absmax)
+    comps = [torch.zeros_like(p) for p in params] if writeback == "kahan" else []
+    return params, (*lists, comps)
 
 
-def _step_both(backend, params, twins, states, ref_states, grads, state_bits, sc, maximize):
-    """One fused step on `backend` and on the reference; then everything must be identical."""
-    scalars = [sc[k] for k in ("decay", "wd", "a1", "b2", "a2", "bc2", "eps", "step_size")]
-    ops.adam_step(params, grads, *states, state_bits, scalars, maximize, backend)
-    ops.adam_step(twins, grads, *ref_states, state_bits, scalars, maximize, "reference")
-    for a, b in zip(params, twins):
-        assert torch.equal(a, b)
-    for got, want in zip(states, ref_states):
-        for a, b in zip(got, want):
-            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+def _clone(params, states):
+    return [p.clone() for p in params], tuple([t.clone() for t in lst] for lst in states)
+
+
+def _same(a, b):
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def _run(backend, rule, state_bits, dtype, writeback, sizes=SIZES, steps=4, seed=0):
+    kind, scalars, kw = RULES[rule]
+    torch.manual_seed(seed)
+    params, states = _make(kind, sizes, dtype, state_bits, writeback,
+                           momentum=rule != "sgd_plain")
+    twins, twin_states = _clone(params, states)
+    for step in range(1, steps + 1):
+        grads = [(torch.randn(p.shape) * 10.0 ** (step - 3)).to(dtype) for p in params]
+        keys = ([int(k) for k in torch.randint(0, 2**62, (len(params),))]
+                if writeback == "stochastic" else [])
+        sc = scalars(step)
+        flags = ref.step_flags(kind, sc, first_step=step == 1, **kw)
+        ops.optim_step(params, grads, *states, keys, kind, state_bits, sc, flags, writeback,
+                       backend)
+        ops.optim_step(twins, grads, *twin_states, keys, kind, state_bits, sc, flags, writeback,
+                       "reference")
+        for a, b in zip(params, twins):
+            assert _same(a, b), (rule, step)
+        for got, want in zip(states, twin_states):
+            for a, b in zip(got, want):
+                assert _same(a, b), (rule, step)
 
 
 @pytest.mark.parametrize("backend", kernel_backend_params())
 @pytest.mark.parametrize("state_bits", [32, 8, 4])
-@pytest.mark.parametrize("variant", ["adamw", "adam_l2", "maximize"])
-def test_fused_adam_matches_reference(backend, state_bits, variant):
-    torch.manual_seed(state_bits)
-    params = [torch.randn(n) * 0.1 for n in SIZES]
-    twins = [p.clone() for p in params]
-    states = _make_states(params, state_bits)
-    ref_states = _make_states(twins, state_bits)
-    decoupled, maximize = variant != "adam_l2", variant == "maximize"
-    for step in range(1, 6):
-        grads = [torch.randn(n) * (10.0 ** (step - 3)) for n in SIZES]
-        sc = ref.adam_scalars(1e-3, 0.9, 0.999, 1e-8, 1e-2, step, decoupled)
-        _step_both(backend, params, twins, states, ref_states, grads, state_bits, sc, maximize)
+@pytest.mark.parametrize("rule", [r for r in RULES if r != "sgd_plain"])
+def test_rules_fp32_params(backend, state_bits, rule):
+    _run(backend, rule, state_bits, torch.float32, "f32")
+
+
+@pytest.mark.parametrize("backend", kernel_backend_params())
+def test_sgd_without_momentum(backend):
+    _run(backend, "sgd_plain", 32, torch.float32, "f32")
+    _run(backend, "sgd_plain", 32, torch.bfloat16, "stochastic")
+
+
+@pytest.mark.parametrize("backend", kernel_backend_params())
+@pytest.mark.parametrize("state_bits", [32, 8, 4])
+@pytest.mark.parametrize("dtype, writeback", [
+    (torch.bfloat16, "stochastic"), (torch.bfloat16, "nearest"), (torch.bfloat16, "kahan"),
+    (torch.float16, "stochastic"), (torch.float16, "kahan")], ids=str)
+def test_low_precision_params(backend, state_bits, dtype, writeback):
+    _run(backend, "adamw", state_bits, dtype, writeback)
+
+
+@pytest.mark.parametrize("backend", kernel_backend_params())
+@pytest.mark.parametrize("rule, state_bits, writeback", [
+    ("lion", 8, "stochastic"), ("sgd_nesterov", 4, "kahan"), ("adam_l2", 8, "stochastic")])
+def test_other_rules_low_precision_params(backend, rule, state_bits, writeback):
+    _run(backend, rule, state_bits, torch.bfloat16, writeback)
 
 
 @pytest.mark.parametrize("backend", kernel_backend_params())
@@ -58,10 +110,4 @@ def test_many_tensors_in_one_call(backend, state_bits):
     # More tensors than one CUDA launch's parameter table holds (32), empty ones included.
     torch.manual_seed(1)
     sizes = [0, 1] + torch.randint(2, 700, (38,)).tolist()
-    params = [torch.randn(n) for n in sizes]
-    twins = [p.clone() for p in params]
-    states, ref_states = _make_states(params, state_bits), _make_states(twins, state_bits)
-    for step in (1, 2):
-        grads = [torch.randn(n) for n in sizes]
-        sc = ref.adam_scalars(1e-2, 0.9, 0.99, 1e-8, 0.1, step)
-        _step_both(backend, params, twins, states, ref_states, grads, state_bits, sc, False)
+    _run(backend, "adamw", state_bits, torch.bfloat16, "stochastic", sizes=sizes, steps=2)

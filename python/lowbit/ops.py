@@ -128,22 +128,22 @@ def _(x, out, seed, offset, backend):
 # --- fused optimizer steps (issue 3) -----------------------------------------------------------
 
 @torch.library.custom_op(
-    "lowbit::adam_step",
-    mutates_args=("params", "exp_avg", "exp_avg_absmax", "exp_avg_sq", "exp_avg_sq_absmax"))
-def adam_step(params: list[torch.Tensor], grads: list[torch.Tensor],
-              exp_avg: list[torch.Tensor], exp_avg_absmax: list[torch.Tensor],
-              exp_avg_sq: list[torch.Tensor], exp_avg_sq_absmax: list[torch.Tensor],
-              state_bits: int, scalars: list[float], maximize: bool, backend: str) -> None:
-    """One fused Adam/AdamW step over tensors sharing a state format (fp32 params and grads).
-    32-bit states: exp_avg/exp_avg_sq are fp32 like the params and the absmax lists are empty;
-    8/4-bit: flat uint8 codes plus float32 absmax per block (lowbit.reference.optim formats).
-    `scalars` = (decay, wd, a1, b2, a2, bc2, eps, step_size) from reference.optim.adam_scalars."""
+    "lowbit::optim_step",
+    mutates_args=("params", "state1", "absmax1", "state2", "absmax2", "comps"))
+def optim_step(params: list[torch.Tensor], grads: list[torch.Tensor],
+               state1: list[torch.Tensor], absmax1: list[torch.Tensor],
+               state2: list[torch.Tensor], absmax2: list[torch.Tensor],
+               comps: list[torch.Tensor], keys: list[int], kind: str, state_bits: int,
+               scalars: list[float], flags: int, writeback: str, backend: str) -> None:
+    """One fused optimizer step over tensors sharing a rule, param dtype and state format; the
+    contract is lowbit.reference.optim.fused_step (kind "adam" | "lion" | "sgd"; writeback "f32"
+    | "nearest" | "stochastic" | "kahan"; scalars and flags from reference.optim)."""
     if params:
-        _backend_impl(backend).adam_step(params, grads, exp_avg, exp_avg_absmax, exp_avg_sq,
-                                         exp_avg_sq_absmax, state_bits, scalars, maximize)
+        _backend_impl(backend).optim_step(params, grads, state1, absmax1, state2, absmax2, comps,
+                                          keys, kind, state_bits, scalars, flags, writeback)
 
 
-@adam_step.register_fake
-def _(params, grads, exp_avg, exp_avg_absmax, exp_avg_sq, exp_avg_sq_absmax, state_bits,
-      scalars, maximize, backend):
+@optim_step.register_fake
+def _(params, grads, state1, absmax1, state2, absmax2, comps, keys, kind, state_bits, scalars,
+      flags, writeback, backend):
     return None

@@ -33,22 +33,30 @@ class NativeBackend:
         self.module.stochastic_round(x.data_ptr(), x.numel(), out.data_ptr(),
                                      DTYPE_CODE[out.dtype], seed, offset, *self._stream(x))
 
-    def adam_step(self, params, grads, m, m_absmax, v, v_absmax, state_bits, scalars, maximize):
-        from ..reference.optim import STATE_FORMATS
-        from ..codebooks import codebook
-        from ..reference.quant import midpoints
+    def optim_step(self, params, grads, state1, absmax1, state2, absmax2, comps, keys, kind,
+                   state_bits, scalars, flags, writeback):
+        from ..reference import optim as ref
         ptrs = lambda ts: [t.data_ptr() for t in ts]  # noqa: E731
-        if state_bits == 32:
-            block, tables = 0, (torch.zeros(1),) * 4
-            ncode = 0
-        else:
-            m_name, v_name, block = STATE_FORMATS[state_bits]
-            m_code, v_code = codebook(m_name), codebook(v_name)
-            tables = (m_code, midpoints(m_code), v_code, midpoints(v_code))
-            ncode = m_code.numel()
+        device = params[0].device
+        block, ncode, tables = 0, 0, (torch.zeros(1),) * 4
+        if state_bits != 32:
+            tables = _state_tables(state_bits)
+            block = ref.STATE_FORMATS[state_bits][2]
+            ncode = tables[0].numel()
         # The kernels read the code / mids tables from the params' memory (device, for CUDA).
-        tables = [t.to(params[0].device) for t in tables]
-        self.module.adam_step(ptrs(params), ptrs(grads), [p.numel() for p in params], ptrs(m),
-                              ptrs(m_absmax), ptrs(v), ptrs(v_absmax), state_bits, block,
-                              *[t.data_ptr() for t in tables], ncode, list(scalars), maximize,
-                              *self._stream(params[0]))
+        tables = [t.to(device) for t in tables]
+        self.module.optim_step(
+            ref.KINDS[kind], ptrs(params), ptrs(grads), [p.numel() for p in params],
+            ptrs(state1), ptrs(absmax1), ptrs(state2), ptrs(absmax2), ptrs(comps), list(keys),
+            state_bits, block, *[t.data_ptr() for t in tables], ncode, DTYPE_CODE[params[0].dtype],
+            ref.WRITEBACK[writeback], list(scalars), flags, *self._stream(params[0]))
+
+
+def _state_tables(state_bits: int):
+    """(code1, mids1, code2, mids2) fp32 tables of a quantized state format."""
+    from ..codebooks import codebook
+    from ..reference.optim import STATE_FORMATS
+    from ..reference.quant import midpoints
+    first, second, _ = STATE_FORMATS[state_bits]
+    c1, c2 = codebook(first), codebook(second)
+    return c1, midpoints(c1), c2, midpoints(c2)

@@ -6,4 +6,4 @@ from ..triton_kernels import rounding as _rounding
 quantize_blockwise = _quant.quantize_blockwise
 dequantize_blockwise = _quant.dequantize_blockwise
 stochastic_round = _rounding.stochastic_round
-adam_step = _optim.adam_step
+optim_step = _optim.optim_step

@@ -1,23 +1,37 @@
-"""Reference Adam/AdamW step with 32-, 8- and 4-bit states: the spec the fused optimizer kernels
-(issue 3) must reproduce. fp32 parameters only so far; bf16/fp16 write-back with stochastic
-rounding is specified with the kernels.
+"""Reference fused optimizer step (Adam/AdamW, Lion, SGD with momentum) with 32-, 8- and 4-bit
+states and fp32 / bf16 / fp16 parameters: the spec every backend's lowbit::optim_step must
+reproduce bit for bit. The per-element math is csrc/include/lowbit/optim_math.h.
 
-Per element, every operation rounded once in fp32, in this order (torch.optim.AdamW's order, so
-32-bit states match it within fp32 rounding; torch itself may fuse some of these into FMAs):
+Per element, every operation rounded once in fp32, in this order:
 
-    g  = -g                                  if maximize
-    p  = p * decay                           AdamW: decay = fp32(1 - lr * weight_decay)
-    g  = g + wd * p                          Adam with weight_decay (L2, coupled) instead
-    m  = m + a1 * (g - m)                    a1 = fp32(1 - beta1)   (torch's lerp for weight < .5)
-    v  = v * b2 + a2 * (g * g)               b2 = fp32(beta2), a2 = fp32(1 - beta2)
-    d  = sqrt(v) / bc2 + eps                 bc2 = fp32(sqrt(1 - beta2**step)), eps = fp32(eps)
-    p  = p - step_size * (m / d)             step_size = fp32(lr / (1 - beta1**step))
+  load     x = fp32(p)                                  exact widening
+           x = x + fp32(comp)                           kahan write-back only
+  all      g = -g                                       if MAXIMIZE
+  Adam     x = x * decay                                if DECAY   (AdamW: decay = 1 - lr*wd)
+           g = g + wd * x                               if L2      (Adam's coupled decay)
+           m = m + a1 * (g - m)                         a1 = 1 - beta1   (torch's lerp)
+           v = v * b2 + a2 * (g * g)                    b2 = beta2, a2 = 1 - beta2
+           d = sqrt(v) / bc2 + eps                      bc2 = sqrt(1 - beta2**t)
+           x = x - step_size * (m / d)                  step_size = lr / (1 - beta1**t)
+  Lion     x = x * decay                                if DECAY   (decay = 1 - lr*wd)
+           c = b1 * m + a1 * g                          (Chen et al. 2023, Alg. 2)
+           x = x - lr * sign(c)                         sign(+-0) = +-0, sign(NaN) = NaN
+           m = b2 * m + a2 * g
+  SGD      g = g + wd * x                               if L2
+           b = g                                        if FIRST_STEP (torch clones the grad)
+           b = momentum * b + damp * g                  otherwise     (damp = 1 - dampening)
+           d = g + momentum * b if NESTEROV else b      (d = g with NO_MOMENTUM: no state)
+           x = x - lr * d
+  store    fp32 params: x.  bf16/fp16: "nearest" -> round-to-nearest-even(x); "stochastic" ->
+           stochastic rounding with Philox word 0 of (key, element index), key = sr_key(seed,
+           param_id, step); "kahan" -> p = nearest(x), comp = nearest(x - fp32(p)) (exact
+           difference), so the pair holds ~16 significant bits.
 
-The host-side scalars are computed in float64 and rounded to fp32 once. Quantized states
-(8-bit: m "dynamic" / v "udynamic", block 256; 4-bit: m "dynamic4" / v "linear4_nozero", block
-128) are dequantized before the update, the parameter update uses the unquantized new m and v,
-and the new m and v are quantized with nearest rounding against absmax recomputed from the new
-values (lowbit.reference.quant).
+Host scalars are computed in float64 and rounded to fp32 once. Quantized states (first state,
+signed: 8-bit "dynamic" / 4-bit "dynamic4"; second state, unsigned: "udynamic" /
+"linear4_nozero"; blocks of 256 / 128) are dequantized before the update; the parameter update
+uses the unquantized new states, which are then quantized with nearest rounding against the
+absmax of the new values (lowbit.reference.quant).
 """
 import math
 import struct
@@ -25,10 +39,20 @@ import struct
 import torch
 
 from .quant import dequantize_blockwise, quantize_blockwise
+from .rounding import round_to_format
+from .philox import philox_word0
 from .. import codebooks
 
-# state_bits -> (m codebook, v codebook, block size)
+# state_bits -> (first-state codebook, second-state codebook, block size)
 STATE_FORMATS = {8: ("dynamic", "udynamic", 256), 4: ("dynamic4", "linear4_nozero", 128)}
+
+KINDS = {"adam": 0, "lion": 1, "sgd": 2}
+MAXIMIZE, DECAY, L2, NESTEROV, FIRST_STEP, NO_MOMENTUM = 1, 2, 4, 8, 16, 32
+WRITEBACK = {"f32": 0, "nearest": 1, "stochastic": 2, "kahan": 3}
+
+# State tensor names per rule (torch's names where torch has the optimizer).
+STATE_NAMES = {"adam": ("exp_avg", "exp_avg_sq"), "lion": ("exp_avg",),
+               "sgd": ("momentum_buffer",)}
 
 
 def f32(x: float) -> float:
@@ -36,18 +60,56 @@ def f32(x: float) -> float:
     return struct.unpack("f", struct.pack("f", x))[0]
 
 
-def adam_scalars(lr, beta1, beta2, eps, weight_decay, step, decoupled=True):
-    """The fp32 scalars of one step (see the module docstring)."""
-    return {
-        "decay": f32(1.0 - lr * weight_decay) if decoupled else 1.0,
-        "wd": 0.0 if decoupled else f32(weight_decay),
-        "a1": f32(1.0 - beta1),
-        "b2": f32(beta2),
-        "a2": f32(1.0 - beta2),
-        "bc2": f32(math.sqrt(1.0 - beta2 ** step)),
-        "eps": f32(eps),
-        "step_size": f32(lr / (1.0 - beta1 ** step)),
-    }
+def adam_scalars(lr, beta1, beta2, eps, weight_decay, step, decoupled=True) -> list:
+    """[decay, wd, a1, b2, a2, bc2, eps, step_size] of one Adam/AdamW step."""
+    return [f32(1.0 - lr * weight_decay) if decoupled else 1.0,
+            0.0 if decoupled else f32(weight_decay),
+            f32(1.0 - beta1), f32(beta2), f32(1.0 - beta2),
+            f32(math.sqrt(1.0 - beta2 ** step)), f32(eps), f32(lr / (1.0 - beta1 ** step))]
+
+
+def lion_scalars(lr, beta1, beta2, weight_decay) -> list:
+    """[decay, b1, a1, b2, a2, lr, 0, 0] of one Lion step (decoupled weight decay)."""
+    return [f32(1.0 - lr * weight_decay), f32(beta1), f32(1.0 - beta1), f32(beta2),
+            f32(1.0 - beta2), f32(lr), 0.0, 0.0]
+
+
+def sgd_scalars(lr, momentum, dampening, weight_decay) -> list:
+    """[wd, momentum, 1 - dampening, lr, 0, 0, 0, 0] of one SGD step."""
+    return [f32(weight_decay), f32(momentum), f32(1.0 - dampening), f32(lr), 0.0, 0.0, 0.0, 0.0]
+
+
+def step_flags(kind: str, scalars, maximize=False, nesterov=False, first_step=False) -> int:
+    """The branch flags of one step, decided from the scalars as every backend must."""
+    flags = MAXIMIZE if maximize else 0
+    if kind in ("adam", "lion") and scalars[0] != 1.0:
+        flags |= DECAY
+    if kind == "adam" and scalars[1] != 0.0:
+        flags |= L2
+    if kind == "sgd":
+        if scalars[0] != 0.0:
+            flags |= L2
+        if scalars[1] == 0.0:
+            flags |= NO_MOMENTUM
+        else:
+            flags |= (NESTEROV if nesterov else 0) | (FIRST_STEP if first_step else 0)
+    return flags
+
+
+def _mix64(z: int) -> int:
+    # splitmix64's finalizer: a bijection of 64-bit integers with good avalanche
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+    return z ^ (z >> 31)
+
+
+def sr_key(seed: int, param_id: int, step: int) -> int:
+    """Philox key of the stochastic-rounding stream of one parameter at one step: a hash of (seed,
+    param_id, step), 63 bits (it travels as a signed int64). Element i uses counter i, so every
+    (parameter, step) has its own stream and a resumed run draws the same bits."""
+    z = _mix64((seed + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF)
+    z ^= ((step & 0xFFFFFFFF) << 32) | (param_id & 0xFFFFFFFF)
+    return _mix64(z) >> 1
 
 
 def _t(x: float) -> torch.Tensor:
@@ -66,63 +128,104 @@ def _sqrt(a: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(a.double()).float()
 
 
-def adam_update(p, g, m, v, sc, maximize=False):
-    """One fp32 Adam/AdamW update of (p, m, v) by g; returns new (p, m, v), all fp32."""
-    p, g, m, v = (t.to(torch.float32) for t in (p, g, m, v))
-    if maximize:
+def _sign(c: torch.Tensor) -> torch.Tensor:
+    return torch.where(c > 0, _t(1.0), torch.where(c < 0, _t(-1.0), c))
+
+
+def update(kind: str, x, g, s1, s2, sc, flags):
+    """One fp32 update (module docstring) of parameter value x by gradient g with states s1, s2
+    (None where the rule has none); returns the new (x, s1, s2)."""
+    x, g = x.float(), g.float()
+    if flags & MAXIMIZE:
         g = -g
-    if sc["decay"] != 1.0:
-        p = p * _t(sc["decay"])
-    if sc["wd"] != 0.0:
-        g = g + _t(sc["wd"]) * p
-    m = m + _t(sc["a1"]) * (g - m)
-    v = v * _t(sc["b2"]) + _t(sc["a2"]) * (g * g)
-    d = _div(_sqrt(v), _t(sc["bc2"]).expand_as(v)) + _t(sc["eps"])
-    p = p - _t(sc["step_size"]) * _div(m, d)
-    return p, m, v
+    if kind == "adam":
+        if flags & DECAY:
+            x = x * _t(sc[0])
+        if flags & L2:
+            g = g + _t(sc[1]) * x
+        s1 = s1 + _t(sc[2]) * (g - s1)
+        s2 = s2 * _t(sc[3]) + _t(sc[4]) * (g * g)
+        d = _div(_sqrt(s2), _t(sc[5]).expand_as(s2)) + _t(sc[6])
+        x = x - _t(sc[7]) * _div(s1, d)
+    elif kind == "lion":
+        if flags & DECAY:
+            x = x * _t(sc[0])
+        c = _t(sc[1]) * s1 + _t(sc[2]) * g
+        x = x - _t(sc[5]) * _sign(c)
+        s1 = _t(sc[3]) * s1 + _t(sc[4]) * g
+    else:
+        if flags & L2:
+            g = g + _t(sc[0]) * x
+        d = g
+        if not flags & NO_MOMENTUM:
+            s1 = g.clone() if flags & FIRST_STEP else _t(sc[1]) * s1 + _t(sc[2]) * g
+            d = g + _t(sc[1]) * s1 if flags & NESTEROV else s1
+        x = x - _t(sc[3]) * d
+    return x, s1, s2
 
 
-def init_state(p: torch.Tensor, state_bits: int) -> dict:
-    """Zero moments in the storage format of `state_bits` (32: fp32 tensors)."""
-    if state_bits == 32:
-        return {"exp_avg": torch.zeros_like(p, dtype=torch.float32),
-                "exp_avg_sq": torch.zeros_like(p, dtype=torch.float32)}
-    m_code, v_code, block = STATE_FORMATS[state_bits]
-    zero = torch.zeros(p.numel(), dtype=torch.float32)
-    state = {}
-    for key, code in (("exp_avg", m_code), ("exp_avg_sq", v_code)):
-        codes, absmax = quantize_blockwise(zero, codebooks.codebook(code), block)
-        state[key + "_codes"], state[key + "_absmax"] = codes, absmax
-    return state
+def load_param(p: torch.Tensor, comp: torch.Tensor | None, writeback: str) -> torch.Tensor:
+    x = p.float()
+    if writeback == "kahan":
+        x = x + comp.float()
+    return x
 
 
-def load_moments(state: dict, p: torch.Tensor, state_bits: int):
-    """The fp32 moments (m, v) a state holds, in p's shape."""
-    if state_bits == 32:
-        return state["exp_avg"], state["exp_avg_sq"]
-    m_code, v_code, block = STATE_FORMATS[state_bits]
-    out = []
-    for key, code in (("exp_avg", m_code), ("exp_avg_sq", v_code)):
-        out.append(dequantize_blockwise(state[key + "_codes"], state[key + "_absmax"],
-                                        codebooks.codebook(code), block, p.shape, torch.float32))
-    return tuple(out)
+def store_param(x: torch.Tensor, dtype: torch.dtype, writeback: str, key: int = 0):
+    """(new parameter, new compensation or None) in `dtype` from the fp32 value x."""
+    if writeback == "f32":
+        return x, None
+    if writeback == "stochastic":
+        r = philox_word0(key, torch.arange(x.numel(), dtype=torch.int64)).reshape(x.shape)
+        return round_to_format(x, dtype, r), None
+    hi = round_to_format(x, dtype)
+    if writeback == "kahan":
+        return hi, round_to_format(x - hi.float(), dtype)
+    return hi, None
 
 
-def store_moments(state: dict, m: torch.Tensor, v: torch.Tensor, state_bits: int) -> None:
-    if state_bits == 32:
-        state["exp_avg"], state["exp_avg_sq"] = m, v
-        return
-    m_code, v_code, block = STATE_FORMATS[state_bits]
-    for key, code, value in (("exp_avg", m_code, m), ("exp_avg_sq", v_code, v)):
-        codes, absmax = quantize_blockwise(value.reshape(-1), codebooks.codebook(code), block)
-        state[key + "_codes"], state[key + "_absmax"] = codes, absmax
+# --- state storage ------------------------------------------------------------------------------
+
+def state_codebook(index: int, state_bits: int) -> tuple:
+    """(codebook name, block size) of state `index` (0: signed first state, 1: unsigned second)."""
+    first, second, block = STATE_FORMATS[state_bits]
+    return (first if index == 0 else second), block
 
 
-def adam_step(p: torch.Tensor, g: torch.Tensor, state: dict, *, lr, beta1, beta2, eps,
-              weight_decay, step, state_bits=32, decoupled=True, maximize=False) -> torch.Tensor:
-    """One step for one fp32 parameter: updates `state` in place, returns the new parameter."""
-    m, v = load_moments(state, p, state_bits)
-    sc = adam_scalars(lr, beta1, beta2, eps, weight_decay, step, decoupled)
-    p_new, m_new, v_new = adam_update(p, g, m, v, sc, maximize)
-    store_moments(state, m_new, v_new, state_bits)
-    return p_new
+def quantize_state(x: torch.Tensor, index: int, state_bits: int):
+    """(flat uint8 codes, fp32 absmax per block) of fp32 state values, nearest rounding."""
+    name, block = state_codebook(index, state_bits)
+    return quantize_blockwise(x.reshape(-1).float(), codebooks.codebook(name), block)
+
+
+def dequantize_state(codes, absmax, index: int, state_bits: int, shape) -> torch.Tensor:
+    name, block = state_codebook(index, state_bits)
+    return dequantize_blockwise(codes, absmax, codebooks.codebook(name), block, shape,
+                                torch.float32)
+
+
+def fused_step(kind: str, params, grads, state1, absmax1, state2, absmax2, comps, keys,
+               state_bits: int, scalars, flags: int, writeback: str) -> None:
+    """lowbit.ops.optim_step's contract, one tensor at a time, in place. state1/state2 are fp32
+    tensors shaped like the params (state_bits 32) or flat uint8 codes with fp32 absmax per block;
+    empty lists where the rule has no such state. comps: kahan compensations (else empty); keys:
+    per-tensor stochastic-rounding keys (else ignored)."""
+    nstates = 2 if state2 else (1 if state1 else 0)
+    for i, (p, g) in enumerate(zip(params, grads)):
+        x = load_param(p, comps[i] if comps else None, writeback)
+        s = [None, None]
+        for j, (st, am) in enumerate(((state1, absmax1), (state2, absmax2))[:nstates]):
+            s[j] = st[i].float() if state_bits == 32 else dequantize_state(
+                st[i], am[i], j, state_bits, p.shape)
+        x, s[0], s[1] = update(kind, x, g, s[0], s[1], scalars, flags)
+        for j, (st, am) in enumerate(((state1, absmax1), (state2, absmax2))[:nstates]):
+            if state_bits == 32:
+                st[i].copy_(s[j])
+            else:
+                codes, a = quantize_state(s[j], j, state_bits)
+                st[i].copy_(codes)
+                am[i].copy_(a)
+        new_p, new_c = store_param(x, p.dtype, writeback, keys[i] if keys else 0)
+        p.copy_(new_p)
+        if new_c is not None:
+            comps[i].copy_(new_c)

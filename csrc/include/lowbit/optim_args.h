@@ -1,0 +1,40 @@
+// The argument block of one fused multi-tensor optimizer step (lowbit::optim_step), shared by the
+// CPU kernel (csrc/cpu/optim.cpp), the CUDA launcher (csrc/cuda/optim.cu) and the three pybind11
+// modules. Host-side only; plain data so nvcc and gcc agree on it.
+#pragma once
+#include <stdint.h>
+
+#include "optim_math.h"
+
+namespace lowbit {
+
+// One parameter tensor of the step. States are fp32 arrays shaped like p (state_bits 32) or flat
+// uint8 codes (8-bit: one per element; 4-bit: element 2j in the high nibble of byte j) with one
+// fp32 absmax per block. Unused pointers are null.
+struct OptTensor {
+  void* p;            // param, OptArgs::dtype
+  const void* g;      // grad, same dtype
+  int64_t n;          // elements
+  void* s1;           // first state (Adam/Lion exp_avg, SGD momentum_buffer)
+  float* s1_absmax;
+  void* s2;           // second state (Adam exp_avg_sq)
+  float* s2_absmax;
+  void* comp;         // kahan compensation, OptArgs::dtype
+  uint64_t key;       // stochastic-rounding Philox key of this tensor at this step
+};
+
+struct OptArgs {
+  const OptTensor* tensors;
+  int ntensors;
+  int nstates;        // 0 (SGD without momentum), 1 (Lion, SGD) or 2 (Adam)
+  int state_bits;     // 32, 8 or 4
+  int block;          // quantization block of the states (8-bit: 256, 4-bit: 128)
+  const float* code1; const float* mids1;  // first state's codebook and its midpoints
+  const float* code2; const float* mids2;  // second state's
+  int ncode;          // 256 (8-bit) or 16 (4-bit); 0 for 32-bit states
+  int dtype;          // param/grad dtype: kF32, kBF16 or kF16 (formats.h)
+  int writeback;      // WriteBack (optim_math.h)
+  StepScalars s;
+};
+
+}  // namespace lowbit

@@ -1,0 +1,132 @@
+// The per-element math of the fused optimizer steps (Adam/AdamW, Lion, SGD with momentum), and
+// the write-back of the new parameter into its storage dtype — exactly as
+// lowbit.reference.optim specifies it. Every operation is rounded once in fp32 (explicit _rn
+// intrinsics on the GPU, so nothing contracts into an FMA), in the order of the torch optimizer
+// (or the Lion paper's code) each rule reproduces. Shared by the CPU kernels, the CUDA kernels
+// and the CUDA simulator; Triton ports it in triton_kernels/optim.py.
+#pragma once
+#include "formats.h"
+#include "hd.h"
+#include "philox.h"
+
+namespace lowbit {
+
+enum OptKind : int { kAdam = 0, kLion = 1, kSgd = 2 };
+
+// Which branches of a rule run. Decided on the host (lowbit.reference.optim.step_flags), so every
+// backend evaluates the same operations: "p * 1" and "g + 0 * p" are not identities for -0, inf
+// and NaN, so they are skipped rather than computed.
+enum OptFlag : int {
+  kMaximize = 1,   // g = -g
+  kDecay = 2,      // p = p * decay (decoupled weight decay: AdamW, Lion)
+  kL2 = 4,         // g = g + wd * p (coupled weight decay: Adam, SGD)
+  kNesterov = 8,   // SGD
+  kFirstStep = 16,  // SGD: the momentum buffer starts as the gradient (torch's clone)
+  kNoMomentum = 32  // SGD with momentum 0: no state, the step is the gradient itself
+};
+
+// How the new fp32 parameter is stored (reference.optim.WRITEBACK).
+enum WriteBack : int {
+  kWbF32 = 0,         // fp32 parameter: stored as is
+  kWbNearest = 1,     // bf16/fp16, round to nearest-even
+  kWbStochastic = 2,  // bf16/fp16, stochastic rounding with Philox word 0 of (key, element index)
+  kWbKahan = 3        // bf16/fp16 value + bf16/fp16 compensation (see store_param)
+};
+
+// Host-computed scalars (float64 then rounded to fp32 once), meaning by kind:
+//   kAdam: decay, wd, a1 = 1-beta1, b2, a2 = 1-beta2, bc2 = sqrt(1-beta2^t), eps, step_size
+//   kLion: decay, b1, a1 = 1-beta1, b2, a2 = 1-beta2, lr, -, -
+//   kSgd:  wd, momentum, damp = 1-dampening, lr, -, -, -, -
+struct StepScalars {
+  float f[8];
+  int kind;
+  int flags;
+};
+
+LOWBIT_HD float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+LOWBIT_HD float sub_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+
+LOWBIT_HD float sqrt_rn(float a) {
+#if defined(__CUDA_ARCH__)
+  return __fsqrt_rn(a);
+#else
+  return __builtin_sqrtf(a);
+#endif
+}
+
+// torch.sign: +-1, and the argument itself for +-0 and NaN.
+LOWBIT_HD float sign_of(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : x); }
+
+// One element of one step. p: the fp32 parameter (kahan: value + compensation); s1/s2: the
+// dequantized (or fp32) states — Adam: exp_avg / exp_avg_sq; Lion: exp_avg / unused; SGD:
+// momentum_buffer (untouched with kNoMomentum) / unused. All updated in place.
+LOWBIT_HD void update_one(const StepScalars& s, float& p, float g, float& s1, float& s2) {
+  const float* f = s.f;
+  if (s.flags & kMaximize) g = -g;
+  if (s.kind == kAdam) {
+    if (s.flags & kDecay) p = mul_rn(p, f[0]);
+    if (s.flags & kL2) g = add_rn(g, mul_rn(f[1], p));
+    s1 = add_rn(s1, mul_rn(f[2], sub_rn(g, s1)));
+    s2 = add_rn(mul_rn(s2, f[3]), mul_rn(f[4], mul_rn(g, g)));
+    const float d = add_rn(div_rn(sqrt_rn(s2), f[5]), f[6]);
+    p = sub_rn(p, mul_rn(f[7], div_rn(s1, d)));
+  } else if (s.kind == kLion) {
+    if (s.flags & kDecay) p = mul_rn(p, f[0]);
+    const float c = add_rn(mul_rn(f[1], s1), mul_rn(f[2], g));
+    p = sub_rn(p, mul_rn(f[5], sign_of(c)));
+    s1 = add_rn(mul_rn(f[3], s1), mul_rn(f[4], g));
+  } else {  // kSgd
+    if (s.flags & kL2) g = add_rn(g, mul_rn(f[0], p));
+    float d = g;
+    if (!(s.flags & kNoMomentum)) {
+      s1 = (s.flags & kFirstStep) ? g : add_rn(mul_rn(f[1], s1), mul_rn(f[2], g));
+      d = (s.flags & kNesterov) ? add_rn(g, mul_rn(f[1], s1)) : s1;
+    }
+    p = sub_rn(p, mul_rn(f[3], d));
+  }
+}
+
+// The fp32 value a step starts from: the parameter widened exactly, plus the compensation for
+// kahan (one fp32 rounding).
+LOWBIT_HD float load_param(const void* p, const void* comp, int dtype, int wb, int64_t i) {
+  const float v = load_f32(p, dtype, i);
+  return wb == kWbKahan ? add_rn(v, load_f32(comp, dtype, i)) : v;
+}
+
+// Store the new fp32 value x of element i. Stochastic: Philox word 0 of counter i under the
+// tensor's step key (reference.optim.sr_key). Kahan: hi = nearest(x), comp = nearest(x - hi),
+// where x - hi is exact in fp32, so (hi, comp) carries ~16 significant bits.
+LOWBIT_HD void store_param(void* p, void* comp, int dtype, int wb, uint64_t key, int64_t i,
+                           float x) {
+  if (wb == kWbF32) {
+    ((float*)p)[i] = x;
+    return;
+  }
+  const Fmt fmt = fmt_of(dtype);
+  if (wb == kWbStochastic) {
+    ((uint16_t*)p)[i] =
+        (uint16_t)round_to_fmt(f32_bits(x), fmt, true, philox_word0(key, (uint64_t)i));
+    return;
+  }
+  const uint16_t hi = (uint16_t)round_to_fmt(f32_bits(x), fmt, false, 0u);
+  ((uint16_t*)p)[i] = hi;
+  if (wb == kWbKahan) {
+    const float hv = dtype == kBF16 ? bf16_to_f32(hi) : f16_to_f32(hi);
+    ((uint16_t*)comp)[i] = (uint16_t)round_to_fmt(f32_bits(sub_rn(x, hv)), fmt, false, 0u);
+  }
+}
+
+}  // namespace lowbit

@@ -1,0 +1,77 @@
+// Marshalling shared by the three pybind11 modules (_C, _C_cuda, _C_sim) for the fused optimizer
+// step: Python passes parallel lists of data_ptr()s; these build the OptArgs of lowbit/optim_args.h.
+// Header-only, no pybind11.
+#pragma once
+#include <stdexcept>
+#include <stdint.h>
+#include <vector>
+
+#include "lowbit/optim_args.h"
+
+namespace lowbit {
+
+// Owns the tensor table an OptArgs points into.
+struct OptCall {
+  std::vector<OptTensor> tensors;
+  OptArgs args{};
+};
+
+// Lists of the states a rule does not have (and absmax lists for 32-bit states, comps unless
+// kahan, keys unless stochastic) are empty; every other list has one entry per tensor.
+inline void optim_call(OptCall& c, int kind, const std::vector<uintptr_t>& p,
+                       const std::vector<uintptr_t>& g, const std::vector<int64_t>& numel,
+                       const std::vector<uintptr_t>& s1, const std::vector<uintptr_t>& s1_absmax,
+                       const std::vector<uintptr_t>& s2, const std::vector<uintptr_t>& s2_absmax,
+                       const std::vector<uintptr_t>& comp, const std::vector<uint64_t>& keys,
+                       int state_bits, int block, uintptr_t code1, uintptr_t mids1,
+                       uintptr_t code2, uintptr_t mids2, int ncode, int dtype, int writeback,
+                       const std::vector<double>& scalars, int flags) {
+  const size_t n = p.size();
+  const int nstates = s2.empty() ? (s1.empty() ? 0 : 1) : 2;
+  const bool quantized = state_bits != 32;
+  auto fits = [n](size_t size, bool needed) { return needed ? size == n : size == 0 || size == n; };
+  if (g.size() != n || numel.size() != n || !fits(s1.size(), nstates >= 1) ||
+      !fits(s2.size(), nstates >= 2) || (quantized && s1_absmax.size() != s1.size()) ||
+      (quantized && s2_absmax.size() != s2.size()) ||
+      !fits(comp.size(), writeback == kWbKahan) || !fits(keys.size(), writeback == kWbStochastic))
+    throw std::invalid_argument("optim_step: tensor lists of inconsistent lengths");
+  if (scalars.size() != 8) throw std::invalid_argument("optim_step: expected 8 scalars");
+  if (state_bits != 32 && state_bits != 8 && state_bits != 4)
+    throw std::invalid_argument("optim_step: state_bits must be 32, 8 or 4");
+  if (quantized && nstates > 0 && ncode != (state_bits == 8 ? 256 : 16))
+    throw std::invalid_argument("optim_step: codebook size does not match state_bits");
+  if (dtype != kF32 && dtype != kBF16 && dtype != kF16)
+    throw std::invalid_argument("optim_step: params must be fp32, bf16 or fp16");
+  if ((dtype == kF32) != (writeback == kWbF32))
+    throw std::invalid_argument("optim_step: fp32 params take writeback f32, others not");
+  auto at = [](const std::vector<uintptr_t>& v, size_t i) {
+    return i < v.size() ? reinterpret_cast<void*>(v[i]) : nullptr;
+  };
+  c.tensors.resize(n);
+  for (size_t i = 0; i < n; ++i) {
+    c.tensors[i] = OptTensor{at(p, i), at(g, i), numel[i],
+                             nstates >= 1 ? at(s1, i) : nullptr,
+                             quantized && nstates >= 1 ? (float*)at(s1_absmax, i) : nullptr,
+                             nstates >= 2 ? at(s2, i) : nullptr,
+                             quantized && nstates >= 2 ? (float*)at(s2_absmax, i) : nullptr,
+                             writeback == kWbKahan ? at(comp, i) : nullptr,
+                             writeback == kWbStochastic ? keys[i] : 0};
+    if (numel[i] < 0) throw std::invalid_argument("optim_step: negative element count");
+  }
+  OptArgs& a = c.args;
+  a.tensors = c.tensors.data();
+  a.ntensors = (int)n;
+  a.nstates = nstates;
+  a.state_bits = state_bits;
+  a.block = block;
+  a.code1 = reinterpret_cast<const float*>(code1); a.mids1 = reinterpret_cast<const float*>(mids1);
+  a.code2 = reinterpret_cast<const float*>(code2); a.mids2 = reinterpret_cast<const float*>(mids2);
+  a.ncode = ncode;
+  a.dtype = dtype;
+  a.writeback = writeback;
+  for (int k = 0; k < 8; ++k) a.s.f[k] = (float)scalars[k];
+  a.s.kind = kind;
+  a.s.flags = flags;
+}
+
+}  // namespace lowbit
