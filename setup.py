@@ -80,7 +80,7 @@ def extensions():
     exts = [Pybind11Extension(
         "lowbit._C",
         sources=["csrc/bindings.cpp", "csrc/cpu/dispatch.cpp", "csrc/cpu/isa_avx512.cpp",
-                 "csrc/cpu/isa_avx2.cpp", "csrc/cpu/isa_scalar.cpp", "csrc/cpu/optim.cpp"],
+                 "csrc/cpu/isa_avx2.cpp", "csrc/cpu/isa_scalar.cpp"],
         include_dirs=INCLUDES, extra_compile_args=HOST_FLAGS, extra_link_args=["-fopenmp"],
         cxx_std=17)]
     cuda_home = find_cuda_home()

@@ -9,9 +9,8 @@
 #include <vector>
 #include <string>
 
-#include "adam_lists.h"
 #include "cpu/cpu_kernels.h"
-#include "cpu/optim.h"
+#include "optim_lists.h"
 
 namespace py = pybind11;
 using namespace lowbit::cpu;
@@ -75,25 +74,28 @@ void py_stochastic_round(uintptr_t x, int64_t n, uintptr_t out, int fmt, uint64_
   lowbit::cpu::stochastic_round(a);
 }
 
-// One fused Adam/AdamW step over a list of tensors sharing a state format. Each list holds
-// data_ptr()s; absmax lists are empty for 32-bit states. `scalars` = (decay, wd, a1, b2, a2,
-// bc2, eps, step_size) as computed by lowbit.reference.optim.adam_scalars.
-void py_adam_step(const std::vector<uintptr_t>& p, const std::vector<uintptr_t>& g,
-                  const std::vector<int64_t>& numel, const std::vector<uintptr_t>& m,
-                  const std::vector<uintptr_t>& m_absmax, const std::vector<uintptr_t>& v,
-                  const std::vector<uintptr_t>& v_absmax, int state_bits, int block,
-                  uintptr_t m_code, uintptr_t m_mids, uintptr_t v_code, uintptr_t v_mids,
-                  int ncode, const std::vector<double>& scalars, bool maximize) {
-  const std::vector<AdamTensor> ts = lowbit::adam_tensor_table<AdamTensor>(
-      p, g, numel, m, m_absmax, v, v_absmax, state_bits);
-  const size_t n = ts.size();
-  AdamArgs a{};
-  a.tensors = ts.data(); a.ntensors = (int)n; a.state_bits = state_bits; a.block = block;
-  a.m_code = ptr<const float>(m_code); a.m_mids = ptr<const float>(m_mids);
-  a.v_code = ptr<const float>(v_code); a.v_mids = ptr<const float>(v_mids); a.ncode = ncode;
-  a.s = lowbit::adam_scalars_from(scalars, maximize);
+// One fused optimizer step over a list of tensors sharing a rule, dtype and state format: the
+// lists hold data_ptr()s (lowbit/optim_args.h, csrc/optim_lists.h); the 8-bit states' nearest-code
+// tables come from the same cache as quantize_blockwise's.
+void py_optim_step(int kind, const std::vector<uintptr_t>& p, const std::vector<uintptr_t>& g,
+                   const std::vector<int64_t>& numel, const std::vector<uintptr_t>& s1,
+                   const std::vector<uintptr_t>& s1_absmax, const std::vector<uintptr_t>& s2,
+                   const std::vector<uintptr_t>& s2_absmax, const std::vector<uintptr_t>& comp,
+                   const std::vector<uint64_t>& keys, int state_bits, int block, uintptr_t code1,
+                   uintptr_t mids1, uintptr_t code2, uintptr_t mids2, int ncode, int dtype,
+                   int writeback, const std::vector<double>& scalars, int flags) {
+  lowbit::OptCall call;
+  lowbit::optim_call(call, kind, p, g, numel, s1, s1_absmax, s2, s2_absmax, comp, keys,
+                     state_bits, block, code1, mids1, code2, mids2, ncode, dtype, writeback,
+                     scalars, flags);
+  OptimCpuArgs a{};
+  a.a = call.args;
+  if (state_bits == 8) {
+    a.lut1 = lut_for(ptr<const float>(mids1), ncode - 1);
+    a.lut2 = lut_for(ptr<const float>(mids2), ncode - 1);
+  }
   py::gil_scoped_release release;
-  lowbit::cpu::adam_step(a);
+  lowbit::cpu::optim_step(a);
 }
 
 }  // namespace
@@ -104,5 +106,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("quantize_blockwise", &py_quantize_blockwise);
   m.def("dequantize_blockwise", &py_dequantize_blockwise);
   m.def("stochastic_round", &py_stochastic_round);
-  m.def("adam_step", &py_adam_step, "fused multi-tensor Adam/AdamW step (issue 3, first slice)");
+  m.def("optim_step", &py_optim_step, "fused multi-tensor optimizer step (Adam, Lion, SGD)");
 }

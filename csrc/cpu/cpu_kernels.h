@@ -3,6 +3,8 @@
 #pragma once
 #include <stdint.h>
 
+#include "lowbit/optim_args.h"
+
 namespace lowbit {
 namespace cpu {
 
@@ -37,11 +39,19 @@ struct RoundArgs {
   const float* x; int64_t n; void* out; int fmt; uint64_t seed; uint64_t offset;
 };
 
+// The fused optimizer step's arguments plus the CPU's nearest-code tables of the two state
+// codebooks (8-bit states; unused otherwise).
+struct OptimCpuArgs {
+  OptArgs a;
+  NearestLut lut1, lut2;
+};
+
 #define LOWBIT_DECLARE_ISA(ns)                          \
   namespace ns {                                        \
   void quantize_blockwise(const QuantArgs& a);          \
   void dequantize_blockwise(const DequantArgs& a);      \
   void stochastic_round(const RoundArgs& a);            \
+  void optim_step(const OptimCpuArgs& a);               \
   }
 LOWBIT_DECLARE_ISA(avx512)
 LOWBIT_DECLARE_ISA(avx2)
@@ -55,6 +65,7 @@ void build_nearest_lut(const float* mids, int nmid, int32_t* table, int* max_ins
 void quantize_blockwise(const QuantArgs& a);
 void dequantize_blockwise(const DequantArgs& a);
 void stochastic_round(const RoundArgs& a);
+void optim_step(const OptimCpuArgs& a);
 
 }  // namespace cpu
 }  // namespace lowbit

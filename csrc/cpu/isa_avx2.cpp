@@ -3,3 +3,4 @@
 #include "cpu_kernels.h"
 #define LOWBIT_ISA_NS avx2
 #include "kernels_impl.h"
+#include "optim_impl.h"

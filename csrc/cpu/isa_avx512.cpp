@@ -7,3 +7,4 @@
 #define LOWBIT_ISA_NS avx512
 #define LOWBIT_ISA_AVX512 1
 #include "kernels_impl.h"
+#include "optim_impl.h"

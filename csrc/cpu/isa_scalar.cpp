@@ -3,3 +3,4 @@
 #include "cpu_kernels.h"
 #define LOWBIT_ISA_NS scalar
 #include "kernels_impl.h"
+#include "optim_impl.h"

@@ -130,6 +130,21 @@ static void fill_philox(uint64_t seed, uint64_t counter0, int64_t len, uint32_t*
 }
 #endif
 
+// One index per element -> the block's codes: bytes as they are, or 4-bit pairs (element 2j in
+// the high nibble; an odd tail's missing partner is a 0 nibble).
+static void pack_codes(const uint8_t* __restrict idx, int64_t len, int ncode,
+                       uint8_t* __restrict out) {
+  if (ncode == 16) {
+    const int64_t pairs = len / 2;
+#pragma omp simd
+    for (int64_t j = 0; j < pairs; ++j) out[j] = (uint8_t)((idx[2 * j] << 4) | idx[2 * j + 1]);
+    if (len & 1) out[pairs] = (uint8_t)(idx[len - 1] << 4);
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) out[i] = idx[i];
+  }
+}
+
 // stochastic_index (quant.h) with the binary search unrolled to log2(N) fixed steps, so the
 // loop vectorizes (gathers from the codebook); same result: count of code[k] <= y.
 template <int N>
@@ -252,6 +267,37 @@ static void nearest16_avx512(const void* x, int64_t begin, int64_t len, float in
 }
 #endif
 
+// Codes of block values x[begin .. begin+len) scaled by inv, nearest rounding, written to
+// `out` = the block's first code byte (4-bit: packed, element 2j in the high nibble; blocks
+// have even size, so they start on a byte). `stream`: non-temporal stores where possible.
+template <int DT>
+static void encode_nearest(const void* x, int64_t begin, int64_t len, float inv, int ncode,
+                           const float* mids, const NearestLut& lut, uint8_t* out, bool stream,
+                           uint8_t* idx_buf) {
+#if defined(LOWBIT_ISA_AVX512)
+  // The hand-written loops store straight into the output (no index buffer pass).
+  // 16-entry books: a 4-step permute search in registers beats the table load.
+  if (ncode == 16) {
+    nearest16_avx512<DT>(x, begin, len, inv, mids, out);
+    return;
+  }
+  if (lut.max_inside <= 1) {
+    nearest_lut_avx512<DT>(x, begin, len, inv, lut, out, stream);
+    return;
+  }
+#endif
+  (void)stream;
+  if (ncode == 16) {
+    nearest16_run<DT>(x, begin, len, inv, mids, idx_buf);
+  } else if (lut.max_inside <= 1) {
+    nearest256_run<DT>(x, begin, len, inv, lut.table, mids, idx_buf);
+  } else {
+    for (int64_t i = 0; i < len; ++i)
+      idx_buf[i] = (uint8_t)nearest256(scale_to_unit(load_t<DT>(x, begin + i), inv), mids, lut);
+  }
+  pack_codes(idx_buf, len, ncode, out);
+}
+
 template <int DT>
 static void quantize_block(const QuantArgs& a, int64_t b, uint8_t* idx_buf) {
   const int64_t begin = b * a.block;
@@ -259,44 +305,17 @@ static void quantize_block(const QuantArgs& a, int64_t b, uint8_t* idx_buf) {
   const float am = block_absmax<DT>(a.x, begin, len);
   a.absmax[b] = am;
   const float inv = unit_scale(am);
-#if defined(LOWBIT_ISA_AVX512)
-  // The hand-written loops store straight into the output (no index buffer pass).
-  // 16-entry books: a 4-step permute search in registers beats the table load.
-  if (!a.stochastic && a.ncode == 16) {
-    nearest16_avx512<DT>(a.x, begin, len, inv, a.mids, a.codes + begin / 2);
+  uint8_t* out = a.codes + (a.ncode == 16 ? begin / 2 : begin);
+  if (!a.stochastic) {
+    encode_nearest<DT>(a.x, begin, len, inv, a.ncode, a.mids, a.lut, out, a.n >= kStreamMin,
+                       idx_buf);
     return;
   }
-  if (!a.stochastic && a.lut.max_inside <= 1) {
-    nearest_lut_avx512<DT>(a.x, begin, len, inv, a.lut, a.codes + begin, a.n >= kStreamMin);
-    return;
-  }
-#endif
-  if (a.stochastic) {
-    if (a.ncode == 16)
-      stochastic_run<DT, 16>(a.x, begin, len, inv, a.code, a.seed, a.offset, idx_buf);
-    else
-      stochastic_run<DT, 256>(a.x, begin, len, inv, a.code, a.seed, a.offset, idx_buf);
-  } else if (a.ncode == 16) {
-    nearest16_run<DT>(a.x, begin, len, inv, a.mids, idx_buf);
-  } else if (a.lut.max_inside <= 1) {
-    nearest256_run<DT>(a.x, begin, len, inv, a.lut.table, a.mids, idx_buf);
-  } else {
-    for (int64_t i = 0; i < len; ++i)
-      idx_buf[i] = (uint8_t)nearest256(scale_to_unit(load_t<DT>(a.x, begin + i), inv), a.mids,
-                                       a.lut);
-  }
-  if (a.ncode == 16) {
-    uint8_t* out = a.codes + begin / 2;  // blocks have even size, so they start on a byte
-    const int64_t pairs = len / 2;
-#pragma omp simd
-    for (int64_t j = 0; j < pairs; ++j)
-      out[j] = (uint8_t)((idx_buf[2 * j] << 4) | idx_buf[2 * j + 1]);
-    if (len & 1) out[pairs] = (uint8_t)(idx_buf[len - 1] << 4);
-  } else {
-    uint8_t* out = a.codes + begin;
-#pragma omp simd
-    for (int64_t i = 0; i < len; ++i) out[i] = idx_buf[i];
-  }
+  if (a.ncode == 16)
+    stochastic_run<DT, 16>(a.x, begin, len, inv, a.code, a.seed, a.offset, idx_buf);
+  else
+    stochastic_run<DT, 256>(a.x, begin, len, inv, a.code, a.seed, a.offset, idx_buf);
+  pack_codes(idx_buf, len, a.ncode, out);
 }
 
 template <int DT>
@@ -324,9 +343,10 @@ void quantize_blockwise(const QuantArgs& a) {
 // looked up with one lane permute; 8-bit codes with one gather. NaN results become the canonical
 // NaN exactly as dequant_value does.
 template <int NCODE>
+// `out` points at the block's first element.
 static void dequant_f32_avx512(const uint8_t* codes, const float* code, int64_t begin,
                                int64_t len, float am, float* out, bool stream) {
-  stream = stream && ((uintptr_t)(out + begin) & 63) == 0;
+  stream = stream && ((uintptr_t)out & 63) == 0;
   const __m512 vam = _mm512_set1_ps(am);
   const __m512 qnan = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FC00000));
   const __m512 table16 = NCODE == 16 ? _mm512_loadu_ps(code) : _mm512_setzero_ps();
@@ -350,8 +370,8 @@ static void dequant_f32_avx512(const uint8_t* codes, const float* code, int64_t 
     }
     __m512 v = _mm512_mul_ps(vals, vam);
     v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), qnan);
-    if (stream && m == 0xFFFF) _mm512_stream_ps(out + begin + i, v);
-    else _mm512_mask_storeu_ps(out + begin + i, m, v);
+    if (stream && m == 0xFFFF) _mm512_stream_ps(out + i, v);
+    else _mm512_mask_storeu_ps(out + i, m, v);
   }
 }
 #endif
@@ -369,7 +389,7 @@ static void dequantize_all(const DequantArgs& a) {
     const float* code = a.code;
 #if defined(LOWBIT_ISA_AVX512)
     if (DT == kF32) {
-      dequant_f32_avx512<NCODE>(a.codes, code, begin, len, am, (float*)a.out,
+      dequant_f32_avx512<NCODE>(a.codes, code, begin, len, am, (float*)a.out + begin,
                                 a.n >= kStreamMin);
       continue;
     }

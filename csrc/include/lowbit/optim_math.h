@@ -70,33 +70,41 @@ LOWBIT_HD float sqrt_rn(float a) {
 // torch.sign: +-1, and the argument itself for +-0 and NaN.
 LOWBIT_HD float sign_of(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : x); }
 
-// One element of one step. p: the fp32 parameter (kahan: value + compensation); s1/s2: the
-// dequantized (or fp32) states — Adam: exp_avg / exp_avg_sq; Lion: exp_avg / unused; SGD:
-// momentum_buffer (untouched with kNoMomentum) / unused. All updated in place.
-LOWBIT_HD void update_one(const StepScalars& s, float& p, float g, float& s1, float& s2) {
-  const float* f = s.f;
-  if (s.flags & kMaximize) g = -g;
-  if (s.kind == kAdam) {
-    if (s.flags & kDecay) p = mul_rn(p, f[0]);
-    if (s.flags & kL2) g = add_rn(g, mul_rn(f[1], p));
+// One element of one step, rule KIND. p: the fp32 parameter (kahan: value + compensation);
+// s1/s2: the dequantized (or fp32) states — Adam: exp_avg / exp_avg_sq; Lion: exp_avg / unused;
+// SGD: momentum_buffer (untouched with kNoMomentum) / unused. All updated in place. The flag
+// branches are written as selects of values computed either way: same results as skipping the
+// operation, and a CPU loop over elements stays branch-free (vectorizes).
+template <int KIND>
+LOWBIT_HD void update_rule(const float* f, int flags, float& p, float g, float& s1, float& s2) {
+  g = (flags & kMaximize) ? -g : g;
+  if (KIND == kAdam) {
+    p = (flags & kDecay) ? mul_rn(p, f[0]) : p;
+    g = (flags & kL2) ? add_rn(g, mul_rn(f[1], p)) : g;
     s1 = add_rn(s1, mul_rn(f[2], sub_rn(g, s1)));
     s2 = add_rn(mul_rn(s2, f[3]), mul_rn(f[4], mul_rn(g, g)));
     const float d = add_rn(div_rn(sqrt_rn(s2), f[5]), f[6]);
     p = sub_rn(p, mul_rn(f[7], div_rn(s1, d)));
-  } else if (s.kind == kLion) {
-    if (s.flags & kDecay) p = mul_rn(p, f[0]);
+  } else if (KIND == kLion) {
+    p = (flags & kDecay) ? mul_rn(p, f[0]) : p;
     const float c = add_rn(mul_rn(f[1], s1), mul_rn(f[2], g));
     p = sub_rn(p, mul_rn(f[5], sign_of(c)));
     s1 = add_rn(mul_rn(f[3], s1), mul_rn(f[4], g));
   } else {  // kSgd
-    if (s.flags & kL2) g = add_rn(g, mul_rn(f[0], p));
-    float d = g;
-    if (!(s.flags & kNoMomentum)) {
-      s1 = (s.flags & kFirstStep) ? g : add_rn(mul_rn(f[1], s1), mul_rn(f[2], g));
-      d = (s.flags & kNesterov) ? add_rn(g, mul_rn(f[1], s1)) : s1;
-    }
-    p = sub_rn(p, mul_rn(f[3], d));
+    g = (flags & kL2) ? add_rn(g, mul_rn(f[0], p)) : g;
+    const float b = (flags & kFirstStep) ? g : add_rn(mul_rn(f[1], s1), mul_rn(f[2], g));
+    const float d = (flags & kNesterov) ? add_rn(g, mul_rn(f[1], b)) : b;
+    const bool plain = flags & kNoMomentum;
+    s1 = plain ? s1 : b;
+    p = sub_rn(p, mul_rn(f[3], plain ? g : d));
   }
+  (void)s2;
+}
+
+LOWBIT_HD void update_one(const StepScalars& s, float& p, float g, float& s1, float& s2) {
+  if (s.kind == kAdam) update_rule<kAdam>(s.f, s.flags, p, g, s1, s2);
+  else if (s.kind == kLion) update_rule<kLion>(s.f, s.flags, p, g, s1, s2);
+  else update_rule<kSgd>(s.f, s.flags, p, g, s1, s2);
 }
 
 // The fp32 value a step starts from: the parameter widened exactly, plus the compensation for

@@ -1,0 +1,195 @@
+// The fused multi-tensor optimizer step on the CPU (lowbit::optim_step; spec:
+// lowbit.reference.optim). Included after kernels_impl.h in each per-ISA translation unit, so it
+// reuses that clone's vectorized pieces: the Philox fill, the nearest-code searches (bucket table
+// for 256-entry books, permute search for 16-entry ones) and the AVX-512 dequantization.
+//
+// One call updates every tensor of a parameter group: OpenMP over chunks of kOptChunk elements of
+// all tensors together; inside a chunk, per quantization block: dequantize the states into fp32
+// buffers, run the per-element rule (lowbit/optim_math.h) over the block, requantize. Grad,
+// param and states are read once and written once. The loops are templates over the rule, the
+// param dtype, the write-back and the state layout, so each compiles branch-free.
+#include <vector>
+
+#include "lowbit/optim_math.h"
+
+namespace lowbit {
+namespace cpu {
+namespace LOWBIT_ISA_NS {
+
+// Work unit: a multiple of every state block size (<= 4096, powers of two).
+static const int64_t kOptChunk = 4096;
+
+// Codes of elements [begin, begin+len) of a state -> fp32 values in `out` (out[0] = element begin).
+template <int NCODE>
+static void decode_block(const uint8_t* codes, int64_t begin, int64_t len, const float* code,
+                         float am, float* __restrict out) {
+#if defined(LOWBIT_ISA_AVX512)
+  dequant_f32_avx512<NCODE>(codes, code, begin, len, am, out, false);
+#else
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    const int64_t k = begin + i;
+    int c;
+    if (NCODE == 16) {
+      const uint8_t byte = codes[k >> 1];
+      c = (k & 1) ? (byte & 0xF) : (byte >> 4);
+    } else {
+      c = codes[k];
+    }
+    out[i] = dequant_value(code[c], am);
+  }
+#endif
+}
+
+// New absmax of the block's values, then their nearest codes.
+template <int NCODE>
+static void encode_block(const float* vals, int64_t begin, int64_t len, const float* mids,
+                         const NearestLut& lut, uint8_t* codes, float* absmax_slot,
+                         uint8_t* idx_buf) {
+  const float am = block_absmax<kF32>(vals, 0, len);
+  *absmax_slot = am;
+  uint8_t* out = codes + (NCODE == 16 ? begin / 2 : begin);
+  encode_nearest<kF32>(vals, 0, len, unit_scale(am), NCODE, mids, lut, out, false, idx_buf);
+}
+
+// Store the new fp32 values of one run of elements (store_param of optim_math.h, with the Philox
+// words drawn in bulk beforehand).
+template <int DT, int WB>
+static inline void store_x(void* p, void* comp, int64_t k, float x, uint32_t r) {
+  if (WB == kWbF32) {
+    ((float*)p)[k] = x;
+    return;
+  }
+  const Fmt fmt = fmt_of(DT);
+  const uint32_t hi = round_to_fmt(f32_bits(x), fmt, WB == kWbStochastic, r);
+  ((uint16_t*)p)[k] = (uint16_t)hi;
+  if (WB == kWbKahan) {
+    const float hv = load_t<DT>(p, k);
+    ((uint16_t*)comp)[k] = (uint16_t)round_to_fmt(f32_bits(x - hv), fmt, false, 0u);
+  }
+}
+
+// The rule over elements [begin, begin+len) of tensor t. m/v: the states of these elements (fp32
+// arrays, or the dequantized block buffers), updated in place.
+template <int KIND, int DT, int WB, int NST>
+static void update_run(const OptArgs& a, const OptTensor& t, int64_t begin, int64_t len,
+                       float* __restrict m, float* __restrict v) {
+  uint32_t rbuf[kOptChunk];
+  if (WB == kWbStochastic) fill_philox(t.key, (uint64_t)begin, len, rbuf);
+  const float* f = a.s.f;
+  const float fs[8] = {f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7]};
+  const int flags = a.s.flags;
+  void* __restrict p = t.p;
+  const void* __restrict g = t.g;
+  void* __restrict comp = t.comp;
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    const int64_t k = begin + i;
+    float x = load_t<DT>(p, k);
+    if (WB == kWbKahan) x = x + load_t<DT>(comp, k);
+    float s1 = NST >= 1 ? m[i] : 0.0f, s2 = NST >= 2 ? v[i] : 0.0f;
+    update_rule<KIND>(fs, flags, x, load_t<DT>(g, k), s1, s2);
+    if (NST >= 1) m[i] = s1;
+    if (NST >= 2) v[i] = s2;
+    store_x<DT, WB>(p, comp, k, x, WB == kWbStochastic ? rbuf[i] : 0u);
+  }
+}
+
+template <int KIND, int DT, int WB, int NST, int NCODE>
+static void step_chunk(const OptimCpuArgs& ca, const OptTensor& t, int64_t begin, int64_t len) {
+  const OptArgs& a = ca.a;
+  if (NCODE == 0) {  // fp32 states (or none): update in place
+    float* m = NST >= 1 ? (float*)t.s1 + begin : nullptr;
+    float* v = NST >= 2 ? (float*)t.s2 + begin : nullptr;
+    update_run<KIND, DT, WB, NST>(a, t, begin, len, m, v);
+    return;
+  }
+  float mbuf[kOptChunk], vbuf[kOptChunk];
+  uint8_t idx_buf[kOptChunk];
+  const int64_t block = a.block;
+  for (int64_t b0 = begin; b0 < begin + len; b0 += block) {
+    const int64_t blen = begin + len - b0 < block ? begin + len - b0 : block;
+    const int64_t b = b0 / block;
+    const uint8_t* c1 = (const uint8_t*)t.s1;
+    const uint8_t* c2 = (const uint8_t*)t.s2;
+    if (NST >= 1) decode_block<NCODE>(c1, b0, blen, a.code1, t.s1_absmax[b], mbuf);
+    if (NST >= 2) decode_block<NCODE>(c2, b0, blen, a.code2, t.s2_absmax[b], vbuf);
+    update_run<KIND, DT, WB, NST>(a, t, b0, blen, mbuf, vbuf);
+    if (NST >= 1)
+      encode_block<NCODE>(mbuf, b0, blen, a.mids1, ca.lut1, (uint8_t*)t.s1, &t.s1_absmax[b],
+                          idx_buf);
+    if (NST >= 2)
+      encode_block<NCODE>(vbuf, b0, blen, a.mids2, ca.lut2, (uint8_t*)t.s2, &t.s2_absmax[b],
+                          idx_buf);
+  }
+}
+
+struct OptWork {
+  int tensor;
+  int64_t begin;
+};
+
+template <int KIND, int DT, int WB, int NST, int NCODE>
+static void step_all(const OptimCpuArgs& ca) {
+  const OptArgs& a = ca.a;
+  std::vector<OptWork> work;
+  int64_t total = 0;
+  for (int t = 0; t < a.ntensors; ++t) {
+    for (int64_t b = 0; b < a.tensors[t].n; b += kOptChunk) work.push_back({t, b});
+    total += a.tensors[t].n;
+  }
+  const int64_t nwork = (int64_t)work.size();
+#pragma omp parallel for schedule(static) if (total >= kParallelMin)
+  for (int64_t w = 0; w < nwork; ++w) {
+    const OptTensor& t = a.tensors[work[w].tensor];
+    const int64_t begin = work[w].begin;
+    const int64_t len = t.n - begin < kOptChunk ? t.n - begin : kOptChunk;
+    step_chunk<KIND, DT, WB, NST, NCODE>(ca, t, begin, len);
+  }
+}
+
+// Runtime arguments -> template instance, one level at a time.
+template <int KIND, int DT, int WB, int NST>
+static void by_layout(const OptimCpuArgs& ca) {
+  const int ncode = ca.a.state_bits == 32 || NST == 0 ? 0 : ca.a.ncode;
+  if (ncode == 256) step_all<KIND, DT, WB, NST, 256>(ca);
+  else if (ncode == 16) step_all<KIND, DT, WB, NST, 16>(ca);
+  else step_all<KIND, DT, WB, NST, 0>(ca);
+}
+
+template <int KIND, int DT, int WB>
+static void by_nstates(const OptimCpuArgs& ca) {
+  if (KIND == kAdam) by_layout<KIND, DT, WB, 2>(ca);
+  else if (ca.a.nstates == 0) by_layout<KIND, DT, WB, 0>(ca);
+  else by_layout<KIND, DT, WB, 1>(ca);
+}
+
+template <int KIND, int DT>
+static void by_writeback(const OptimCpuArgs& ca) {
+  switch (ca.a.writeback) {
+    case kWbStochastic: return by_nstates<KIND, DT, kWbStochastic>(ca);
+    case kWbKahan: return by_nstates<KIND, DT, kWbKahan>(ca);
+    default: return by_nstates<KIND, DT, kWbNearest>(ca);
+  }
+}
+
+template <int KIND>
+static void by_dtype(const OptimCpuArgs& ca) {
+  switch (ca.a.dtype) {
+    case kBF16: return by_writeback<KIND, kBF16>(ca);
+    case kF16: return by_writeback<KIND, kF16>(ca);
+    default: return by_nstates<KIND, kF32, kWbF32>(ca);
+  }
+}
+
+void optim_step(const OptimCpuArgs& ca) {
+  switch (ca.a.s.kind) {
+    case kAdam: return by_dtype<kAdam>(ca);
+    case kLion: return by_dtype<kLion>(ca);
+    default: return by_dtype<kSgd>(ca);
+  }
+}
+
+}  // namespace LOWBIT_ISA_NS
+}  // namespace cpu
+}  // namespace lowbit
