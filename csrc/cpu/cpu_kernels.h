@@ -46,12 +46,23 @@ struct OptimCpuArgs {
   NearestLut lut1, lut2;
 };
 
+// Per-tensor statistics of a list of tensors of one dtype: out[2t] = sum of squares (float64),
+// out[2t+1] = number of inf/NaN elements.
+struct StatsArgs {
+  const void* const* g;
+  const int64_t* n;
+  int ntensors;
+  int dtype;
+  double* out;
+};
+
 #define LOWBIT_DECLARE_ISA(ns)                          \
   namespace ns {                                        \
   void quantize_blockwise(const QuantArgs& a);          \
   void dequantize_blockwise(const DequantArgs& a);      \
   void stochastic_round(const RoundArgs& a);            \
   void optim_step(const OptimCpuArgs& a);               \
+  void grad_stats(const StatsArgs& a);                  \
   }
 LOWBIT_DECLARE_ISA(avx512)
 LOWBIT_DECLARE_ISA(avx2)
@@ -66,6 +77,7 @@ void quantize_blockwise(const QuantArgs& a);
 void dequantize_blockwise(const DequantArgs& a);
 void stochastic_round(const RoundArgs& a);
 void optim_step(const OptimCpuArgs& a);
+void grad_stats(const StatsArgs& a);
 
 }  // namespace cpu
 }  // namespace lowbit

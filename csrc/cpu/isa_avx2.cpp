@@ -4,3 +4,4 @@
 #define LOWBIT_ISA_NS avx2
 #include "kernels_impl.h"
 #include "optim_impl.h"
+#include "stats_impl.h"

@@ -8,3 +8,4 @@
 #define LOWBIT_ISA_AVX512 1
 #include "kernels_impl.h"
 #include "optim_impl.h"
+#include "stats_impl.h"

@@ -4,3 +4,4 @@
 #define LOWBIT_ISA_NS scalar
 #include "kernels_impl.h"
 #include "optim_impl.h"
+#include "stats_impl.h"

@@ -147,3 +147,21 @@ def optim_step(params: list[torch.Tensor], grads: list[torch.Tensor],
 def _(params, grads, state1, absmax1, state2, absmax2, comps, keys, kind, state_bits, scalars,
       flags, writeback, backend):
     return None
+
+
+@torch.library.custom_op("lowbit::grad_stats", mutates_args=())
+def grad_stats(grads: list[torch.Tensor], backend: str) -> torch.Tensor:
+    """[len(grads), 2] float64: per tensor, the sum of squares (float64 accumulation; inf/NaN
+    elements left out) and the number of inf/NaN elements. One multi-tensor pass where the
+    backend has the kernel (cpu), torch ops otherwise."""
+    device = grads[0].device if grads else torch.device("cpu")
+    out = torch.zeros((len(grads), 2), dtype=torch.float64, device=device)
+    impl = _backend_impl(backend)
+    getattr(impl, "grad_stats", _reference.grad_stats)(grads, out)
+    return out
+
+
+@grad_stats.register_fake
+def _(grads, backend):
+    device = grads[0].device if grads else torch.device("cpu")
+    return torch.empty((len(grads), 2), dtype=torch.float64, device=device)

@@ -52,6 +52,22 @@ class NativeBackend:
             ref.WRITEBACK[writeback], list(scalars), flags, *self._stream(params[0]))
 
 
+    def grad_stats(self, grads, out):
+        if not hasattr(self.module, "grad_stats"):  # only the CPU module has this kernel
+            from . import reference
+            return reference.grad_stats(grads, out)
+        # the kernel takes one dtype per call
+        for dtype in {g.dtype for g in grads}:
+            idx = [i for i, g in enumerate(grads) if g.dtype == dtype]
+            part = out if len(idx) == len(grads) else torch.empty((len(idx), 2),
+                                                                  dtype=torch.float64)
+            self.module.grad_stats([grads[i].data_ptr() for i in idx],
+                                   [grads[i].numel() for i in idx], DTYPE_CODE[dtype],
+                                   part.data_ptr())
+            if part is not out:
+                out[idx] = part
+
+
 def _state_tables(state_bits: int):
     """(code1, mids1, code2, mids2) fp32 tables of a quantized state format."""
     from ..codebooks import codebook

@@ -1,4 +1,6 @@
 """The pure-PyTorch reference as a backend (any device; computes on the CPU)."""
+import torch
+
 from .. import reference as ref
 
 
@@ -22,3 +24,11 @@ def optim_step(params, grads, state1, absmax1, state2, absmax2, comps, keys, kin
     from ..reference import optim
     optim.fused_step(kind, params, grads, state1, absmax1, state2, absmax2, comps, keys,
                      state_bits, scalars, flags, writeback)
+
+
+def grad_stats(grads, out):
+    for i, g in enumerate(grads):
+        x = g.detach().reshape(-1).double()
+        finite = torch.isfinite(x)
+        out[i, 0] = torch.where(finite, x, 0.0).square().sum()
+        out[i, 1] = (~finite).sum()

@@ -1,5 +1,9 @@
-"""Drop-in torch.optim replacements with fused 32/8/4-bit state updates (issue 3; so far the
-Adam/AdamW family with fp32 parameters)."""
+"""Drop-in torch.optim replacements with fused 32/8/4-bit state updates: Adam/AdamW, Lion and SGD
+with momentum, for fp32 / bf16 / fp16 parameters (lowbit.optim._base documents the state
+layout, non-finite handling and state-dict conversion)."""
 from .adam import Adam, Adam4bit, Adam8bit, AdamW, AdamW4bit, AdamW8bit
+from .lion import Lion, Lion4bit, Lion8bit
+from .sgd import SGD, SGD4bit, SGD8bit
 
-__all__ = ["Adam", "Adam8bit", "Adam4bit", "AdamW", "AdamW8bit", "AdamW4bit"]
+__all__ = ["Adam", "Adam8bit", "Adam4bit", "AdamW", "AdamW8bit", "AdamW4bit", "Lion",
+           "Lion8bit", "Lion4bit", "SGD", "SGD8bit", "SGD4bit"]

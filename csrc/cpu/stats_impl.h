@@ -1,0 +1,70 @@
+// Per-tensor gradient statistics in one multi-tensor pass (lowbit::grad_stats): the sum of
+// squares (float64 accumulation, so no finite fp32/bf16/fp16 input overflows it) and the number of
+// non-finite elements. The optimizers use the count to skip steps with inf/NaN gradients, and the
+// norms for telemetry; clipping (issue 4) builds on the same pass. Included per ISA after
+// kernels_impl.h.
+#include <vector>
+
+namespace lowbit {
+namespace cpu {
+namespace LOWBIT_ISA_NS {
+
+template <int DT>
+static void stats_run(const void* __restrict g, int64_t begin, int64_t end, double* sumsq,
+                      int64_t* nonfinite) {
+  double s = 0.0;
+  int64_t bad = 0;
+#pragma omp simd reduction(+ : s, bad)
+  for (int64_t i = begin; i < end; ++i) {
+    const float x = load_t<DT>(g, i);
+    const bool finite = (f32_bits(x) & 0x7F800000u) != 0x7F800000u;
+    bad += finite ? 0 : 1;
+    const double d = finite ? (double)x : 0.0;
+    s += d * d;
+  }
+  *sumsq = s;
+  *nonfinite = bad;
+}
+
+template <int DT>
+static void stats_all(const StatsArgs& a) {
+  // Work items of up to 64K elements; each item's partial sums land in its own slot, then are
+  // added per tensor in item order, so the result does not depend on the thread count.
+  const int64_t chunk = 1 << 16;
+  std::vector<int64_t> first(a.ntensors + 1, 0);
+  for (int t = 0; t < a.ntensors; ++t)
+    first[t + 1] = first[t] + (a.n[t] + chunk - 1) / chunk;
+  const int64_t nitems = first[a.ntensors];
+  std::vector<double> part(nitems);
+  std::vector<int64_t> bad(nitems);
+  int64_t total = 0;
+  for (int t = 0; t < a.ntensors; ++t) total += a.n[t];
+#pragma omp parallel for schedule(static) if (total >= kParallelMin)
+  for (int64_t w = 0; w < nitems; ++w) {
+    int t = 0;
+    while (first[t + 1] <= w) ++t;
+    const int64_t begin = (w - first[t]) * chunk;
+    const int64_t end = begin + chunk < a.n[t] ? begin + chunk : a.n[t];
+    stats_run<DT>(a.g[t], begin, end, &part[w], &bad[w]);
+  }
+  for (int t = 0; t < a.ntensors; ++t) {
+    double s = 0.0;
+    int64_t b = 0;
+    for (int64_t w = first[t]; w < first[t + 1]; ++w) {
+      s += part[w];
+      b += bad[w];
+    }
+    a.out[2 * t] = s;
+    a.out[2 * t + 1] = (double)b;
+  }
+}
+
+void grad_stats(const StatsArgs& a) {
+  if (a.dtype == kBF16) stats_all<kBF16>(a);
+  else if (a.dtype == kF16) stats_all<kF16>(a);
+  else stats_all<kF32>(a);
+}
+
+}  // namespace LOWBIT_ISA_NS
+}  // namespace cpu
+}  // namespace lowbit

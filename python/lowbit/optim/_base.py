@@ -1,0 +1,353 @@
+"""The machinery every lowbit optimizer shares: one fused multi-tensor step per parameter group
+and storage format (lowbit.ops.optim_step), state formats, non-finite gradient handling, and
+state_dict save / load / conversion.
+
+State per parameter: "step" (a float32 0-dim tensor, as torch keeps it); each of the rule's states
+(lowbit.reference.optim.STATE_NAMES: Adam exp_avg / exp_avg_sq, Lion exp_avg, SGD
+momentum_buffer) either as an fp32 tensor shaped like the parameter (32-bit states: torch's names
+and layout) or as "<name>_codes" (flat uint8) plus "<name>_absmax" (fp32 per block) for 8/4-bit
+ones; and "kahan_comp" (the parameter's dtype) with kahan=True on bf16/fp16 parameters.
+Parameters with fewer than `min_quant_numel` elements keep 32-bit states (bitsandbytes' rule; the
+decision uses the parameter's full size). Everything is a plain tensor, so state_dict()
+checkpoints load with torch.load(..., weights_only=True).
+"""
+from collections import defaultdict
+
+import torch
+
+from .. import ops
+from ..reference import optim as ref
+
+# Group keys that describe how this optimizer stores its state: on load_state_dict they keep the
+# values of the optimizer being loaded into (so loading an 8-bit checkpoint into a 4-bit
+# optimizer converts the states), while hyperparameters (lr, betas, seed, ...) are restored.
+_CONFIG_KEYS = ("state_bits", "min_quant_numel", "stochastic_rounding", "kahan")
+
+
+def _check_grad(p: torch.Tensor, g: torch.Tensor, name: str):
+    if g.is_sparse:
+        raise RuntimeError(f"{name}: sparse gradients are not supported; use torch.optim.SparseAdam")
+    if g.is_complex() or p.is_complex():
+        raise RuntimeError(f"{name}: complex parameters/gradients are not supported; optimize "
+                           "torch.view_as_real(param) instead")
+    if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"{name}: parameter dtype {p.dtype} is not supported; use float32, "
+                        "bfloat16 or float16 parameters")
+    if not p.is_contiguous():
+        raise RuntimeError(f"{name}: non-contiguous parameters are not supported; make the "
+                           "parameter contiguous before building the optimizer")
+    if g.dtype != p.dtype:
+        raise TypeError(f"{name}: gradient dtype {g.dtype} does not match parameter dtype "
+                        f"{p.dtype}; keep .grad in the parameter's dtype")
+    if g.device != p.device:
+        raise RuntimeError(f"{name}: gradient on {g.device} but parameter on {p.device}")
+    if g.shape != p.shape:
+        raise RuntimeError(f"{name}: gradient shape {tuple(g.shape)} != parameter shape "
+                           f"{tuple(p.shape)}")
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    """Base of the lowbit optimizers. Subclasses set `_kind` and implement `_scalars(group,
+    step)` -> (8 fp32 scalars, step_flags kwargs) and `_nstates(group)`."""
+
+    _kind = "adam"
+    _torch_class = None  # the torch.optim class whose state-dict layout export_state_dict gives
+
+    def __init__(self, params, defaults, *, state_bits=32, min_quant_numel=4096,
+                 stochastic_rounding=None, kahan=False, seed=None, backend=None,
+                 nonfinite="skip"):
+        if state_bits not in (32, 8, 4):
+            raise ValueError(f"state_bits must be 32, 8 or 4, got {state_bits!r}")
+        if not isinstance(min_quant_numel, int) or min_quant_numel < 0:
+            raise ValueError(f"min_quant_numel must be a non-negative int, got {min_quant_numel!r}")
+        if kahan and stochastic_rounding:
+            raise ValueError("kahan=True and stochastic_rounding=True exclude each other: kahan "
+                             "keeps a compensation buffer and rounds to nearest")
+        if backend is not None and backend not in ops.BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(ops.BACKENDS)} or None")
+        if nonfinite not in ("skip", "raise"):
+            raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
+        if seed is None:
+            # follows torch.manual_seed, so seeded scripts are reproducible
+            seed = torch.initial_seed() % 2**63
+        defaults.update(state_bits=state_bits, min_quant_numel=min_quant_numel,
+                        stochastic_rounding=not kahan if stochastic_rounding is None
+                        else bool(stochastic_rounding),
+                        kahan=bool(kahan), seed=int(seed), skipped_steps=0)
+        self.backend = backend
+        self.nonfinite = nonfinite
+        # Per group, after each step: {"skipped": bool, "nonfinite_tensors": int, "grad_norm":
+        # float (L2 norm of the group's finite gradient elements)}.
+        self.last_step_info = []
+        super().__init__(params, defaults)
+
+    # --- rule-specific (subclasses) ---------------------------------------------------------
+
+    def _nstates(self, group) -> int:
+        return len(ref.STATE_NAMES[self._kind])
+
+    def _scalars(self, group, step: int):
+        raise NotImplementedError
+
+    def _state_names(self, group):
+        return ref.STATE_NAMES[self._kind][:self._nstates(group)]
+
+    # --- state formats ----------------------------------------------------------------------
+
+    def _state_bits_for(self, p, group) -> int:
+        return 32 if p.numel() < group["min_quant_numel"] else group["state_bits"]
+
+    @staticmethod
+    def _writeback(p, group) -> str:
+        if p.dtype == torch.float32:
+            return "f32"
+        if group["kahan"]:
+            return "kahan"
+        return "stochastic" if group["stochastic_rounding"] else "nearest"
+
+    def _fresh_state(self, p, group) -> dict:
+        state = {"step": torch.tensor(0.0, dtype=torch.float32)}
+        bits = self._state_bits_for(p, group)
+        for j, name in enumerate(self._state_names(group)):
+            if bits == 32:
+                state[name] = torch.zeros_like(p, dtype=torch.float32,
+                                               memory_format=torch.contiguous_format)
+            else:
+                codes, absmax = ref.quantize_state(torch.zeros(p.numel()), j, bits)
+                state[name + "_codes"], state[name + "_absmax"] = codes.to(p.device), absmax.to(
+                    p.device)
+        if self._writeback(p, group) == "kahan":
+            state["kahan_comp"] = torch.zeros_like(p)
+        return state
+
+    @staticmethod
+    def _stored_bits(p, state, names, where) -> int:
+        """The format a state is in, checked against the parameter, so a state dict from
+        another parameter layout fails with a clear error instead of corrupting memory."""
+        n, bits = p.numel(), None
+        for name in names:
+            if name in state:
+                t = state[name]
+                if t.shape != p.shape or t.dtype != torch.float32:
+                    raise RuntimeError(f"{where}: state {name!r} has shape {tuple(t.shape)} and "
+                                       f"dtype {t.dtype}; the parameter has shape "
+                                       f"{tuple(p.shape)}. Was the state dict saved for another "
+                                       "model?")
+                got = 32
+            elif name + "_codes" in state:
+                c, a = state[name + "_codes"], state[name + "_absmax"]
+                got = 8 if c.numel() == n else 4
+                block = ref.STATE_FORMATS[got][2]
+                if (c.numel() != (n if got == 8 else (n + 1) // 2) or c.dtype != torch.uint8
+                        or a.numel() != -(-n // block) or a.dtype != torch.float32):
+                    raise RuntimeError(f"{where}: quantized state {name!r} ({c.numel()} codes, "
+                                       f"{a.numel()} absmax) does not fit a parameter of {n} "
+                                       "elements. Was the state dict saved for another model?")
+            else:
+                raise RuntimeError(f"{where}: state {name!r} is missing. Was the state dict "
+                                   "saved by another optimizer?")
+            if bits is not None and got != bits:
+                raise RuntimeError(f"{where}: states stored in different formats")
+            bits = got
+        return 32 if bits is None else bits
+
+    def _moments_fp32(self, p, state, names, bits):
+        """The rule's states as fp32 tensors shaped like p."""
+        out = []
+        for j, name in enumerate(names):
+            if bits == 32:
+                out.append(state[name].float())
+            else:
+                out.append(ref.dequantize_state(state[name + "_codes"].cpu(),
+                                                state[name + "_absmax"].cpu(), j, bits,
+                                                p.shape).to(p.device))
+        return out
+
+    def _adopt_state(self, p, state, group, where) -> dict:
+        """A loaded state converted to this optimizer's format for p (state_bits, kahan); the
+        identity when it already is, so a resumed run continues bit for bit."""
+        if not state:
+            return state
+        names = self._state_names(group)
+        if "max_exp_avg_sq" in state:
+            raise ValueError(f"{where}: the state dict is from an amsgrad optimizer; lowbit's "
+                             "Adam/AdamW do not implement amsgrad")
+        state = {k: v for k, v in state.items()}
+        if "step" not in state:  # torch.optim.SGD keeps no step count
+            state["step"] = torch.tensor(1.0)
+        state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).cpu()
+        for k in list(state):
+            if k.endswith("_codes"):
+                state[k] = state[k].to(torch.uint8)
+            elif k != "step" and isinstance(state[k], torch.Tensor) and k != "kahan_comp":
+                if k in names and state[k].dtype != torch.float32:
+                    state[k] = state[k].float()  # e.g. torch's bf16 states of bf16 params
+        src = self._stored_bits(p, state, names, where)
+        want = self._state_bits_for(p, group)
+        if src != want:
+            values = self._moments_fp32(p, state, names, src)
+            for j, name in enumerate(names):
+                for k in (name, name + "_codes", name + "_absmax"):
+                    state.pop(k, None)
+                if want == 32:
+                    state[name] = values[j].contiguous()
+                else:
+                    codes, absmax = ref.quantize_state(values[j].cpu(), j, want)
+                    state[name + "_codes"] = codes.to(p.device)
+                    state[name + "_absmax"] = absmax.to(p.device)
+        comp = state.pop("kahan_comp", None)
+        if self._writeback(p, group) == "kahan":
+            ok = comp is not None and comp.shape == p.shape and comp.dtype == p.dtype
+            state["kahan_comp"] = comp if ok else torch.zeros_like(p)
+        return state
+
+    # --- state dicts ------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict):
+        """torch's semantics (hyperparameters and states restored, matched to parameters by
+        position) with three differences: state tensors keep their dtype (torch would cast them to
+        the parameter's, which breaks uint8 codes and fp32 states of bf16 parameters); states in
+        another format (a torch.optim state dict, or another state_bits) are converted to this
+        optimizer's; and everything is validated before anything changes."""
+        groups, saved = self.param_groups, state_dict["param_groups"]
+        if len(groups) != len(saved):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        id_map, group_of = {}, {}
+        for g, sg in zip(groups, saved):
+            if len(g["params"]) != len(sg["params"]):
+                raise ValueError("loaded state dict contains a parameter group that doesn't "
+                                 "match the size of optimizer's group")
+            for pid, p in zip(sg["params"], g["params"]):
+                id_map[pid] = p
+        new_groups = []
+        for g, sg in zip(groups, saved):
+            ng = {k: v for k, v in sg.items() if k != "params"}
+            for k, v in g.items():
+                if k in _CONFIG_KEYS or k not in ng:
+                    ng[k] = v
+            ng["params"] = g["params"]
+            new_groups.append(ng)
+            for p in g["params"]:
+                group_of[p] = ng
+        new_state = defaultdict(dict)
+        for pid, st in state_dict["state"].items():
+            if pid not in id_map:
+                continue
+            p = id_map[pid]
+            # copies: the caller's dict (possibly loaded into another optimizer too) stays apart
+            moved = {k: (v.to(p.device, copy=True) if isinstance(v, torch.Tensor) else v)
+                     for k, v in st.items()}
+            new_state[p] = self._adopt_state(p, moved, group_of[p], f"state of parameter {pid}")
+        self.__setstate__({"state": new_state, "param_groups": new_groups})
+
+    def export_state_dict(self) -> dict:
+        """The state dict with every state as an fp32 tensor shaped like its parameter under
+        torch's names, and param_groups holding the keys of `_torch_class` — loadable by that
+        torch optimizer (and by any lowbit optimizer, which converts back). Kahan compensations
+        are dropped (torch has none)."""
+        sd = self.state_dict()
+        export_state = {}
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, st in sd["state"].items():
+            p = params[pid]
+            group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+            names = self._state_names(group)
+            bits = self._stored_bits(p, st, names, f"state of parameter {pid}")
+            out = {"step": st["step"].clone()}
+            for name, value in zip(names, self._moments_fp32(p, st, names, bits)):
+                out[name] = value.clone()
+            export_state[pid] = out
+        groups = []
+        keys = (self._torch_class([torch.zeros(1)], **self._torch_kwargs()).defaults
+                if self._torch_class is not None else {})
+        for g in sd["param_groups"]:
+            eg = {k: g.get(k, v) for k, v in keys.items()} if keys else dict(g)
+            eg["params"] = g["params"]
+            groups.append(eg)
+        return {"state": export_state, "param_groups": groups}
+
+    def _torch_kwargs(self) -> dict:
+        return {}
+
+    # --- the step ---------------------------------------------------------------------------
+
+    def _grad_check(self, grads):
+        """(number of gradient tensors with inf/NaN, global L2 norm of the finite elements): one
+        multi-tensor statistics pass (lowbit.ops.grad_stats) and one host sync per group."""
+        if not grads:
+            return 0, 0.0
+        grads = [g.contiguous() for g in grads]
+        backend = ops.resolve_backend(self.backend, grads[0].device)
+        stats = ops.grad_stats(grads, backend)
+        bad, sumsq = torch.stack([(stats[:, 1] > 0).sum().double(), stats[:, 0].sum()]).tolist()
+        return int(bad), sumsq ** 0.5
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # Everything is checked before any parameter or state changes: a bad gradient, a state
+        # dict from another model, or (nonfinite="raise") a non-finite gradient raises with the
+        # optimizer untouched.
+        plan, info, pid = [], [], 0
+        for gi, group in enumerate(self.param_groups):
+            live = []
+            for p in group["params"]:
+                if p.grad is not None:
+                    where = f"param_groups[{gi}]['params'][{len(live)}]"
+                    _check_grad(p, p.grad, where)
+                    live.append((pid, p, where))
+                pid += 1
+            bad, norm = self._grad_check([p.grad for _, p, _ in live])
+            if bad and self.nonfinite == "raise":
+                raise FloatingPointError(
+                    f"param_groups[{gi}]: {bad} gradient tensor(s) contain inf or NaN "
+                    "(nonfinite='raise'); pass nonfinite='skip' to skip such steps instead")
+            info.append({"skipped": bool(bad), "nonfinite_tensors": bad, "grad_norm": norm})
+            plan.append((group, live, bool(bad)))
+        for group, live, skip in plan:
+            for _, p, where in live:
+                state = self.state[p]
+                if len(state) == 0:
+                    state.update(self._fresh_state(p, group))
+                self._stored_bits(p, state, self._state_names(group), where)
+        for group, live, skip in plan:
+            if skip:
+                group["skipped_steps"] += 1
+                continue
+            self._step_group(group, live)
+        self.last_step_info = info
+        return loss
+
+    def _step_group(self, group, live):
+        names = self._state_names(group)
+        buckets = {}  # one fused call per (format, step, device, dtype, write-back)
+        for pid, p, where in live:
+            state = self.state[p]
+            bits = self._stored_bits(p, state, names, where)
+            step = int(state["step"].item()) + 1
+            key = (bits, step, p.device, p.dtype, self._writeback(p, group))
+            buckets.setdefault(key, []).append((pid, p))
+        for (bits, step, device, dtype, wb), items in buckets.items():
+            ps = [p for _, p in items]
+            states = [[], [], [], []]
+            for j, name in enumerate(names):
+                for p in ps:
+                    st = self.state[p]
+                    if bits == 32:
+                        states[2 * j].append(st[name])
+                    else:
+                        states[2 * j].append(st[name + "_codes"])
+                        states[2 * j + 1].append(st[name + "_absmax"])
+            comps = [self.state[p]["kahan_comp"] for p in ps] if wb == "kahan" else []
+            keys = ([ref.sr_key(group["seed"], pid, step) for pid, _ in items]
+                    if wb == "stochastic" else [])
+            scalars, flag_kw = self._scalars(group, step)
+            flags = ref.step_flags(self._kind, scalars, **flag_kw)
+            backend = ops.resolve_backend(self.backend, device)
+            ops.optim_step([p.data for p in ps], [p.grad.contiguous() for p in ps], *states,
+                           comps, keys, self._kind, bits, scalars, flags, wb, backend)
+            for p in ps:
+                self.state[p]["step"].fill_(float(step))

@@ -1,0 +1,37 @@
+"""Test helpers: drive lowbit.reference.optim.fused_step on one tensor at a time, keeping its
+states in the layout of the op (lists of one tensor)."""
+import torch
+
+from lowbit.reference import optim as ref
+
+
+class RefTensor:
+    """One parameter and its states under the reference step."""
+
+    def __init__(self, p, kind="adam", state_bits=32, nstates=None, writeback="f32"):
+        self.p = p.clone()
+        self.kind, self.bits, self.writeback = kind, state_bits, writeback
+        nstates = len(ref.STATE_NAMES[kind]) if nstates is None else nstates
+        self.states = [[], [], [], []]
+        for j in range(nstates):
+            if state_bits == 32:
+                self.states[2 * j].append(torch.zeros(p.shape))
+            else:
+                codes, absmax = ref.quantize_state(torch.zeros(p.numel()), j, state_bits)
+                self.states[2 * j].append(codes)
+                self.states[2 * j + 1].append(absmax)
+        self.comps = [torch.zeros_like(p)] if writeback == "kahan" else []
+
+    def step(self, g, scalars, key=0, **flag_kw):
+        flags = ref.step_flags(self.kind, scalars, **flag_kw)
+        ref.fused_step(self.kind, [self.p], [g], *self.states, self.comps, [key], self.bits,
+                       scalars, flags, self.writeback)
+        return self.p
+
+    def fp32_states(self):
+        out = []
+        for j in range(len([s for s in self.states[0::2] if s])):
+            st, am = self.states[2 * j][0], (self.states[2 * j + 1] or [None])[0]
+            out.append(st if self.bits == 32 else
+                       ref.dequantize_state(st, am, j, self.bits, self.p.shape))
+        return out
