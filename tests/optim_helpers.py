@@ -24,7 +24,7 @@ class RefTensor:
 
     def step(self, g, scalars, key=0, **flag_kw):
         flags = ref.step_flags(self.kind, scalars, **flag_kw)
-        ref.fused_step(self.kind, [self.p], [g], *self.states, self.comps, [key], self.bits,
+        ref.fused_step(self.kind, [self.p], [g], *self.states, self.comps, [key], self.bits, 0,
                        scalars, flags, self.writeback)
         return self.p
 

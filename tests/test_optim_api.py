@@ -171,7 +171,7 @@ def test_torch_adamw_state_dict_imports_quantized_and_exports_back(cls, bits):
     w = a[0].weight
     st = ours.state[w]
     assert st["exp_avg_codes"].dtype == torch.uint8 and "exp_avg" not in st
-    m, v = ours._moments_fp32(w, st, ("exp_avg", "exp_avg_sq"), bits)
+    m, v = ours._moments_fp32(w, st, ("exp_avg", "exp_avg_sq"), ours._format_for(w, ours.param_groups[0]))
     for q, exact, am in ((m, torch_opt.state[w]["exp_avg"], st["exp_avg_absmax"]),
                          (v, torch_opt.state[w]["exp_avg_sq"], st["exp_avg_sq_absmax"])):
         block = ref.STATE_FORMATS[bits][2]
@@ -199,7 +199,7 @@ def test_loading_between_state_bits_converts():
     opt8 = lo.AdamW8bit(a.parameters())
     _train(a, opt8, 4)
     w = a[0].weight
-    m8, v8 = opt8._moments_fp32(w, opt8.state[w], ("exp_avg", "exp_avg_sq"), 8)
+    m8, v8 = opt8._moments_fp32(w, opt8.state[w], ("exp_avg", "exp_avg_sq"), (8, 256))
     opt32 = lo.AdamW(a.parameters())
     opt32.load_state_dict(opt8.state_dict())
     assert torch.equal(opt32.state[w]["exp_avg"], m8)       # dequantization is exact
@@ -274,3 +274,18 @@ def test_same_seed_same_bits_other_seed_other_bits():
 
     assert torch.equal(run(1), run(1))
     assert not torch.equal(run(1), run(2))
+
+
+def test_block_size_argument_and_conversion_on_load():
+    a = _model()
+    opt = lo.AdamW8bit(a.parameters(), block_size=64)
+    _train(a, opt, 3)
+    w = a[0].weight
+    assert opt.state[w]["exp_avg_absmax"].numel() == w.numel() // 64
+    other = lo.AdamW4bit(a.parameters(), block_size=1024)
+    other.load_state_dict(opt.state_dict())       # 8-bit/64 -> 4-bit/1024
+    assert other.state[w]["exp_avg_absmax"].numel() == -(-w.numel() // 1024)
+    assert other.param_groups[0]["block_size"] == 1024
+    _train(a, other, 2)
+    with pytest.raises(ValueError, match="block_size must be a power of two"):
+        lo.AdamW8bit(a.parameters(), block_size=100)

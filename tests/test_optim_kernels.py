@@ -27,7 +27,7 @@ RULES = {
 }
 
 
-def _make(kind, sizes, dtype, state_bits, writeback, momentum=True):
+def _make(kind, sizes, dtype, state_bits, writeback, momentum=True, block=0):
     """Params, and (state1, absmax1, state2, absmax2, comps) lists, freshly initialised."""
     params = [(torch.randn(n) * 0.1).to(dtype) for n in sizes]
     nstates = {"adam": 2, "lion": 1, "sgd": 1 if momentum else 0}[kind]
@@ -37,7 +37,7 @@ def _make(kind, sizes, dtype, state_bits, writeback, momentum=True):
             if state_bits == 32:
                 lists[2 * j].append(torch.zeros(p.shape))
             else:
-                codes, absmax = ref.quantize_state(torch.zeros(p.numel()), j, state_bits)
+                codes, absmax = ref.quantize_state(torch.zeros(p.numel()), j, state_bits, block)
                 lists[2 * j].append(codes)
                 lists[2 * j + 1].append(absmax)
     comps = [torch.zeros_like(p) for p in params] if writeback == "kahan" else []
@@ -52,11 +52,11 @@ def _same(a, b):
     return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
-def _run(backend, rule, state_bits, dtype, writeback, sizes=SIZES, steps=4, seed=0):
+def _run(backend, rule, state_bits, dtype, writeback, sizes=SIZES, steps=4, seed=0, block=0):
     kind, scalars, kw = RULES[rule]
     torch.manual_seed(seed)
     params, states = _make(kind, sizes, dtype, state_bits, writeback,
-                           momentum=rule != "sgd_plain")
+                           momentum=rule != "sgd_plain", block=block)
     twins, twin_states = _clone(params, states)
     for step in range(1, steps + 1):
         grads = [(torch.randn(p.shape) * 10.0 ** (step - 3)).to(dtype) for p in params]
@@ -64,10 +64,10 @@ def _run(backend, rule, state_bits, dtype, writeback, sizes=SIZES, steps=4, seed
                 if writeback == "stochastic" else [])
         sc = scalars(step)
         flags = ref.step_flags(kind, sc, first_step=step == 1, **kw)
-        ops.optim_step(params, grads, *states, keys, kind, state_bits, sc, flags, writeback,
-                       backend)
-        ops.optim_step(twins, grads, *twin_states, keys, kind, state_bits, sc, flags, writeback,
-                       "reference")
+        ops.optim_step(params, grads, *states, keys, kind, state_bits, block, sc, flags,
+                       writeback, backend)
+        ops.optim_step(twins, grads, *twin_states, keys, kind, state_bits, block, sc, flags,
+                       writeback, "reference")
         for a, b in zip(params, twins):
             assert _same(a, b), (rule, step)
         for got, want in zip(states, twin_states):
@@ -111,3 +111,9 @@ def test_many_tensors_in_one_call(backend, state_bits):
     torch.manual_seed(1)
     sizes = [0, 1] + torch.randint(2, 700, (38,)).tolist()
     _run(backend, "adamw", state_bits, torch.bfloat16, "stochastic", sizes=sizes, steps=2)
+
+
+@pytest.mark.parametrize("backend", kernel_backend_params())
+@pytest.mark.parametrize("state_bits, block", [(8, 64), (8, 2048), (4, 32), (4, 4096)])
+def test_block_sizes(backend, state_bits, block):
+    _run(backend, "adamw", state_bits, torch.float32, "f32", block=block, steps=2)

@@ -41,12 +41,13 @@ static void decode_block(const uint8_t* codes, int64_t begin, int64_t len, const
 #endif
 }
 
-// New absmax of the block's values, then their nearest codes.
+// Nearest codes of the block's new values against their absmax `am` (bits of the largest |value|,
+// computed by update_run on the way).
 template <int NCODE>
-static void encode_block(const float* vals, int64_t begin, int64_t len, const float* mids,
-                         const NearestLut& lut, uint8_t* codes, float* absmax_slot,
-                         uint8_t* idx_buf) {
-  const float am = block_absmax<kF32>(vals, 0, len);
+static void encode_block(const float* vals, int64_t begin, int64_t len, uint32_t am_bits,
+                         const float* mids, const NearestLut& lut, uint8_t* codes,
+                         float* absmax_slot, uint8_t* idx_buf) {
+  const float am = bits_f32(am_bits);
   *absmax_slot = am;
   uint8_t* out = codes + (NCODE == 16 ? begin / 2 : begin);
   encode_nearest<kF32>(vals, 0, len, unit_scale(am), NCODE, mids, lut, out, false, idx_buf);
@@ -70,10 +71,11 @@ static inline void store_x(void* p, void* comp, int64_t k, float x, uint32_t r) 
 }
 
 // The rule over elements [begin, begin+len) of tensor t. m/v: the states of these elements (fp32
-// arrays, or the dequantized block buffers), updated in place.
+// arrays, or the dequantized block buffers), updated in place; mx_m/mx_v: the largest |bits| of
+// the new m/v (their block absmax, for quantized states), found in the same pass.
 template <int KIND, int DT, int WB, int NST>
 static void update_run(const OptArgs& a, const OptTensor& t, int64_t begin, int64_t len,
-                       float* __restrict m, float* __restrict v) {
+                       float* __restrict m, float* __restrict v, uint32_t* mx_m, uint32_t* mx_v) {
   uint32_t rbuf[kOptChunk];
   if (WB == kWbStochastic) fill_philox(t.key, (uint64_t)begin, len, rbuf);
   const float* f = a.s.f;
@@ -82,7 +84,8 @@ static void update_run(const OptArgs& a, const OptTensor& t, int64_t begin, int6
   void* __restrict p = t.p;
   const void* __restrict g = t.g;
   void* __restrict comp = t.comp;
-#pragma omp simd
+  uint32_t max1 = 0, max2 = 0;
+#pragma omp simd reduction(max : max1, max2)
   for (int64_t i = 0; i < len; ++i) {
     const int64_t k = begin + i;
     float x = load_t<DT>(p, k);
@@ -91,8 +94,13 @@ static void update_run(const OptArgs& a, const OptTensor& t, int64_t begin, int6
     update_rule<KIND>(fs, flags, x, load_t<DT>(g, k), s1, s2);
     if (NST >= 1) m[i] = s1;
     if (NST >= 2) v[i] = s2;
+    const uint32_t b1 = abs_bits(s1), b2 = abs_bits(s2);
+    max1 = b1 > max1 ? b1 : max1;
+    max2 = b2 > max2 ? b2 : max2;
     store_x<DT, WB>(p, comp, k, x, WB == kWbStochastic ? rbuf[i] : 0u);
   }
+  *mx_m = max1;
+  *mx_v = max2;
 }
 
 template <int KIND, int DT, int WB, int NST, int NCODE>
@@ -101,7 +109,8 @@ static void step_chunk(const OptimCpuArgs& ca, const OptTensor& t, int64_t begin
   if (NCODE == 0) {  // fp32 states (or none): update in place
     float* m = NST >= 1 ? (float*)t.s1 + begin : nullptr;
     float* v = NST >= 2 ? (float*)t.s2 + begin : nullptr;
-    update_run<KIND, DT, WB, NST>(a, t, begin, len, m, v);
+    uint32_t unused1, unused2;
+    update_run<KIND, DT, WB, NST>(a, t, begin, len, m, v, &unused1, &unused2);
     return;
   }
   float mbuf[kOptChunk], vbuf[kOptChunk];
@@ -114,13 +123,14 @@ static void step_chunk(const OptimCpuArgs& ca, const OptTensor& t, int64_t begin
     const uint8_t* c2 = (const uint8_t*)t.s2;
     if (NST >= 1) decode_block<NCODE>(c1, b0, blen, a.code1, t.s1_absmax[b], mbuf);
     if (NST >= 2) decode_block<NCODE>(c2, b0, blen, a.code2, t.s2_absmax[b], vbuf);
-    update_run<KIND, DT, WB, NST>(a, t, b0, blen, mbuf, vbuf);
+    uint32_t am1, am2;
+    update_run<KIND, DT, WB, NST>(a, t, b0, blen, mbuf, vbuf, &am1, &am2);
     if (NST >= 1)
-      encode_block<NCODE>(mbuf, b0, blen, a.mids1, ca.lut1, (uint8_t*)t.s1, &t.s1_absmax[b],
-                          idx_buf);
+      encode_block<NCODE>(mbuf, b0, blen, am1, a.mids1, ca.lut1, (uint8_t*)t.s1,
+                          &t.s1_absmax[b], idx_buf);
     if (NST >= 2)
-      encode_block<NCODE>(vbuf, b0, blen, a.mids2, ca.lut2, (uint8_t*)t.s2, &t.s2_absmax[b],
-                          idx_buf);
+      encode_block<NCODE>(vbuf, b0, blen, am2, a.mids2, ca.lut2, (uint8_t*)t.s2,
+                          &t.s2_absmax[b], idx_buf);
   }
 }
 

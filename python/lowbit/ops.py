@@ -134,18 +134,21 @@ def optim_step(params: list[torch.Tensor], grads: list[torch.Tensor],
                state1: list[torch.Tensor], absmax1: list[torch.Tensor],
                state2: list[torch.Tensor], absmax2: list[torch.Tensor],
                comps: list[torch.Tensor], keys: list[int], kind: str, state_bits: int,
-               scalars: list[float], flags: int, writeback: str, backend: str) -> None:
+               block_size: int, scalars: list[float], flags: int, writeback: str,
+               backend: str) -> None:
     """One fused optimizer step over tensors sharing a rule, param dtype and state format; the
     contract is lowbit.reference.optim.fused_step (kind "adam" | "lion" | "sgd"; writeback "f32"
-    | "nearest" | "stochastic" | "kahan"; scalars and flags from reference.optim)."""
+    | "nearest" | "stochastic" | "kahan"; block_size 0 = the state format's default; scalars and
+    flags from reference.optim)."""
     if params:
         _backend_impl(backend).optim_step(params, grads, state1, absmax1, state2, absmax2, comps,
-                                          keys, kind, state_bits, scalars, flags, writeback)
+                                          keys, kind, state_bits, block_size, scalars, flags,
+                                          writeback)
 
 
 @optim_step.register_fake
-def _(params, grads, state1, absmax1, state2, absmax2, comps, keys, kind, state_bits, scalars,
-      flags, writeback, backend):
+def _(params, grads, state1, absmax1, state2, absmax2, comps, keys, kind, state_bits, block_size,
+      scalars, flags, writeback, backend):
     return None
 
 

@@ -34,7 +34,9 @@ enum WriteBack : int {
 };
 
 // Host-computed scalars (float64 then rounded to fp32 once), meaning by kind:
-//   kAdam: decay, wd, a1 = 1-beta1, b2, a2 = 1-beta2, bc2 = sqrt(1-beta2^t), eps, step_size
+//   kAdam: decay, wd, a1 = 1-beta1, b2, a2 = 1-beta2, eps * bc2, lr * bc2 / (1-beta1^t), -
+//          with bc2 = sqrt(1-beta2^t) (the bias corrections folded into eps and the step size,
+//          as bitsandbytes does: one division per element instead of two)
 //   kLion: decay, b1, a1 = 1-beta1, b2, a2 = 1-beta2, lr, -, -
 //   kSgd:  wd, momentum, damp = 1-dampening, lr, -, -, -, -
 struct StepScalars {
@@ -83,8 +85,8 @@ LOWBIT_HD void update_rule(const float* f, int flags, float& p, float g, float& 
     g = (flags & kL2) ? add_rn(g, mul_rn(f[1], p)) : g;
     s1 = add_rn(s1, mul_rn(f[2], sub_rn(g, s1)));
     s2 = add_rn(mul_rn(s2, f[3]), mul_rn(f[4], mul_rn(g, g)));
-    const float d = add_rn(div_rn(sqrt_rn(s2), f[5]), f[6]);
-    p = sub_rn(p, mul_rn(f[7], div_rn(s1, d)));
+    const float d = add_rn(sqrt_rn(s2), f[5]);
+    p = sub_rn(p, mul_rn(f[6], div_rn(s1, d)));
   } else if (KIND == kLion) {
     p = (flags & kDecay) ? mul_rn(p, f[0]) : p;
     const float c = add_rn(mul_rn(f[1], s1), mul_rn(f[2], g));

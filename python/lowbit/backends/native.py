@@ -34,14 +34,14 @@ class NativeBackend:
                                      DTYPE_CODE[out.dtype], seed, offset, *self._stream(x))
 
     def optim_step(self, params, grads, state1, absmax1, state2, absmax2, comps, keys, kind,
-                   state_bits, scalars, flags, writeback):
+                   state_bits, block_size, scalars, flags, writeback):
         from ..reference import optim as ref
         ptrs = lambda ts: [t.data_ptr() for t in ts]  # noqa: E731
         device = params[0].device
         block, ncode, tables = 0, 0, (torch.zeros(1),) * 4
         if state_bits != 32:
             tables = _state_tables(state_bits)
-            block = ref.STATE_FORMATS[state_bits][2]
+            block = block_size or ref.STATE_FORMATS[state_bits][2]
             ncode = tables[0].numel()
         # The kernels read the code / mids tables from the params' memory (device, for CUDA).
         tables = [t.to(device) for t in tables]

@@ -21,7 +21,7 @@ from ..reference import optim as ref
 # Group keys that describe how this optimizer stores its state: on load_state_dict they keep the
 # values of the optimizer being loaded into (so loading an 8-bit checkpoint into a 4-bit
 # optimizer converts the states), while hyperparameters (lr, betas, seed, ...) are restored.
-_CONFIG_KEYS = ("state_bits", "min_quant_numel", "stochastic_rounding", "kahan")
+_CONFIG_KEYS = ("state_bits", "block_size", "min_quant_numel", "stochastic_rounding", "kahan")
 
 
 def _check_grad(p: torch.Tensor, g: torch.Tensor, name: str):
@@ -53,11 +53,14 @@ class FusedOptimizer(torch.optim.Optimizer):
     _kind = "adam"
     _torch_class = None  # the torch.optim class whose state-dict layout export_state_dict gives
 
-    def __init__(self, params, defaults, *, state_bits=32, min_quant_numel=4096,
+    def __init__(self, params, defaults, *, state_bits=32, block_size=None, min_quant_numel=4096,
                  stochastic_rounding=None, kahan=False, seed=None, backend=None,
                  nonfinite="skip"):
         if state_bits not in (32, 8, 4):
             raise ValueError(f"state_bits must be 32, 8 or 4, got {state_bits!r}")
+        if block_size is not None and block_size not in ref.BLOCK_SIZES:
+            raise ValueError(f"block_size must be a power of two from 32 to 4096 (or None for "
+                             f"256 with 8-bit and 128 with 4-bit states), got {block_size!r}")
         if not isinstance(min_quant_numel, int) or min_quant_numel < 0:
             raise ValueError(f"min_quant_numel must be a non-negative int, got {min_quant_numel!r}")
         if kahan and stochastic_rounding:
@@ -70,7 +73,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         if seed is None:
             # follows torch.manual_seed, so seeded scripts are reproducible
             seed = torch.initial_seed() % 2**63
-        defaults.update(state_bits=state_bits, min_quant_numel=min_quant_numel,
+        defaults.update(state_bits=state_bits, block_size=block_size,
+                        min_quant_numel=min_quant_numel,
                         stochastic_rounding=not kahan if stochastic_rounding is None
                         else bool(stochastic_rounding),
                         kahan=bool(kahan), seed=int(seed), skipped_steps=0)
@@ -93,9 +97,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         return ref.STATE_NAMES[self._kind][:self._nstates(group)]
 
     # --- state formats ----------------------------------------------------------------------
+    # A format is (state_bits, block_size): (32, 0) for fp32 states. It is a function of the
+    # parameter's size and its group's settings, so a state dict needs no format tags: the
+    # saved groups say how their states were stored.
 
-    def _state_bits_for(self, p, group) -> int:
-        return 32 if p.numel() < group["min_quant_numel"] else group["state_bits"]
+    @staticmethod
+    def _format_for(p, group) -> tuple:
+        bits = 32 if p.numel() < group["min_quant_numel"] else group["state_bits"]
+        if bits == 32:
+            return 32, 0
+        return bits, group.get("block_size") or ref.STATE_FORMATS[bits][2]
 
     @staticmethod
     def _writeback(p, group) -> str:
@@ -107,92 +118,91 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _fresh_state(self, p, group) -> dict:
         state = {"step": torch.tensor(0.0, dtype=torch.float32)}
-        bits = self._state_bits_for(p, group)
+        bits, block = self._format_for(p, group)
         for j, name in enumerate(self._state_names(group)):
             if bits == 32:
                 state[name] = torch.zeros_like(p, dtype=torch.float32,
                                                memory_format=torch.contiguous_format)
             else:
-                codes, absmax = ref.quantize_state(torch.zeros(p.numel()), j, bits)
-                state[name + "_codes"], state[name + "_absmax"] = codes.to(p.device), absmax.to(
-                    p.device)
+                codes, absmax = ref.quantize_state(torch.zeros(p.numel()), j, bits, block)
+                state[name + "_codes"] = codes.to(p.device)
+                state[name + "_absmax"] = absmax.to(p.device)
         if self._writeback(p, group) == "kahan":
             state["kahan_comp"] = torch.zeros_like(p)
         return state
 
     @staticmethod
-    def _stored_bits(p, state, names, where) -> int:
-        """The format a state is in, checked against the parameter, so a state dict from
-        another parameter layout fails with a clear error instead of corrupting memory."""
-        n, bits = p.numel(), None
+    def _check_state(p, state, names, fmt, where):
+        """The state holds `fmt` tensors that fit p: a state dict from another parameter layout
+        (or optimizer) fails here with a clear error instead of corrupting memory."""
+        n, (bits, block) = p.numel(), fmt
         for name in names:
-            if name in state:
-                t = state[name]
+            if bits == 32:
+                t = state.get(name)
+                if t is None:
+                    raise RuntimeError(f"{where}: fp32 state {name!r} is missing. Was the state "
+                                       "dict saved by another optimizer or with other settings?")
                 if t.shape != p.shape or t.dtype != torch.float32:
                     raise RuntimeError(f"{where}: state {name!r} has shape {tuple(t.shape)} and "
                                        f"dtype {t.dtype}; the parameter has shape "
                                        f"{tuple(p.shape)}. Was the state dict saved for another "
                                        "model?")
-                got = 32
-            elif name + "_codes" in state:
-                c, a = state[name + "_codes"], state[name + "_absmax"]
-                got = 8 if c.numel() == n else 4
-                block = ref.STATE_FORMATS[got][2]
-                if (c.numel() != (n if got == 8 else (n + 1) // 2) or c.dtype != torch.uint8
-                        or a.numel() != -(-n // block) or a.dtype != torch.float32):
-                    raise RuntimeError(f"{where}: quantized state {name!r} ({c.numel()} codes, "
-                                       f"{a.numel()} absmax) does not fit a parameter of {n} "
-                                       "elements. Was the state dict saved for another model?")
-            else:
-                raise RuntimeError(f"{where}: state {name!r} is missing. Was the state dict "
-                                   "saved by another optimizer?")
-            if bits is not None and got != bits:
-                raise RuntimeError(f"{where}: states stored in different formats")
-            bits = got
-        return 32 if bits is None else bits
+                continue
+            c, a = state.get(name + "_codes"), state.get(name + "_absmax")
+            if c is None or a is None:
+                raise RuntimeError(f"{where}: {bits}-bit state {name!r} is missing. Was the state "
+                                   "dict saved by another optimizer or with other settings?")
+            if (c.numel() != (n if bits == 8 else (n + 1) // 2) or c.dtype != torch.uint8
+                    or a.numel() != -(-n // block) or a.dtype != torch.float32):
+                raise RuntimeError(f"{where}: {bits}-bit state {name!r} ({c.numel()} codes, "
+                                   f"{a.numel()} absmax) does not fit a parameter of {n} "
+                                   f"elements in blocks of {block}. Was the state dict saved "
+                                   "for another model?")
 
-    def _moments_fp32(self, p, state, names, bits):
+    def _moments_fp32(self, p, state, names, fmt):
         """The rule's states as fp32 tensors shaped like p."""
+        bits, block = fmt
         out = []
         for j, name in enumerate(names):
             if bits == 32:
                 out.append(state[name].float())
             else:
                 out.append(ref.dequantize_state(state[name + "_codes"].cpu(),
-                                                state[name + "_absmax"].cpu(), j, bits,
-                                                p.shape).to(p.device))
+                                                state[name + "_absmax"].cpu(), j, bits, p.shape,
+                                                block).to(p.device))
         return out
 
-    def _adopt_state(self, p, state, group, where) -> dict:
-        """A loaded state converted to this optimizer's format for p (state_bits, kahan); the
-        identity when it already is, so a resumed run continues bit for bit."""
+    def _adopt_state(self, p, state, group, saved_group, where) -> dict:
+        """A loaded state converted to this optimizer's format for p (state_bits, block_size,
+        kahan); untouched when it already is, so a resumed run continues bit for bit.
+        `saved_group` describes how the state was stored."""
         if not state:
             return state
         names = self._state_names(group)
         if "max_exp_avg_sq" in state:
             raise ValueError(f"{where}: the state dict is from an amsgrad optimizer; lowbit's "
                              "Adam/AdamW do not implement amsgrad")
-        state = {k: v for k, v in state.items()}
+        state = dict(state)
         if "step" not in state:  # torch.optim.SGD keeps no step count
             state["step"] = torch.tensor(1.0)
         state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).cpu()
-        for k in list(state):
-            if k.endswith("_codes"):
-                state[k] = state[k].to(torch.uint8)
-            elif k != "step" and isinstance(state[k], torch.Tensor) and k != "kahan_comp":
-                if k in names and state[k].dtype != torch.float32:
-                    state[k] = state[k].float()  # e.g. torch's bf16 states of bf16 params
-        src = self._stored_bits(p, state, names, where)
-        want = self._state_bits_for(p, group)
+        for name in names:
+            if name in state:  # e.g. torch's bf16 states of bf16 parameters
+                state[name] = state[name].float()
+            if name + "_codes" in state:
+                state[name + "_codes"] = state[name + "_codes"].to(torch.uint8)
+        src = (32, 0) if all(n in state for n in names) else self._format_for(p, saved_group)
+        self._check_state(p, state, names, src, where)
+        want = self._format_for(p, group)
         if src != want:
             values = self._moments_fp32(p, state, names, src)
             for j, name in enumerate(names):
                 for k in (name, name + "_codes", name + "_absmax"):
                     state.pop(k, None)
-                if want == 32:
+                if want[0] == 32:
                     state[name] = values[j].contiguous()
                 else:
-                    codes, absmax = ref.quantize_state(values[j].cpu(), j, want)
+                    codes, absmax = ref.quantize_state(values[j].cpu(), j, *want)
                     state[name + "_codes"] = codes.to(p.device)
                     state[name + "_absmax"] = absmax.to(p.device)
         comp = state.pop("kahan_comp", None)
@@ -207,19 +217,19 @@ class FusedOptimizer(torch.optim.Optimizer):
         """torch's semantics (hyperparameters and states restored, matched to parameters by
         position) with three differences: state tensors keep their dtype (torch would cast them to
         the parameter's, which breaks uint8 codes and fp32 states of bf16 parameters); states in
-        another format (a torch.optim state dict, or another state_bits) are converted to this
-        optimizer's; and everything is validated before anything changes."""
+        another format (a torch.optim state dict, or other state_bits / block_size) are converted
+        to this optimizer's; and everything is validated before anything changes."""
         groups, saved = self.param_groups, state_dict["param_groups"]
         if len(groups) != len(saved):
             raise ValueError("loaded state dict has a different number of parameter groups")
-        id_map, group_of = {}, {}
+        id_map = {}
         for g, sg in zip(groups, saved):
             if len(g["params"]) != len(sg["params"]):
                 raise ValueError("loaded state dict contains a parameter group that doesn't "
                                  "match the size of optimizer's group")
             for pid, p in zip(sg["params"], g["params"]):
-                id_map[pid] = p
-        new_groups = []
+                id_map[pid] = (p, g, sg)
+        new_groups, merged = [], {}
         for g, sg in zip(groups, saved):
             ng = {k: v for k, v in sg.items() if k != "params"}
             for k, v in g.items():
@@ -227,17 +237,18 @@ class FusedOptimizer(torch.optim.Optimizer):
                     ng[k] = v
             ng["params"] = g["params"]
             new_groups.append(ng)
-            for p in g["params"]:
-                group_of[p] = ng
+            merged[id(g)] = ng
         new_state = defaultdict(dict)
         for pid, st in state_dict["state"].items():
             if pid not in id_map:
                 continue
-            p = id_map[pid]
+            p, g, sg = id_map[pid]
             # copies: the caller's dict (possibly loaded into another optimizer too) stays apart
             moved = {k: (v.to(p.device, copy=True) if isinstance(v, torch.Tensor) else v)
                      for k, v in st.items()}
-            new_state[p] = self._adopt_state(p, moved, group_of[p], f"state of parameter {pid}")
+            saved_group = {**g, **{k: v for k, v in sg.items() if k != "params"}}
+            new_state[p] = self._adopt_state(p, moved, merged[id(g)], saved_group,
+                                             f"state of parameter {pid}")
         self.__setstate__({"state": new_state, "param_groups": new_groups})
 
     def export_state_dict(self) -> dict:
@@ -247,19 +258,19 @@ class FusedOptimizer(torch.optim.Optimizer):
         are dropped (torch has none)."""
         sd = self.state_dict()
         export_state = {}
-        params = [p for g in self.param_groups for p in g["params"]]
+        owner = [(p, g) for g in self.param_groups for p in g["params"]]
         for pid, st in sd["state"].items():
-            p = params[pid]
-            group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+            p, group = owner[pid]
             names = self._state_names(group)
-            bits = self._stored_bits(p, st, names, f"state of parameter {pid}")
+            fmt = self._format_for(p, group)
+            self._check_state(p, st, names, fmt, f"state of parameter {pid}")
             out = {"step": st["step"].clone()}
-            for name, value in zip(names, self._moments_fp32(p, st, names, bits)):
+            for name, value in zip(names, self._moments_fp32(p, st, names, fmt)):
                 out[name] = value.clone()
             export_state[pid] = out
-        groups = []
         keys = (self._torch_class([torch.zeros(1)], **self._torch_kwargs()).defaults
-                if self._torch_class is not None else {})
+                if self._torch_class is not None else None)
+        groups = []
         for g in sd["param_groups"]:
             eg = {k: g.get(k, v) for k, v in keys.items()} if keys else dict(g)
             eg["params"] = g["params"]
@@ -312,7 +323,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 state = self.state[p]
                 if len(state) == 0:
                     state.update(self._fresh_state(p, group))
-                self._stored_bits(p, state, self._state_names(group), where)
+                self._check_state(p, state, self._state_names(group),
+                                  self._format_for(p, group), where)
         for group, live, skip in plan:
             if skip:
                 group["skipped_steps"] += 1
@@ -326,11 +338,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         buckets = {}  # one fused call per (format, step, device, dtype, write-back)
         for pid, p, where in live:
             state = self.state[p]
-            bits = self._stored_bits(p, state, names, where)
             step = int(state["step"].item()) + 1
-            key = (bits, step, p.device, p.dtype, self._writeback(p, group))
+            key = (self._format_for(p, group), step, p.device, p.dtype, self._writeback(p, group))
             buckets.setdefault(key, []).append((pid, p))
-        for (bits, step, device, dtype, wb), items in buckets.items():
+        for ((bits, block), step, device, dtype, wb), items in buckets.items():
             ps = [p for _, p in items]
             states = [[], [], [], []]
             for j, name in enumerate(names):
@@ -348,6 +359,6 @@ class FusedOptimizer(torch.optim.Optimizer):
             flags = ref.step_flags(self._kind, scalars, **flag_kw)
             backend = ops.resolve_backend(self.backend, device)
             ops.optim_step([p.data for p in ps], [p.grad.contiguous() for p in ps], *states,
-                           comps, keys, self._kind, bits, scalars, flags, wb, backend)
+                           comps, keys, self._kind, bits, block, scalars, flags, wb, backend)
             for p in ps:
                 self.state[p]["step"].fill_(float(step))

@@ -11,8 +11,11 @@ Per element, every operation rounded once in fp32, in this order:
            g = g + wd * x                               if L2      (Adam's coupled decay)
            m = m + a1 * (g - m)                         a1 = 1 - beta1   (torch's lerp)
            v = v * b2 + a2 * (g * g)                    b2 = beta2, a2 = 1 - beta2
-           d = sqrt(v) / bc2 + eps                      bc2 = sqrt(1 - beta2**t)
-           x = x - step_size * (m / d)                  step_size = lr / (1 - beta1**t)
+           d = sqrt(v) + eps_t                          eps_t = eps * bc2
+           x = x - step_size * (m / d)                  step_size = lr * bc2 / (1 - beta1**t)
+                                                        bc2 = sqrt(1 - beta2**t)
+           (torch's sqrt(v) / bc2 + eps with both bias corrections folded into the scalars, as
+           bitsandbytes does: one division per element instead of two, equal up to rounding)
   Lion     x = x * decay                                if DECAY   (decay = 1 - lr*wd)
            c = b1 * m + a1 * g                          (Chen et al. 2023, Alg. 2)
            x = x - lr * sign(c)                         sign(+-0) = +-0, sign(NaN) = NaN
@@ -61,11 +64,12 @@ def f32(x: float) -> float:
 
 
 def adam_scalars(lr, beta1, beta2, eps, weight_decay, step, decoupled=True) -> list:
-    """[decay, wd, a1, b2, a2, bc2, eps, step_size] of one Adam/AdamW step."""
+    """[decay, wd, a1, b2, a2, eps_t, step_size, 0] of one Adam/AdamW step."""
+    bc2 = math.sqrt(1.0 - beta2 ** step)
     return [f32(1.0 - lr * weight_decay) if decoupled else 1.0,
             0.0 if decoupled else f32(weight_decay),
             f32(1.0 - beta1), f32(beta2), f32(1.0 - beta2),
-            f32(math.sqrt(1.0 - beta2 ** step)), f32(eps), f32(lr / (1.0 - beta1 ** step))]
+            f32(eps * bc2), f32(lr * bc2 / (1.0 - beta1 ** step)), 0.0]
 
 
 def lion_scalars(lr, beta1, beta2, weight_decay) -> list:
@@ -145,8 +149,8 @@ def update(kind: str, x, g, s1, s2, sc, flags):
             g = g + _t(sc[1]) * x
         s1 = s1 + _t(sc[2]) * (g - s1)
         s2 = s2 * _t(sc[3]) + _t(sc[4]) * (g * g)
-        d = _div(_sqrt(s2), _t(sc[5]).expand_as(s2)) + _t(sc[6])
-        x = x - _t(sc[7]) * _div(s1, d)
+        d = _sqrt(s2) + _t(sc[5])
+        x = x - _t(sc[6]) * _div(s1, d)
     elif kind == "lion":
         if flags & DECAY:
             x = x * _t(sc[0])
@@ -186,43 +190,49 @@ def store_param(x: torch.Tensor, dtype: torch.dtype, writeback: str, key: int = 
 
 # --- state storage ------------------------------------------------------------------------------
 
-def state_codebook(index: int, state_bits: int) -> tuple:
-    """(codebook name, block size) of state `index` (0: signed first state, 1: unsigned second)."""
+BLOCK_SIZES = tuple(2**k for k in range(5, 13))  # 32 .. 4096: what every backend supports
+
+
+def state_codebook(index: int, state_bits: int, block_size: int = 0) -> tuple:
+    """(codebook name, block size) of state `index` (0: signed first state, 1: unsigned second);
+    block_size 0 means the format's default (256 for 8-bit, 128 for 4-bit)."""
     first, second, block = STATE_FORMATS[state_bits]
-    return (first if index == 0 else second), block
+    return (first if index == 0 else second), block_size or block
 
 
-def quantize_state(x: torch.Tensor, index: int, state_bits: int):
+def quantize_state(x: torch.Tensor, index: int, state_bits: int, block_size: int = 0):
     """(flat uint8 codes, fp32 absmax per block) of fp32 state values, nearest rounding."""
-    name, block = state_codebook(index, state_bits)
+    name, block = state_codebook(index, state_bits, block_size)
     return quantize_blockwise(x.reshape(-1).float(), codebooks.codebook(name), block)
 
 
-def dequantize_state(codes, absmax, index: int, state_bits: int, shape) -> torch.Tensor:
-    name, block = state_codebook(index, state_bits)
+def dequantize_state(codes, absmax, index: int, state_bits: int, shape,
+                     block_size: int = 0) -> torch.Tensor:
+    name, block = state_codebook(index, state_bits, block_size)
     return dequantize_blockwise(codes, absmax, codebooks.codebook(name), block, shape,
                                 torch.float32)
 
 
 def fused_step(kind: str, params, grads, state1, absmax1, state2, absmax2, comps, keys,
-               state_bits: int, scalars, flags: int, writeback: str) -> None:
+               state_bits: int, block_size: int, scalars, flags: int, writeback: str) -> None:
     """lowbit.ops.optim_step's contract, one tensor at a time, in place. state1/state2 are fp32
     tensors shaped like the params (state_bits 32) or flat uint8 codes with fp32 absmax per block;
     empty lists where the rule has no such state. comps: kahan compensations (else empty); keys:
-    per-tensor stochastic-rounding keys (else ignored)."""
+    per-tensor stochastic-rounding keys (else ignored); block_size: of the quantized states (0:
+    the format's default)."""
     nstates = 2 if state2 else (1 if state1 else 0)
     for i, (p, g) in enumerate(zip(params, grads)):
         x = load_param(p, comps[i] if comps else None, writeback)
         s = [None, None]
         for j, (st, am) in enumerate(((state1, absmax1), (state2, absmax2))[:nstates]):
             s[j] = st[i].float() if state_bits == 32 else dequantize_state(
-                st[i], am[i], j, state_bits, p.shape)
+                st[i], am[i], j, state_bits, p.shape, block_size)
         x, s[0], s[1] = update(kind, x, g, s[0], s[1], scalars, flags)
         for j, (st, am) in enumerate(((state1, absmax1), (state2, absmax2))[:nstates]):
             if state_bits == 32:
                 st[i].copy_(s[j])
             else:
-                codes, a = quantize_state(s[j], j, state_bits)
+                codes, a = quantize_state(s[j], j, state_bits, block_size)
                 st[i].copy_(codes)
                 am[i].copy_(a)
         new_p, new_c = store_param(x, p.dtype, writeback, keys[i] if keys else 0)
