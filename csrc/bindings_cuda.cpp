@@ -11,8 +11,8 @@
 #include <string>
 #include <vector>
 
-#include "adam_lists.h"
 #include "cuda/launchers.h"
+#include "optim_lists.h"
 
 namespace py = pybind11;
 
@@ -100,31 +100,30 @@ void py_stochastic_round(uintptr_t x, int64_t n, uintptr_t out, int fmt, uint64_
   check("stochastic_round launch", err);
 }
 
-// One fused Adam/AdamW step over a list of tensors sharing a state format: lowbit._C's adam_step
-// (csrc/bindings.cpp) plus (device, stream). Every pointer, including the code / mids tables of
-// quantized states, is device memory; the tensor table is packed into kernel parameters.
-void py_adam_step(const std::vector<uintptr_t>& p, const std::vector<uintptr_t>& g,
-                  const std::vector<int64_t>& numel, const std::vector<uintptr_t>& m,
-                  const std::vector<uintptr_t>& m_absmax, const std::vector<uintptr_t>& v,
-                  const std::vector<uintptr_t>& v_absmax, int state_bits, int block,
-                  uintptr_t m_code, uintptr_t m_mids, uintptr_t v_code, uintptr_t v_mids,
-                  int ncode, const std::vector<double>& scalars, bool maximize, int device,
-                  uintptr_t stream) {
-  const std::vector<lowbit::cuda::AdamTensorArgs> ts = lowbit::adam_tensor_table<lowbit::cuda::AdamTensorArgs>(
-      p, g, numel, m, m_absmax, v, v_absmax, state_bits);
-  const size_t n = ts.size();
-  const lowbit::AdamScalars s = lowbit::adam_scalars_from(scalars, maximize);
+// One fused optimizer step over a list of tensors sharing a rule, dtype and state format:
+// lowbit._C's optim_step (csrc/bindings.cpp) plus (device, stream). Every pointer, including the
+// code / mids tables of quantized states, is device memory; the tensor table is packed into
+// kernel parameters, so it can go away once the launch is enqueued.
+void py_optim_step(int kind, const std::vector<uintptr_t>& p, const std::vector<uintptr_t>& g,
+                   const std::vector<int64_t>& numel, const std::vector<uintptr_t>& s1,
+                   const std::vector<uintptr_t>& s1_absmax, const std::vector<uintptr_t>& s2,
+                   const std::vector<uintptr_t>& s2_absmax, const std::vector<uintptr_t>& comp,
+                   const std::vector<uint64_t>& keys, int state_bits, int block, uintptr_t code1,
+                   uintptr_t mids1, uintptr_t code2, uintptr_t mids2, int ncode, int dtype,
+                   int writeback, const std::vector<double>& scalars, int flags, int device,
+                   uintptr_t stream) {
+  lowbit::OptCall call;
+  lowbit::optim_call(call, kind, p, g, numel, s1, s1_absmax, s2, s2_absmax, comp, keys,
+                     state_bits, block, code1, mids1, code2, mids2, ncode, dtype, writeback,
+                     scalars, flags);
   cudaError_t err;
   {
     py::gil_scoped_release release;
     err = set_device(device);
     if (err == cudaSuccess)
-      err = lowbit::cuda::adam_step(ts.data(), (int)n, state_bits, block, ptr<const float>(m_code),
-                                    ptr<const float>(m_mids), ptr<const float>(v_code),
-                                    ptr<const float>(v_mids), ncode, s,
-                                    reinterpret_cast<cudaStream_t>(stream));
+      err = lowbit::cuda::optim_step(call.args, reinterpret_cast<cudaStream_t>(stream));
   }
-  check("adam_step launch", err);
+  check("optim_step launch", err);
 }
 
 }  // namespace
@@ -138,5 +137,5 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def("quantize_blockwise", &py_quantize_blockwise);
   m.def("dequantize_blockwise", &py_dequantize_blockwise);
   m.def("stochastic_round", &py_stochastic_round);
-  m.def("adam_step", &py_adam_step, "fused multi-tensor Adam/AdamW step (issue 3)");
+  m.def("optim_step", &py_optim_step, "fused multi-tensor optimizer step (Adam, Lion, SGD)");
 }

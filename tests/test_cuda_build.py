@@ -43,6 +43,11 @@ def test_launch_without_device_raises_runtime_error():
     with pytest.raises(RuntimeError, match=r"lowbit CUDA .*cudaError"):
         _ext.C_CUDA.dequantize_blockwise(codes.data_ptr(), absmax.data_ptr(), code.data_ptr(), 256,
                                          64, 32, out.data_ptr(), 1, 0, 0)
+    grad = torch.zeros(64)
+    state = torch.zeros(64)
+    with pytest.raises(RuntimeError, match=r"lowbit CUDA optim_step.*cudaError"):
+        _ext.C_CUDA.optim_step(2, [x.data_ptr()], [grad.data_ptr()], [64], [state.data_ptr()], [],
+                               [], [], [], [], 32, 0, 0, 0, 0, 0, 0, 0, 0, [0.0] * 8, 0, 0, 0)
 
 
 def _cuobjdump():

@@ -11,7 +11,7 @@
 #include <cuda_runtime_api.h>
 #endif
 
-#include "lowbit/adam.h"
+#include "lowbit/optim_args.h"
 
 namespace lowbit {
 namespace cuda {
@@ -35,26 +35,13 @@ cudaError_t stochastic_round(const float* x, int64_t n, void* out, int fmt, uint
 
 // ---- csrc/cuda/optim.cu ------------------------------------------------------------------------
 
-// One tensor of a fused optimizer step (device pointers). 32-bit states: m, v are fp32 arrays of
-// n elements and the absmax pointers are unused; 8/4-bit: m, v are uint8 codes (n or ceil(n/2)
-// bytes) and m_absmax, v_absmax hold ceil(n / block) floats.
-struct AdamTensorArgs {
-  float* p;
-  const float* g;
-  int64_t n;
-  void* m;
-  float* m_absmax;
-  void* v;
-  float* v_absmax;
-};
-
-// Fused multi-tensor Adam/AdamW step, bit-identical to lowbit::cpu::adam_step. `tensors` is a
-// HOST array of ntensors entries (the launcher packs it into kernel parameters); state_bits is
-// 32, 8 (ncode 256) or 4 (ncode 16); block (power of two in [32, 4096]) and the code / mids tables
-// (device memory) are used by quantized states only.
-cudaError_t adam_step(const AdamTensorArgs* tensors, int ntensors, int state_bits, int block,
-                      const float* m_code, const float* m_mids, const float* v_code,
-                      const float* v_mids, int ncode, const AdamScalars& s, cudaStream_t stream);
+// Fused multi-tensor optimizer step (Adam/AdamW, Lion, SGD), bit-identical to
+// lowbit::cpu::optim_step and lowbit.reference.optim.fused_step. `a.tensors` is a HOST array of
+// a.ntensors entries (the launcher packs it into kernel parameters, so it may be freed once this
+// returns); every pointer in it, and the code / mids tables of quantized states, is device
+// memory. Quantized states (state_bits 8 with ncode 256, or 4 with ncode 16) need a block that is
+// a power of two in [32, 4096]. Unsupported combinations return cudaErrorInvalidValue.
+cudaError_t optim_step(const OptArgs& a, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace lowbit

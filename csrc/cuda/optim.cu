@@ -1,18 +1,26 @@
-// CUDA kernels of the fused multi-tensor Adam/AdamW step (issue 3): one launch updates every
-// tensor of a parameter group, reading grad, param and states once and writing param and states
-// once. Per-element math is lowbit/adam.h and state quantization lowbit/quant.h — the code the
-// CPU kernel (csrc/cpu/optim.cpp) runs — so the results equal lowbit._C and the torch reference
-// (lowbit.reference.optim) bit for bit; these kernels only add the parallel structure.
+// CUDA kernels of the fused multi-tensor optimizer step (lowbit::optim_step; spec:
+// lowbit.reference.optim): Adam/AdamW, Lion and SGD; fp32, bf16 or fp16 params written back as
+// fp32, nearest, stochastic or kahan; fp32 or 8/4-bit block-quantized states. One launch per
+// chunk of tensors updates a whole parameter group, reading grad, param, compensation and
+// states once and writing param, compensation and states once. Per-element math is
+// lowbit/optim_math.h and state quantization lowbit/quant.h, the code the CPU kernel
+// (csrc/cpu/optim_impl.h) runs, so the results equal lowbit._C and the torch reference bit for
+// bit; these kernels only add the parallel structure.
 //
-// Multi-tensor table: the per-tensor pointers and block prefix sums travel BY VALUE as a kernel
-// parameter (AdamChunk, ~2 KB, below the 4 KB classic kernel-parameter limit), launched once per
-// chunk of up to kChunkTensors tensors — the multi_tensor_apply approach. A table in device memory
-// would need an allocation plus an H2D copy per step, and its lifetime would have to outlast the
-// asynchronous launch; parameters are copied by the launch itself, so the host array can go away
-// as soon as the launch is enqueued. In the simulator the same struct is simply copied.
+// Every kernel is a template over the rule, the param dtype, the write-back, the number of states
+// and (quantized states) the codebook size and elements per thread, so each instance is
+// branch-free except for the flags (selects, as in optim_math.h).
+//
+// Multi-tensor table: the per-tensor pointers, keys and block prefix sums travel BY VALUE as a
+// kernel parameter (OptChunk, 2.6 KB: kernel parameters must stay within the classic 4 KB limit,
+// checked below), launched once per chunk of up to kChunkTensors tensors — the multi_tensor_apply
+// approach. A table in device memory would need an allocation plus an H2D copy per step, and its
+// lifetime would have to outlast the asynchronous launch; parameters are copied by the launch
+// itself, so the host array can go away as soon as the launch is enqueued. In the simulator the
+// same struct is simply copied.
 #include "cuda/launchers.h"
 #include "cuda/primitives.cuh"
-#include "lowbit/adam.h"
+#include "lowbit/optim_math.h"
 #include "lowbit/quant.h"
 
 namespace lowbit {
@@ -27,36 +35,85 @@ namespace {
 #define LOWBIT_UNROLL
 #endif
 
-constexpr int kChunkTensors = 32;       // tensors per launch (kernel-parameter budget)
-constexpr int kAdamThreads = 256;       // max threads per CUDA block
-constexpr int64_t kAdamMaxBlocks = 65536;  // grid cap of the 32-bit (grid-stride) kernel
+constexpr int kChunkTensors = 32;          // tensors per launch (kernel-parameter budget)
+constexpr int kOptThreads = 256;           // max threads per CUDA block
+constexpr int64_t kOptMaxBlocks = 65536;   // grid cap of the 32-bit (grid-stride) kernel
+constexpr int kMaxParamBytes = 4096;       // classic kernel-parameter limit
 
-// Up to kChunkTensors tensors, structure of arrays. block_start[t] = index of the first CUDA
-// block of tensor t (quantized states; block_start[count] = grid size).
-struct AdamChunk {
-  float* p[kChunkTensors];
-  const float* g[kChunkTensors];
-  void* m[kChunkTensors];
-  void* v[kChunkTensors];
-  float* m_absmax[kChunkTensors];
-  float* v_absmax[kChunkTensors];
+// Up to kChunkTensors tensors, structure of arrays (OptTensor of optim_args.h). p, g and comp
+// hold elements of the launch's param dtype. block_start[t] = index of the first CUDA block of
+// tensor t (quantized states; block_start[count] = grid size) or of its first element (32-bit).
+struct OptChunk {
+  void* p[kChunkTensors];
+  const void* g[kChunkTensors];
+  void* comp[kChunkTensors];
+  void* s1[kChunkTensors];
+  void* s2[kChunkTensors];
+  float* s1_absmax[kChunkTensors];
+  float* s2_absmax[kChunkTensors];
+  uint64_t key[kChunkTensors];
   int64_t n[kChunkTensors];
   int64_t block_start[kChunkTensors + 1];
   int count;
 };
 
-// 32-bit states: each thread walks every tensor of the chunk with a grid-stride loop (coalesced
-// within a tensor; no per-element table search).
-__global__ void __launch_bounds__(kAdamThreads)
-adam32_kernel(const AdamChunk c, const AdamScalars s) {
+// The codebooks (device memory) and the block size of quantized states.
+struct StateTables {
+  const float* code1;
+  const float* mids1;
+  const float* code2;
+  const float* mids2;
+  int block;
+};
+
+// Both kernels take (OptChunk, [StateTables,] StepScalars) by value.
+static_assert(sizeof(OptChunk) + sizeof(StateTables) + sizeof(StepScalars) <= kMaxParamBytes,
+              "optimizer kernel parameters exceed 4 KB: lower kChunkTensors");
+
+// The flag-independent scalars, copied into registers once per thread.
+struct Scalars {
+  float f[8];
+  int flags;
+};
+
+__device__ __forceinline__ Scalars scalars_of(const StepScalars& s) {
+  Scalars r;
+LOWBIT_UNROLL
+  for (int k = 0; k < 8; ++k) r.f[k] = s.f[k];
+  r.flags = s.flags;
+  return r;
+}
+
+// One element k of tensor (p, g, comp, key): load the fp32 value, apply rule KIND to it and to
+// the fp32 states s1, s2 (updated in place), store it back.
+template <int KIND, int DT, int WB>
+__device__ __forceinline__ void step_element(const Scalars& s, void* p, const void* g, void* comp,
+                                             uint64_t key, int64_t k, float& s1, float& s2) {
+  float x = load_param(p, comp, DT, WB, k);
+  update_rule<KIND>(s.f, s.flags, x, load_f32(g, DT, k), s1, s2);
+  store_param(p, comp, DT, WB, key, k, x);
+}
+
+// 32-bit states (or none): each thread walks every tensor of the chunk with a grid-stride loop
+// (coalesced within a tensor; no per-element table search).
+template <int KIND, int DT, int WB, int NST>
+__global__ void __launch_bounds__(kOptThreads)
+step32_kernel(const OptChunk c, const StepScalars ss) {
+  const Scalars s = scalars_of(ss);
   for (int t = 0; t < c.count; ++t) {
-    float* __restrict__ p = c.p[t];
-    const float* __restrict__ g = c.g[t];
-    float* __restrict__ m = (float*)c.m[t];
-    float* __restrict__ v = (float*)c.v[t];
+    void* __restrict__ p = c.p[t];
+    const void* __restrict__ g = c.g[t];
+    void* __restrict__ comp = c.comp[t];
+    float* __restrict__ m = (float*)c.s1[t];
+    float* __restrict__ v = (float*)c.s2[t];
+    const uint64_t key = c.key[t];
     const int64_t n = c.n[t];
-    for (int64_t i = global_thread(); i < n; i += grid_stride())
-      adam_update_one(&p[i], g[i], &m[i], &v[i], s);
+    for (int64_t i = global_thread(); i < n; i += grid_stride()) {
+      float s1 = NST >= 1 ? m[i] : 0.0f, s2 = NST >= 2 ? v[i] : 0.0f;
+      step_element<KIND, DT, WB>(s, p, g, comp, key, i, s1, s2);
+      if (NST >= 1) m[i] = s1;
+      if (NST >= 2) v[i] = s2;
+    }
   }
 }
 
@@ -93,16 +150,47 @@ LOWBIT_UNROLL
   }
 }
 
-// Quantized states: one CUDA block per quantization block of `block` = E * blockDim.x elements.
-// Each thread keeps its E new moments in registers between the update and the requantization.
-template <int NC, int E>
-__global__ void __launch_bounds__(kAdamThreads)
-adamq_kernel(const AdamChunk c, int block, const float* __restrict__ m_code,
-             const float* __restrict__ m_mids, const float* __restrict__ v_code,
-             const float* __restrict__ v_mids, const AdamScalars s) {
-  __shared__ float s_mcode[NC], s_vcode[NC], s_mmids[NC], s_vmids[NC];
-  __shared__ uint32_t s_red[kMaxWarps + 1];
+// The block's new absmax of each state = max of the new values' |bits|. With two states both
+// maxima travel in one 64-bit word (state 1 low, state 2 high), so one reduction serves both.
+template <int NST>
+struct AbsmaxReduce {
+  using T = uint32_t;
+  using Op = MaxU32;
+  __device__ __forceinline__ static T pack(uint32_t m1, uint32_t) { return m1; }
+  __device__ __forceinline__ static uint32_t second(T) { return 0u; }
+};
+
+struct MaxU32Pair {
+  __device__ __forceinline__ uint64_t operator()(uint64_t a, uint64_t b) const {
+    const uint32_t lo = MaxU32()((uint32_t)a, (uint32_t)b);
+    const uint32_t hi = MaxU32()((uint32_t)(a >> 32), (uint32_t)(b >> 32));
+    return ((uint64_t)hi << 32) | lo;
+  }
+};
+
+template <>
+struct AbsmaxReduce<2> {
+  using T = uint64_t;
+  using Op = MaxU32Pair;
+  __device__ __forceinline__ static T pack(uint32_t m1, uint32_t m2) {
+    return ((uint64_t)m2 << 32) | m1;
+  }
+  __device__ __forceinline__ static uint32_t second(T r) { return (uint32_t)(r >> 32); }
+};
+
+// Quantized states (NST 1 or 2, NC-entry codebooks): one CUDA block per quantization block of
+// `block` = E * blockDim.x elements. Each thread keeps its E new states in registers between the
+// update and the requantization.
+template <int KIND, int DT, int WB, int NST, int NC, int E>
+__global__ void __launch_bounds__(kOptThreads)
+stepq_kernel(const OptChunk c, const StateTables q, const StepScalars ss) {
+  static_assert(NST == 1 || NST == 2, "quantized kernel needs one or two states");
+  using Red = AbsmaxReduce<NST>;
+  constexpr int NC2 = NST >= 2 ? NC : 1;
+  __shared__ float s_code1[NC], s_mids1[NC], s_code2[NC2], s_mids2[NC2];
+  __shared__ typename Red::T s_red[kMaxWarps + 1];
   const int t = threadIdx.x, nt = blockDim.x;
+  const Scalars s = scalars_of(ss);
 
   // Which tensor: the last whose first block is <= blockIdx.x (chunks are small: linear scan;
   // empty tensors have no blocks and are skipped by the strict comparison).
@@ -111,123 +199,200 @@ adamq_kernel(const AdamChunk c, int block, const float* __restrict__ m_code,
   while (ti + 1 < c.count && c.block_start[ti + 1] <= gb) ++ti;
   const int64_t b = gb - c.block_start[ti];
   const int64_t n = c.n[ti];
-  const int64_t begin = b * block;
-  const int len = (int)(n - begin < block ? n - begin : block);
-  float* __restrict__ p = c.p[ti];
-  const float* __restrict__ g = c.g[ti];
-  uint8_t* __restrict__ mc = (uint8_t*)c.m[ti];
-  uint8_t* __restrict__ vc = (uint8_t*)c.v[ti];
+  const int64_t begin = b * q.block;
+  const int len = (int)(n - begin < q.block ? n - begin : q.block);
+  void* __restrict__ p = c.p[ti];
+  const void* __restrict__ g = c.g[ti];
+  void* __restrict__ comp = c.comp[ti];
+  const uint64_t key = c.key[ti];
+  uint8_t* __restrict__ c1 = (uint8_t*)c.s1[ti];
+  uint8_t* __restrict__ c2 = (uint8_t*)c.s2[ti];
 
   // The dequantization lookups and the binary searches hit the tables at data-dependent places:
   // stage them in shared memory.
   for (int k = t; k < NC; k += nt) {
-    s_mcode[k] = m_code[k];
-    s_vcode[k] = v_code[k];
-    if (k < NC - 1) {
-      s_mmids[k] = m_mids[k];
-      s_vmids[k] = v_mids[k];
+    s_code1[k] = q.code1[k];
+    if (k < NC - 1) s_mids1[k] = q.mids1[k];
+    if constexpr (NST >= 2) {
+      s_code2[k] = q.code2[k];
+      if (k < NC - 1) s_mids2[k] = q.mids2[k];
     }
   }
-  const float am_m = c.m_absmax[ti][b], am_v = c.v_absmax[ti][b];
+  const float am1 = c.s1_absmax[ti][b];
+  const float am2 = NST >= 2 ? c.s2_absmax[ti][b] : 0.0f;
   __syncthreads();
 
-  float mv[E], vv[E];
-  uint32_t mx_m = 0, mx_v = 0;
+  float v1[E], v2[E];
+  uint32_t mx1 = 0, mx2 = 0;
 LOWBIT_UNROLL
   for (int j = 0; j < E; ++j) {
     const int i = t + j * nt;
-    mv[j] = 0.0f;
-    vv[j] = 0.0f;
+    v1[j] = 0.0f;
+    v2[j] = 0.0f;
     if (i < len) {
       const int64_t k = begin + i;
-      mv[j] = dequant_value(s_mcode[load_code<NC>(mc, k)], am_m);
-      vv[j] = dequant_value(s_vcode[load_code<NC>(vc, k)], am_v);
-      adam_update_one(&p[k], g[k], &mv[j], &vv[j], s);
-      mx_m = MaxU32()(mx_m, abs_bits(mv[j]));
-      mx_v = MaxU32()(mx_v, abs_bits(vv[j]));
+      v1[j] = dequant_value(s_code1[load_code<NC>(c1, k)], am1);
+      if constexpr (NST >= 2) v2[j] = dequant_value(s_code2[load_code<NC>(c2, k)], am2);
+      step_element<KIND, DT, WB>(s, p, g, comp, key, k, v1[j], v2[j]);
+      mx1 = MaxU32()(mx1, abs_bits(v1[j]));
+      if (NST >= 2) mx2 = MaxU32()(mx2, abs_bits(v2[j]));
     }
   }
 
-  // New absmax = max of the new moments' |bits| over the block. The reductions' barriers also
-  // order every read of the old codes / absmax (above) before the stores below.
-  const float new_am_m = bits_f32(block_allreduce(mx_m, MaxU32(), 0u, s_red));
-  const float new_am_v = bits_f32(block_allreduce(mx_v, MaxU32(), 0u, s_red));
+  // The reduction's barriers also order every read of the old codes / absmax (above) before the
+  // stores below.
+  const typename Red::T both =
+      block_allreduce(Red::pack(mx1, mx2), typename Red::Op(), (typename Red::T)0, s_red);
+  const float new_am1 = bits_f32((uint32_t)both);
+  const float new_am2 = bits_f32(Red::second(both));
   if (t == 0) {
-    c.m_absmax[ti][b] = new_am_m;
-    c.v_absmax[ti][b] = new_am_v;
+    c.s1_absmax[ti][b] = new_am1;
+    if (NST >= 2) c.s2_absmax[ti][b] = new_am2;
   }
-  requantize<NC, E>(mv, new_am_m, s_mmids, begin, len, mc);
-  requantize<NC, E>(vv, new_am_v, s_vmids, begin, len, vc);
+  requantize<NC, E>(v1, new_am1, s_mids1, begin, len, c1);
+  if constexpr (NST >= 2) requantize<NC, E>(v2, new_am2, s_mids2, begin, len, c2);
 }
 
-template <int NC, int E>
-void launch_adamq(const AdamChunk& c, int block, const float* m_code, const float* m_mids,
-                  const float* v_code, const float* v_mids, const AdamScalars& s,
-                  cudaStream_t stream) {
-  auto kernel = adamq_kernel<NC, E>;
-  LOWBIT_LAUNCH(kernel, dim3((unsigned)c.block_start[c.count]), dim3(block / E), 0, stream, c,
-                block, m_code, m_mids, v_code, v_mids, s);
-}
+// ---- host side ---------------------------------------------------------------------------------
 
-// block / E threads: up to kAdamThreads, and a multiple of 32 (block >= 32, a power of two).
-template <int NC>
-void dispatch_adamq(const AdamChunk& c, int block, const float* m_code, const float* m_mids,
-                    const float* v_code, const float* v_mids, const AdamScalars& s,
-                    cudaStream_t stream) {
-  switch (block <= kAdamThreads ? 1 : block / kAdamThreads) {
-    case 1: return launch_adamq<NC, 1>(c, block, m_code, m_mids, v_code, v_mids, s, stream);
-    case 2: return launch_adamq<NC, 2>(c, block, m_code, m_mids, v_code, v_mids, s, stream);
-    case 4: return launch_adamq<NC, 4>(c, block, m_code, m_mids, v_code, v_mids, s, stream);
-    case 8: return launch_adamq<NC, 8>(c, block, m_code, m_mids, v_code, v_mids, s, stream);
-    default: return launch_adamq<NC, 16>(c, block, m_code, m_mids, v_code, v_mids, s, stream);
-  }
-}
-
-bool adam_valid_block(int block) {
+bool state_block_ok(int block) {
   return block >= 32 && block <= 4096 && (block & (block - 1)) == 0;
 }
 
-}  // namespace
+// Tensors [first, first + count) of the step; returns the grid's work: CUDA blocks (quantized
+// states, `block` elements each) or elements.
+int64_t fill_chunk(OptChunk& c, const OptArgs& a, int first, bool quantized) {
+  c = OptChunk{};
+  c.count = a.ntensors - first < kChunkTensors ? a.ntensors - first : kChunkTensors;
+  int64_t total = 0;
+  for (int j = 0; j < c.count; ++j) {
+    const OptTensor& x = a.tensors[first + j];
+    c.p[j] = x.p; c.g[j] = x.g; c.comp[j] = x.comp;
+    c.s1[j] = x.s1; c.s2[j] = x.s2;
+    c.s1_absmax[j] = x.s1_absmax; c.s2_absmax[j] = x.s2_absmax;
+    c.key[j] = x.key;
+    c.n[j] = x.n;
+    c.block_start[j] = total;
+    total += quantized ? (x.n + a.block - 1) / a.block : x.n;
+  }
+  c.block_start[c.count] = total;
+  return total;
+}
 
-cudaError_t adam_step(const AdamTensorArgs* tensors, int ntensors, int state_bits, int block,
-                      const float* m_code, const float* m_mids, const float* v_code,
-                      const float* v_mids, int ncode, const AdamScalars& s, cudaStream_t stream) {
-  const bool quantized = state_bits != 32;
-  if (ntensors < 0) return cudaErrorInvalidValue;
-  if (quantized && !((state_bits == 8 && ncode == 256) || (state_bits == 4 && ncode == 16)))
-    return cudaErrorInvalidValue;
-  if (quantized && !adam_valid_block(block)) return cudaErrorInvalidValue;
-  for (int i = 0; i < ntensors; ++i)
-    if (tensors[i].n < 0) return cudaErrorInvalidValue;
+template <int KIND, int DT, int WB, int NST, int NC, int E>
+void launch_q(const OptChunk& c, const StateTables& q, const StepScalars& s, int64_t nblocks,
+              cudaStream_t stream) {
+  auto kernel = stepq_kernel<KIND, DT, WB, NST, NC, E>;
+  LOWBIT_LAUNCH(kernel, dim3((unsigned)nblocks), dim3(q.block / E), 0, stream, c, q, s);
+}
 
-  for (int first = 0; first < ntensors; first += kChunkTensors) {
-    AdamChunk c{};
-    c.count = ntensors - first < kChunkTensors ? ntensors - first : kChunkTensors;
-    int64_t total = 0;  // 32-bit: elements; quantized: CUDA blocks
-    for (int j = 0; j < c.count; ++j) {
-      const AdamTensorArgs& a = tensors[first + j];
-      c.p[j] = a.p; c.g[j] = a.g; c.n[j] = a.n;
-      c.m[j] = a.m; c.v[j] = a.v;
-      c.m_absmax[j] = a.m_absmax; c.v_absmax[j] = a.v_absmax;
-      c.block_start[j] = total;
-      total += quantized ? (a.n + block - 1) / block : a.n;
-    }
-    c.block_start[c.count] = total;
+// E elements per thread, block / E threads: a multiple of 32 (block >= 32, a power of two) and at
+// most kOptThreads. E = 1 up to kOptThreads (the 8-bit 256 and 4-bit 128 blocks of
+// reference.optim.STATE_FORMATS); larger blocks take 4 or 16 per thread (128 or 256 threads), so
+// only three E instances of every kernel are compiled.
+template <int KIND, int DT, int WB, int NST, int NC>
+void dispatch_q(const OptChunk& c, const StateTables& q, const StepScalars& s, int64_t nblocks,
+                cudaStream_t stream) {
+  if (q.block <= kOptThreads) return launch_q<KIND, DT, WB, NST, NC, 1>(c, q, s, nblocks, stream);
+  if (q.block <= 4 * kOptThreads)
+    return launch_q<KIND, DT, WB, NST, NC, 4>(c, q, s, nblocks, stream);
+  return launch_q<KIND, DT, WB, NST, NC, 16>(c, q, s, nblocks, stream);
+}
+
+// Every chunk of the step, with the kernel instance for (KIND, DT, WB, NST, NC); NC 0: fp32
+// states (or none).
+template <int KIND, int DT, int WB, int NST, int NC>
+cudaError_t run(const OptArgs& a, cudaStream_t stream) {
+  const StateTables q{a.code1, a.mids1, a.code2, a.mids2, a.block};
+  for (int first = 0; first < a.ntensors; first += kChunkTensors) {
+    OptChunk c;
+    const int64_t total = fill_chunk(c, a, first, NC != 0);
     if (total == 0) continue;  // an empty grid is an invalid configuration on CUDA
-    if (quantized) {
+    if constexpr (NC != 0) {
       if (total > 0x7FFFFFFF) return cudaErrorInvalidValue;  // gridDim.x limit
-      if (ncode == 16) dispatch_adamq<16>(c, block, m_code, m_mids, v_code, v_mids, s, stream);
-      else dispatch_adamq<256>(c, block, m_code, m_mids, v_code, v_mids, s, stream);
+      dispatch_q<KIND, DT, WB, NST, NC>(c, q, a.s, total, stream);
     } else {
-      int64_t nb = (total + kAdamThreads - 1) / kAdamThreads;
-      nb = nb < kAdamMaxBlocks ? nb : kAdamMaxBlocks;
-      auto kernel = adam32_kernel;
-      LOWBIT_LAUNCH(kernel, dim3((unsigned)nb), dim3(kAdamThreads), 0, stream, c, s);
+      int64_t nb = (total + kOptThreads - 1) / kOptThreads;
+      nb = nb < kOptMaxBlocks ? nb : kOptMaxBlocks;
+      auto kernel = step32_kernel<KIND, DT, WB, NST>;
+      LOWBIT_LAUNCH(kernel, dim3((unsigned)nb), dim3(kOptThreads), 0, stream, c, a.s);
     }
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
+}
+
+// Runtime arguments -> template instance, one level at a time (as csrc/cpu/optim_impl.h).
+template <int KIND, int DT, int WB, int NST>
+cudaError_t by_layout(const OptArgs& a, cudaStream_t stream) {
+  if constexpr (NST == 0) {
+    return run<KIND, DT, WB, 0, 0>(a, stream);
+  } else {
+    if (a.state_bits == 32) return run<KIND, DT, WB, NST, 0>(a, stream);
+    if (a.ncode == 16) return run<KIND, DT, WB, NST, 16>(a, stream);
+    return run<KIND, DT, WB, NST, 256>(a, stream);
+  }
+}
+
+template <int KIND, int DT, int WB>
+cudaError_t by_nstates(const OptArgs& a, cudaStream_t stream) {
+  if (KIND == kAdam) return by_layout<KIND, DT, WB, 2>(a, stream);
+  if (KIND == kSgd && a.nstates == 0) return by_layout<KIND, DT, WB, 0>(a, stream);
+  return by_layout<KIND, DT, WB, 1>(a, stream);
+}
+
+template <int KIND, int DT>
+cudaError_t by_writeback(const OptArgs& a, cudaStream_t stream) {
+  switch (a.writeback) {
+    case kWbStochastic: return by_nstates<KIND, DT, kWbStochastic>(a, stream);
+    case kWbKahan: return by_nstates<KIND, DT, kWbKahan>(a, stream);
+    default: return by_nstates<KIND, DT, kWbNearest>(a, stream);
+  }
+}
+
+template <int KIND>
+cudaError_t by_dtype(const OptArgs& a, cudaStream_t stream) {
+  switch (a.dtype) {
+    case kBF16: return by_writeback<KIND, kBF16>(a, stream);
+    case kF16: return by_writeback<KIND, kF16>(a, stream);
+    default: return by_nstates<KIND, kF32, kWbF32>(a, stream);
+  }
+}
+
+// The argument combinations the kernels implement (optim_call checks the same for Python).
+bool valid_args(const OptArgs& a) {
+  if (a.ntensors < 0 || (a.ntensors > 0 && a.tensors == nullptr)) return false;
+  const int kind = a.s.kind;
+  if (kind != kAdam && kind != kLion && kind != kSgd) return false;
+  const int want = kind == kAdam ? 2 : 1;
+  if (a.nstates != want && !(kind == kSgd && a.nstates == 0)) return false;
+  if (a.dtype != kF32 && a.dtype != kBF16 && a.dtype != kF16) return false;
+  if (a.dtype == kF32 ? a.writeback != kWbF32
+                      : (a.writeback != kWbNearest && a.writeback != kWbStochastic &&
+                         a.writeback != kWbKahan))
+    return false;
+  if (a.state_bits != 32 && a.nstates > 0) {
+    if (!((a.state_bits == 8 && a.ncode == 256) || (a.state_bits == 4 && a.ncode == 16)))
+      return false;
+    if (!state_block_ok(a.block)) return false;
+  } else if (a.state_bits != 32 && a.state_bits != 8 && a.state_bits != 4) {
+    return false;
+  }
+  for (int i = 0; i < a.ntensors; ++i)
+    if (a.tensors[i].n < 0) return false;
+  return true;
+}
+
+}  // namespace
+
+cudaError_t optim_step(const OptArgs& a, cudaStream_t stream) {
+  if (!valid_args(a)) return cudaErrorInvalidValue;
+  switch (a.s.kind) {
+    case kAdam: return by_dtype<kAdam>(a, stream);
+    case kLion: return by_dtype<kLion>(a, stream);
+    default: return by_dtype<kSgd>(a, stream);
+  }
 }
 
 }  // namespace cuda

@@ -11,9 +11,9 @@
 #include <vector>
 
 // The kernels themselves, textually: exactly the source nvcc compiles.
-#include "adam_lists.h"
 #include "cuda/quant.cu"
 #include "cuda/optim.cu"
+#include "optim_lists.h"
 
 namespace py = pybind11;
 namespace lc = lowbit::cuda;
@@ -64,25 +64,24 @@ void py_stochastic_round(uintptr_t x, int64_t n, uintptr_t out, int fmt, uint64_
   check("stochastic_round", err);
 }
 
-// lowbit._C's adam_step signature (csrc/bindings.cpp); runs csrc/cuda/optim.cu.
-void py_adam_step(const std::vector<uintptr_t>& p, const std::vector<uintptr_t>& g,
-                  const std::vector<int64_t>& numel, const std::vector<uintptr_t>& m,
-                  const std::vector<uintptr_t>& m_absmax, const std::vector<uintptr_t>& v,
-                  const std::vector<uintptr_t>& v_absmax, int state_bits, int block,
-                  uintptr_t m_code, uintptr_t m_mids, uintptr_t v_code, uintptr_t v_mids,
-                  int ncode, const std::vector<double>& scalars, bool maximize) {
-  const std::vector<lc::AdamTensorArgs> ts = lowbit::adam_tensor_table<lc::AdamTensorArgs>(
-      p, g, numel, m, m_absmax, v, v_absmax, state_bits);
-  const size_t n = ts.size();
-  const lowbit::AdamScalars s = lowbit::adam_scalars_from(scalars, maximize);
+// lowbit._C's optim_step signature (csrc/bindings.cpp); runs csrc/cuda/optim.cu.
+void py_optim_step(int kind, const std::vector<uintptr_t>& p, const std::vector<uintptr_t>& g,
+                   const std::vector<int64_t>& numel, const std::vector<uintptr_t>& s1,
+                   const std::vector<uintptr_t>& s1_absmax, const std::vector<uintptr_t>& s2,
+                   const std::vector<uintptr_t>& s2_absmax, const std::vector<uintptr_t>& comp,
+                   const std::vector<uint64_t>& keys, int state_bits, int block, uintptr_t code1,
+                   uintptr_t mids1, uintptr_t code2, uintptr_t mids2, int ncode, int dtype,
+                   int writeback, const std::vector<double>& scalars, int flags) {
+  lowbit::OptCall call;
+  lowbit::optim_call(call, kind, p, g, numel, s1, s1_absmax, s2, s2_absmax, comp, keys,
+                     state_bits, block, code1, mids1, code2, mids2, ncode, dtype, writeback,
+                     scalars, flags);
   cudaError_t err;
   {
     py::gil_scoped_release release;
-    err = lc::adam_step(ts.data(), (int)n, state_bits, block, ptr<const float>(m_code),
-                        ptr<const float>(m_mids), ptr<const float>(v_code),
-                        ptr<const float>(v_mids), ncode, s, nullptr);
+    err = lc::optim_step(call.args, nullptr);
   }
-  check("adam_step", err);
+  check("optim_step", err);
 }
 
 // ---- self-test kernels: each checks one primitive's CUDA semantics ------------------------------
@@ -177,7 +176,7 @@ PYBIND11_MODULE(_C_sim, m) {
   m.def("quantize_blockwise", &py_quantize_blockwise);
   m.def("dequantize_blockwise", &py_dequantize_blockwise);
   m.def("stochastic_round", &py_stochastic_round);
-  m.def("adam_step", &py_adam_step, "fused multi-tensor Adam/AdamW step (issue 3)");
+  m.def("optim_step", &py_optim_step, "fused multi-tensor optimizer step (Adam, Lion, SGD)");
   m.def("sim_selftest_barrier", &selftest_barrier, py::arg("nthreads"), py::arg("nblocks") = 1,
         "out[b*n + t] = value thread (t+1)%n of block b wrote before a __syncthreads()");
   m.def("sim_selftest_shfl", &selftest_shfl, py::arg("kind"), py::arg("nthreads"), py::arg("arg"),
