@@ -24,6 +24,7 @@ RULES = {
     "sgd_nesterov": ("sgd", lambda t: ref.sgd_scalars(1e-2, 0.9, 0.0, 1e-2), {"nesterov": True}),
     "sgd_dampening": ("sgd", lambda t: ref.sgd_scalars(1e-2, 0.8, 0.3, 0.0), {}),
     "sgd_plain": ("sgd", lambda t: ref.sgd_scalars(1e-2, 0.0, 0.0, 1e-3), {}),
+    "sgd_maximize": ("sgd", lambda t: ref.sgd_scalars(1e-2, 0.9, 0.0, 0.0), {"maximize": True}),
 }
 
 
@@ -52,14 +53,26 @@ def _same(a, b):
     return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
-def _run(backend, rule, state_bits, dtype, writeback, sizes=SIZES, steps=4, seed=0, block=0):
+def _signed_zeros(t):
+    """t with about half its elements replaced by +0 or -0."""
+    pick = torch.rand(t.shape) < 0.5
+    zeros = torch.where(torch.rand(t.shape) < 0.5, 0.0, -0.0).to(t.dtype)
+    return torch.where(pick, zeros, t)
+
+
+def _run(backend, rule, state_bits, dtype, writeback, sizes=SIZES, steps=4, seed=0, block=0,
+         zeros=False):
     kind, scalars, kw = RULES[rule]
     torch.manual_seed(seed)
     params, states = _make(kind, sizes, dtype, state_bits, writeback,
                            momentum=rule != "sgd_plain", block=block)
+    if zeros:
+        params = [_signed_zeros(p) for p in params]
     twins, twin_states = _clone(params, states)
     for step in range(1, steps + 1):
         grads = [(torch.randn(p.shape) * 10.0 ** (step - 3)).to(dtype) for p in params]
+        if zeros:
+            grads = [_signed_zeros(g) for g in grads]
         keys = ([int(k) for k in torch.randint(0, 2**62, (len(params),))]
                 if writeback == "stochastic" else [])
         sc = scalars(step)
@@ -117,3 +130,11 @@ def test_many_tensors_in_one_call(backend, state_bits):
 @pytest.mark.parametrize("state_bits, block", [(8, 64), (8, 2048), (4, 32), (4, 4096)])
 def test_block_sizes(backend, state_bits, block):
     _run(backend, "adamw", state_bits, torch.float32, "f32", block=block, steps=2)
+
+
+@pytest.mark.parametrize("backend", kernel_backend_params())
+@pytest.mark.parametrize("rule", ["adamw_maximize", "lion_maximize", "sgd_maximize"])
+def test_signed_zeros(backend, rule):
+    # -0 stays -0: maximize negates by flipping the sign bit (0 - g would give +0 for g = +0),
+    # torch's clone starts SGD's buffer, and Lion's sign keeps the zero's sign.
+    _run(backend, rule, 32, torch.bfloat16, "nearest", zeros=True)

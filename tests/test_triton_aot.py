@@ -31,7 +31,8 @@ def _variants():
     """(label, kernel name, signature, constexprs, options) for each kernel variant to compile.
 
     Runtime ints are typed as the wrappers' int64 path (n > 2**31, large seeds and offsets)."""
-    from lowbit.triton_kernels._common import FORMATS
+    from lowbit.reference import optim as ref
+    from lowbit.triton_kernels._common import FORMATS, KINDS
 
     import torch
 
@@ -72,18 +73,36 @@ def _variants():
                               "NAN_KEEPS_SIGN"), fmt), ELEMS=elems)
             out.append((f"stochastic_round to {dtype} elems={elems}",
                         "rounding._stochastic_round_kernel", sig, const, False))
-    # fused Adam: every state format with the AdamW flags, the other branches once, and the 4-bit
-    # tile the wrapper launches on a GPU (16 blocks of 128).
-    adam = [(32, 0, SMALL, (False, True, False)), (8, 256, SMALL, (False, True, False)),
-            (4, 16, SMALL, (False, True, False)), (8, 256, SMALL, (True, False, True)),
-            (4, 16, (128, 16), (False, True, False))]
-    for bits, ncode, (block, rows), (maximize, decay, l2) in adam:
-        sig = {"work_ptr": "*i64", "tab_ptr": "*i64", "sc_ptr": "*fp32", "m_code_ptr": "*fp32",
-               "m_mids_ptr": "*fp32", "v_code_ptr": "*fp32", "v_mids_ptr": "*fp32"}
-        const = {"STATE_BITS": bits, "BLOCK": block, "ROWS": rows, "NCODE": ncode,
-                 "MAXIMIZE": maximize, "DECAY": decay, "L2": l2}
-        out.append((f"adam state_bits={bits} max={maximize} decay={decay} l2={l2} block={block} "
-                    f"rows={rows}", "optim._adam_kernel", sig, const, True))
+    # fused optimizer step: every rule, state format and param write-back at least once (fp32 and
+    # bf16 params, fp16 kahan for its widening), and the 4-bit tile the wrapper launches on a GPU
+    # (16 blocks of 128). Lion and SGD divide only when requantizing (1 / absmax).
+    optim = [  # kind, nstates, state_bits, tile, param dtype, writeback, flags
+        ("adam", 2, 32, SMALL, torch.float32, "f32", ref.DECAY),
+        ("adam", 2, 8, SMALL, torch.bfloat16, "stochastic", ref.DECAY),
+        ("adam", 2, 4, SMALL, torch.bfloat16, "kahan", ref.MAXIMIZE | ref.L2),
+        ("lion", 1, 8, SMALL, torch.float32, "f32", ref.DECAY | ref.MAXIMIZE),
+        ("lion", 1, 32, SMALL, torch.bfloat16, "stochastic", ref.DECAY),
+        ("sgd", 1, 4, SMALL, torch.bfloat16, "nearest", ref.L2 | ref.NESTEROV),
+        ("sgd", 0, 32, SMALL, torch.float16, "kahan", ref.NO_MOMENTUM),
+        ("adam", 2, 4, (128, 16), torch.bfloat16, "stochastic", ref.DECAY),
+    ]
+    for kind, nstates, bits, (block, rows), dtype, writeback, flags in optim:
+        sig = {"work_ptr": "*i64", "tab_ptr": "*i64", "sc_ptr": "*fp32", "code1_ptr": "*fp32",
+               "mids1_ptr": "*fp32", "code2_ptr": "*fp32", "mids2_ptr": "*fp32"}
+        fmt = FORMATS.get(dtype, (0, 0, 0, 0, 0, 0, False))[1:]
+        const = dict(zip(("MBITS", "EMIN", "MAX_FINITE", "OVERFLOW", "NAN", "NAN_KEEPS_SIGN"),
+                         fmt),
+                     KIND=ref.KINDS[kind], NSTATES=nstates, STATE_BITS=bits, BLOCK=block,
+                     ROWS=rows, NCODE={32: 0, 8: 256, 4: 16}[bits],
+                     P_KIND=KINDS[dtype],
+                     WRITEBACK=ref.WRITEBACK[writeback],
+                     **{name: bool(flags & bit) for name, bit in (
+                         ("MAXIMIZE", ref.MAXIMIZE), ("DECAY", ref.DECAY), ("L2", ref.L2),
+                         ("NESTEROV", ref.NESTEROV), ("FIRST_STEP", ref.FIRST_STEP),
+                         ("NO_MOMENTUM", ref.NO_MOMENTUM))})
+        out.append((f"optim {kind} state_bits={bits} {dtype} {writeback} flags={flags} "
+                    f"block={block} rows={rows}", "optim._optim_kernel", sig, const,
+                    kind == "adam" or bits != 32))
     return out
 
 
@@ -112,7 +131,9 @@ def _worker(cc: int) -> None:
             "ptx_chars": len(ptx), "cubin_bytes": len(kernel.asm.get("cubin", b"")),
             "div_rn": ptx.count("div.rn.f32"), "div_full": ptx.count("div.full.f32"),
             "div_approx": ptx.count("div.approx"), "fma": ptx.count("fma.rn.f32"),
-            "sqrt": name.startswith("optim."), "sqrt_rn": ptx.count("sqrt.rn.f32"),
+            # only Adam takes a square root
+            "sqrt": name.startswith("optim.") and const["KIND"] == 0,
+            "sqrt_rn": ptx.count("sqrt.rn.f32"),
             "sqrt_approx": ptx.count("sqrt.approx"),
             "target": f".target sm_{cc}" in ptx}), flush=True)
 

@@ -95,26 +95,33 @@ def philox_word0(seed, counter):
 def load_as_f32(ptr, idx, mask, KIND: tl.constexpr):
     """Load elements of an fp32/bf16/fp16 buffer exactly widened to fp32 (masked lanes -> 0).
 
-    16-bit inputs arrive through an int16 view and are widened on their bits, as bf16_to_f32 /
-    f16_to_f32 in formats.h do: no interpreter handling of bf16 values, and the NaN bits are
-    defined (fp16 NaN made quiet, payload kept, like the x86 conversion torch uses) instead of
-    whatever a device conversion produces. Those bits matter: absmax is a max over bit patterns."""
+    16-bit inputs arrive through an int16 view and are widened on their bits (widen_to_f32): no
+    interpreter handling of bf16 values, and the NaN bits are defined instead of whatever a device
+    conversion produces. Those bits matter: absmax is a max over bit patterns."""
     if KIND == 0:
         return tl.load(ptr + idx, mask=mask, other=0.0)
     else:
-        h = tl.load(ptr + idx, mask=mask, other=0).to(tl.int32) & 0xFFFF
-        if KIND == 1:
-            return (h << 16).to(tl.float32, bitcast=True)
-        else:
-            sign = (h & 0x8000) << 16
-            e = (h >> 10) & 0x1F
-            m = h & 0x3FF
-            special = sign | 0x7F800000 | (m << 13) | tl.where(m != 0, 0x400000, 0)
-            normal = sign | ((e + 112) << 23) | (m << 13)
-            # subnormal or zero: m * 2^-24 is exact in fp32
-            sub = (m.to(tl.float32) * 5.9604644775390625e-08).to(tl.int32, bitcast=True) | sign
-            out = tl.where(e == 0x1F, special, tl.where(e != 0, normal, sub))
-            return out.to(tl.float32, bitcast=True)
+        return widen_to_f32(tl.load(ptr + idx, mask=mask, other=0).to(tl.int32), KIND)
+
+
+@triton.jit
+def widen_to_f32(h, KIND: tl.constexpr):
+    """bf16 (KIND 1) / fp16 (KIND 2) bit patterns in the low 16 bits of int32 `h`, exactly widened
+    to fp32 as bf16_to_f32 / f16_to_f32 in formats.h (fp16 NaN made quiet, payload kept, like the
+    x86 conversion torch uses)."""
+    h = h & 0xFFFF
+    if KIND == 1:
+        return (h << 16).to(tl.float32, bitcast=True)
+    else:
+        sign = (h & 0x8000) << 16
+        e = (h >> 10) & 0x1F
+        m = h & 0x3FF
+        special = sign | 0x7F800000 | (m << 13) | tl.where(m != 0, 0x400000, 0)
+        normal = sign | ((e + 112) << 23) | (m << 13)
+        # subnormal or zero: m * 2^-24 is exact in fp32
+        sub = (m.to(tl.float32) * 5.9604644775390625e-08).to(tl.int32, bitcast=True) | sign
+        out = tl.where(e == 0x1F, special, tl.where(e != 0, normal, sub))
+        return out.to(tl.float32, bitcast=True)
 
 
 @triton.jit

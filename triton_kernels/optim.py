@@ -1,164 +1,217 @@
-"""Fused multi-tensor Adam/AdamW step in Triton (spec: lowbit.reference.optim.adam_update; CPU
-twin: csrc/cpu/optim.cpp, per-element math lowbit/adam.h).
+"""Fused multi-tensor optimizer step (Adam/AdamW, Lion, SGD with momentum) in Triton. Spec:
+lowbit.reference.optim.fused_step; per-element math: csrc/include/lowbit/optim_math.h.
 
 One launch per call updates every tensor of a parameter group: the host builds a pointer table
-(int64 addresses of param, grad, m, v, m_absmax, v_absmax and the element count of each tensor)
-and a work table of (tensor, first block) items; program w loads item w, casts the addresses back
-to typed pointers and updates ROWS consecutive blocks of that tensor as a [ROWS, BLOCK] tile.
-Checked: the int64 -> pointer cast works under TRITON_INTERPRET=1 and compiles for sm_80/sm_90
-(tests/test_triton_aot.py).
+(int64 addresses of param, grad, state1, absmax1, state2, absmax2, kahan compensation, the
+stochastic-rounding key and the element count of each tensor) and a work table of (tensor, first
+block) items; program w loads item w, casts the addresses back to typed pointers and updates ROWS
+consecutive blocks of that tensor as a [ROWS, BLOCK] tile. Checked: the int64 -> pointer cast
+works under TRITON_INTERPRET=1 and compiles for sm_80/sm_90 (tests/test_triton_aot.py).
 
 Per element, every operation is rounded once in fp32 (launched with enable_fp_fusion=False, IEEE
-tl.math.div_rn / sqrt_rn), in the reference's order. Quantized states (8-bit: block 256, one code
-per byte; 4-bit: block 128, element 2j in the high nibble of byte j) are dequantized per block,
-updated, and requantized against the absmax of the new values with nearest rounding, exactly as
-triton_kernels/quant.py does. The maximize / decoupled-decay / L2 branches of the spec are
-constexprs, so "p * 1" and "g + 0 * p" are never evaluated (they are not identities for -0, inf
-and NaN).
+tl.math.div_rn / sqrt_rn), in the spec's order. bf16/fp16 params, grads and compensations travel
+as int16 bits: widened exactly on load and narrowed with the integer routine round_to_fmt (the
+interpreter's float casts mis-round). Quantized states (8-bit: block 256, one code per byte; 4-bit:
+block 128, element 2j in the high nibble of byte j) are dequantized per block, updated, and
+requantized against the absmax of the new values with nearest rounding, exactly as
+triton_kernels/quant.py does. The rule and its flags (maximize, decay, L2, Nesterov, first step,
+no momentum) are constexprs decided on the host, so "p * 1" and "g + 0 * p" are never evaluated
+(they are not identities for -0, inf and NaN) and each variant carries only its own ops.
 """
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERP_MAX_PROGRAMS, INTERP_MAX_TILE, LAUNCH_OPTS, code_index, interpreting,
-                      pair_layout, quiet_fp_warnings, tile_rows)
+from ._common import (FORMATS, INTERP_MAX_PROGRAMS, INTERP_MAX_TILE, KINDS, LAUNCH_OPTS,
+                      code_index, interpreting, load_as_f32, pair_layout, philox_word0,
+                      quiet_fp_warnings, round_to_fmt, tile_rows, widen_to_f32)
 from .quant import _scale_back, _unit_scale
+from ..reference import optim as ref
 
 # Elements per "block" for 32-bit states (no quantization blocks: just the unit of a work item).
 F32_BLOCK = 1024
-# Pointer table columns: p, g, m, v, m_absmax, v_absmax (int64 addresses), n.
 
 
 @triton.jit
-def _adam_math(p, g, m, v, decay, wd, a1, b2, a2, bc2, eps, step_size,
-               MAXIMIZE: tl.constexpr, DECAY: tl.constexpr, L2: tl.constexpr):
-    """adam_update_one of adam.h: returns the new (p, m, v)."""
+def _sign(c):
+    # torch.sign: +-1, and c itself for +-0 and NaN
+    return tl.where(c > 0.0, 1.0, tl.where(c < 0.0, -1.0, c))
+
+
+@triton.jit
+def _update(x, g, s1, s2, sc_ptr, KIND: tl.constexpr, MAXIMIZE: tl.constexpr,
+            DECAY: tl.constexpr, L2: tl.constexpr, NESTEROV: tl.constexpr,
+            FIRST_STEP: tl.constexpr, NO_MOMENTUM: tl.constexpr):
+    """update_one of optim_math.h: the new (x, s1, s2). Scalars sc_ptr[0..7] by rule as there."""
     if MAXIMIZE:
-        g = -g
-    if DECAY:
-        p = p * decay
-    if L2:
-        g = g + wd * p
-    m = m + a1 * (g - m)
-    v = v * b2 + a2 * (g * g)
-    d = tl.math.div_rn(tl.math.sqrt_rn(v), bc2) + eps
-    p = p - step_size * tl.math.div_rn(m, d)
-    return p, m, v
+        # flip the sign bit: Triton's -g is 0 - g, which gives +0 for g = +0
+        g = (g.to(tl.uint32, bitcast=True) ^ 0x80000000).to(tl.float32, bitcast=True)
+    if KIND == 0:  # Adam: decay, wd, a1, b2, a2, eps_t, step_size
+        if DECAY:
+            x = x * tl.load(sc_ptr + 0)
+        if L2:
+            g = g + tl.load(sc_ptr + 1) * x
+        s1 = s1 + tl.load(sc_ptr + 2) * (g - s1)
+        s2 = s2 * tl.load(sc_ptr + 3) + tl.load(sc_ptr + 4) * (g * g)
+        d = tl.math.sqrt_rn(s2) + tl.load(sc_ptr + 5)
+        x = x - tl.load(sc_ptr + 6) * tl.math.div_rn(s1, d)
+    elif KIND == 1:  # Lion: decay, b1, a1, b2, a2, lr
+        if DECAY:
+            x = x * tl.load(sc_ptr + 0)
+        c = tl.load(sc_ptr + 1) * s1 + tl.load(sc_ptr + 2) * g
+        x = x - tl.load(sc_ptr + 5) * _sign(c)
+        s1 = tl.load(sc_ptr + 3) * s1 + tl.load(sc_ptr + 4) * g
+    else:  # SGD: wd, momentum, damp, lr
+        if L2:
+            g = g + tl.load(sc_ptr + 0) * x
+        d = g
+        if not NO_MOMENTUM:
+            if FIRST_STEP:
+                s1 = g  # torch starts the buffer as a clone of the gradient
+            else:
+                s1 = tl.load(sc_ptr + 1) * s1 + tl.load(sc_ptr + 2) * g
+            if NESTEROV:
+                d = g + tl.load(sc_ptr + 1) * s1
+            else:
+                d = s1
+        x = x - tl.load(sc_ptr + 3) * d
+    return x, s1, s2
 
 
 @triton.jit
-def _block_absmax(x, mask):
-    # max of |x| bit patterns over the block's valid elements (NaN wins), as quant.h
-    bits = tl.where(mask, x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 0)
-    return tl.max(bits, axis=1)
+def _as_param_ptr(addr, P_KIND: tl.constexpr):
+    # fp32 params as floats; bf16/fp16 as their int16 bits (load_as_f32 / round_to_fmt)
+    if P_KIND == 0:
+        return addr.to(tl.pointer_type(tl.float32))
+    else:
+        return addr.to(tl.pointer_type(tl.int16))
 
 
 @triton.jit
-def _dequant(codes, code_ptr, amax):
-    return _scale_back(tl.load(code_ptr + codes), amax)
+def _store_param(x, p_ptr, comp_ptr, idx, msk, key, P_KIND: tl.constexpr, WRITEBACK: tl.constexpr,
+                 MBITS: tl.constexpr, EMIN: tl.constexpr, MAX_FINITE: tl.constexpr,
+                 OVERFLOW: tl.constexpr, NAN: tl.constexpr, NAN_KEEPS_SIGN: tl.constexpr):
+    """store_param of optim_math.h: fp32 as is; else nearest-even, stochastic (Philox word 0 of
+    counter idx under the tensor's key) or kahan (value nearest, then the exact remainder
+    x - value rounded to nearest as the compensation)."""
+    if WRITEBACK == 0:
+        tl.store(p_ptr + idx, x, mask=msk)
+    else:
+        bits = x.to(tl.uint32, bitcast=True)
+        if WRITEBACK == 2:
+            h = round_to_fmt(bits, 16, MBITS, EMIN, MAX_FINITE, OVERFLOW, NAN, NAN_KEEPS_SIGN,
+                             True, philox_word0(key, idx))
+        else:
+            h = round_to_fmt(bits, 16, MBITS, EMIN, MAX_FINITE, OVERFLOW, NAN, NAN_KEEPS_SIGN,
+                             False, 0)
+        tl.store(p_ptr + idx, h.to(tl.uint16).to(tl.int16, bitcast=True), mask=msk)
+        if WRITEBACK == 3:
+            rest = x - widen_to_f32(h.to(tl.int32), P_KIND)
+            lo = round_to_fmt(rest.to(tl.uint32, bitcast=True), 16, MBITS, EMIN, MAX_FINITE,
+                              OVERFLOW, NAN, NAN_KEEPS_SIGN, False, 0)
+            tl.store(comp_ptr + idx, lo.to(tl.uint16).to(tl.int16, bitcast=True), mask=msk)
 
 
 @triton.jit
-def _requant_pairs(vals_e, vals_o, m_e, m_o, rows, row_ok, bidx, abs_ptr, codes_ptr, code_ptr,
-                   mids_ptr, NCODE: tl.constexpr):
-    """4-bit state: new absmax over both halves of each block, nearest codes, element 2j in the
-    high nibble (an odd tail's low nibble is 0)."""
-    am = tl.maximum(_block_absmax(vals_e, m_e), _block_absmax(vals_o, m_o))
-    amf = am.to(tl.float32, bitcast=True)
-    tl.store(abs_ptr + rows, amf, mask=row_ok)
-    inv = _unit_scale(amf)[:, None]
-    c_e = code_index(vals_e * inv, code_ptr, mids_ptr, NCODE, False, 0)
-    c_o = tl.where(m_o, code_index(vals_o * inv, code_ptr, mids_ptr, NCODE, False, 0), 0)
-    tl.store(codes_ptr + bidx, ((c_e << 4) | c_o).to(tl.uint8), mask=m_e)
+def _load_state(addr, abs_addr, code_ptr, rows, row_ok, idx, msk, bidx, m_e,
+                STATE_BITS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """The fp32 values of one state over the tile (dequantized for 8/4 bits)."""
+    if STATE_BITS == 32:
+        return tl.load(addr.to(tl.pointer_type(tl.float32)) + idx, mask=msk, other=0.0)
+    else:
+        codes_ptr = addr.to(tl.pointer_type(tl.uint8))
+        am = tl.load(abs_addr.to(tl.pointer_type(tl.float32)) + rows, mask=row_ok,
+                     other=0.0)[:, None]
+        if STATE_BITS == 8:
+            c = tl.load(codes_ptr + idx, mask=msk, other=0).to(tl.int32)
+        else:
+            # byte j holds elements 2j (high nibble) and 2j+1: interleaving the two nibble
+            # tiles gives the [ROWS, BLOCK] element order, so the math runs once on the whole
+            # tile instead of once per half
+            byte = tl.load(codes_ptr + bidx, mask=m_e, other=0).to(tl.int32)
+            c = tl.reshape(tl.join(byte >> 4, byte & 0xF), (ROWS, BLOCK))
+        return _scale_back(tl.load(code_ptr + c), am)
 
 
 @triton.jit
-def _adam_kernel(work_ptr, tab_ptr, sc_ptr, m_code_ptr, m_mids_ptr, v_code_ptr, v_mids_ptr,
-                 STATE_BITS: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
-                 NCODE: tl.constexpr, MAXIMIZE: tl.constexpr, DECAY: tl.constexpr,
-                 L2: tl.constexpr):
+def _store_state(s, addr, abs_addr, code_ptr, mids_ptr, rows, row_ok, idx, msk, bidx, m_e,
+                 STATE_BITS: tl.constexpr, NCODE: tl.constexpr, ROWS: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    """Store one state's new fp32 values: as is, or requantized per block (absmax of the new
+    values over the valid elements, NaN winning, as quant.h; nearest codes)."""
+    if STATE_BITS == 32:
+        tl.store(addr.to(tl.pointer_type(tl.float32)) + idx, s, mask=msk)
+    else:
+        codes_ptr = addr.to(tl.pointer_type(tl.uint8))
+        bits = tl.where(msk, s.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 0)
+        am = tl.max(bits, axis=1).to(tl.float32, bitcast=True)
+        tl.store(abs_addr.to(tl.pointer_type(tl.float32)) + rows, am, mask=row_ok)
+        c = code_index(s * _unit_scale(am)[:, None], code_ptr, mids_ptr, NCODE, False, 0)
+        if STATE_BITS == 8:
+            tl.store(codes_ptr + idx, c.to(tl.uint8), mask=msk)
+        else:
+            # back to (even, odd) pairs; an odd tail leaves its low nibble 0
+            c_e, c_o = tl.split(tl.reshape(tl.where(msk, c, 0), (ROWS, BLOCK // 2, 2)))
+            tl.store(codes_ptr + bidx, ((c_e << 4) | c_o).to(tl.uint8), mask=m_e)
+
+
+@triton.jit
+def _optim_kernel(work_ptr, tab_ptr, sc_ptr, code1_ptr, mids1_ptr, code2_ptr, mids2_ptr,
+                  KIND: tl.constexpr, NSTATES: tl.constexpr, STATE_BITS: tl.constexpr,
+                  BLOCK: tl.constexpr, ROWS: tl.constexpr, NCODE: tl.constexpr,
+                  P_KIND: tl.constexpr, WRITEBACK: tl.constexpr, MBITS: tl.constexpr,
+                  EMIN: tl.constexpr, MAX_FINITE: tl.constexpr, OVERFLOW: tl.constexpr,
+                  NAN: tl.constexpr, NAN_KEEPS_SIGN: tl.constexpr, MAXIMIZE: tl.constexpr,
+                  DECAY: tl.constexpr, L2: tl.constexpr, NESTEROV: tl.constexpr,
+                  FIRST_STEP: tl.constexpr, NO_MOMENTUM: tl.constexpr):
     w = tl.program_id(0).to(tl.int64)
     t = tl.load(work_ptr + 2 * w)
     b0 = tl.load(work_ptr + 2 * w + 1)
-    row = tab_ptr + t * 7
-    p_ptr = tl.load(row + 0).to(tl.pointer_type(tl.float32))
-    g_ptr = tl.load(row + 1).to(tl.pointer_type(tl.float32))
-    n = tl.load(row + 6)
-    decay = tl.load(sc_ptr + 0)
-    wd = tl.load(sc_ptr + 1)
-    a1 = tl.load(sc_ptr + 2)
-    b2 = tl.load(sc_ptr + 3)
-    a2 = tl.load(sc_ptr + 4)
-    bc2 = tl.load(sc_ptr + 5)
-    eps = tl.load(sc_ptr + 6)
-    step_size = tl.load(sc_ptr + 7)
+    # pointer table row: p, g, s1, s1_absmax, s2, s2_absmax, comp, key, n (int64 each)
+    row = tab_ptr + t * 9
+    p_ptr = _as_param_ptr(tl.load(row + 0), P_KIND)
+    g_ptr = _as_param_ptr(tl.load(row + 1), P_KIND)
+    n = tl.load(row + 8)
     rows = b0 + tl.arange(0, ROWS).to(tl.int64)
     row_ok = rows * BLOCK < n
-    if STATE_BITS == 32:
-        m_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
-        v_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
-        cols = tl.arange(0, BLOCK).to(tl.int64)
-        idx = rows[:, None] * BLOCK + cols[None, :]
-        msk = idx < n
-        p = tl.load(p_ptr + idx, mask=msk, other=0.0)
-        g = tl.load(g_ptr + idx, mask=msk, other=0.0)
-        m = tl.load(m_ptr + idx, mask=msk, other=0.0)
-        v = tl.load(v_ptr + idx, mask=msk, other=0.0)
-        p, m, v = _adam_math(p, g, m, v, decay, wd, a1, b2, a2, bc2, eps, step_size,
-                             MAXIMIZE, DECAY, L2)
-        tl.store(p_ptr + idx, p, mask=msk)
-        tl.store(m_ptr + idx, m, mask=msk)
-        tl.store(v_ptr + idx, v, mask=msk)
-    else:
-        m_ptr = tl.load(row + 2).to(tl.pointer_type(tl.uint8))
-        v_ptr = tl.load(row + 3).to(tl.pointer_type(tl.uint8))
-        mabs_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
-        vabs_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))
-        am_m = tl.load(mabs_ptr + rows, mask=row_ok, other=0.0)[:, None]
-        am_v = tl.load(vabs_ptr + rows, mask=row_ok, other=0.0)[:, None]
-        if NCODE == 16:
-            even, odd, m_e, m_o, bidx = pair_layout(rows, n, BLOCK)
-            mb = tl.load(m_ptr + bidx, mask=m_e, other=0).to(tl.int32)
-            vb = tl.load(v_ptr + bidx, mask=m_e, other=0).to(tl.int32)
-            p_e = tl.load(p_ptr + even, mask=m_e, other=0.0)
-            p_o = tl.load(p_ptr + odd, mask=m_o, other=0.0)
-            g_e = tl.load(g_ptr + even, mask=m_e, other=0.0)
-            g_o = tl.load(g_ptr + odd, mask=m_o, other=0.0)
-            p_e, mm_e, vv_e = _adam_math(p_e, g_e, _dequant(mb >> 4, m_code_ptr, am_m),
-                                         _dequant(vb >> 4, v_code_ptr, am_v), decay, wd, a1, b2,
-                                         a2, bc2, eps, step_size, MAXIMIZE, DECAY, L2)
-            p_o, mm_o, vv_o = _adam_math(p_o, g_o, _dequant(mb & 0xF, m_code_ptr, am_m),
-                                         _dequant(vb & 0xF, v_code_ptr, am_v), decay, wd, a1, b2,
-                                         a2, bc2, eps, step_size, MAXIMIZE, DECAY, L2)
-            tl.store(p_ptr + even, p_e, mask=m_e)
-            tl.store(p_ptr + odd, p_o, mask=m_o)
-            # requantize m, then v: absmax over both halves of each block, packed nibbles
-            _requant_pairs(mm_e, mm_o, m_e, m_o, rows, row_ok, bidx, mabs_ptr, m_ptr, m_code_ptr,
-                           m_mids_ptr, NCODE)
-            _requant_pairs(vv_e, vv_o, m_e, m_o, rows, row_ok, bidx, vabs_ptr, v_ptr, v_code_ptr,
-                           v_mids_ptr, NCODE)
-        else:
-            cols = tl.arange(0, BLOCK).to(tl.int64)
-            idx = rows[:, None] * BLOCK + cols[None, :]
-            msk = idx < n
-            mc = tl.load(m_ptr + idx, mask=msk, other=0).to(tl.int32)
-            vc = tl.load(v_ptr + idx, mask=msk, other=0).to(tl.int32)
-            p = tl.load(p_ptr + idx, mask=msk, other=0.0)
-            g = tl.load(g_ptr + idx, mask=msk, other=0.0)
-            p, mm, vv = _adam_math(p, g, _dequant(mc, m_code_ptr, am_m),
-                                   _dequant(vc, v_code_ptr, am_v), decay, wd, a1, b2, a2, bc2,
-                                   eps, step_size, MAXIMIZE, DECAY, L2)
-            tl.store(p_ptr + idx, p, mask=msk)
-            amf = _block_absmax(mm, msk).to(tl.float32, bitcast=True)
-            tl.store(mabs_ptr + rows, amf, mask=row_ok)
-            inv = _unit_scale(amf)[:, None]
-            c = code_index(mm * inv, m_code_ptr, m_mids_ptr, NCODE, False, 0)
-            tl.store(m_ptr + idx, c.to(tl.uint8), mask=msk)
-            amf = _block_absmax(vv, msk).to(tl.float32, bitcast=True)
-            tl.store(vabs_ptr + rows, amf, mask=row_ok)
-            inv = _unit_scale(amf)[:, None]
-            c = code_index(vv * inv, v_code_ptr, v_mids_ptr, NCODE, False, 0)
-            tl.store(v_ptr + idx, c.to(tl.uint8), mask=msk)
+    idx = rows[:, None] * BLOCK + tl.arange(0, BLOCK).to(tl.int64)[None, :]
+    msk = idx < n
+    if STATE_BITS == 4:
+        _, _, m_e, _, bidx = pair_layout(rows, n, BLOCK)
+    else:  # only 4-bit states address bytes of element pairs
+        m_e = msk
+        bidx = idx
+
+    x = load_as_f32(p_ptr, idx, msk, P_KIND)
+    comp_ptr = p_ptr  # unused unless kahan
+    if WRITEBACK == 3:
+        comp_ptr = _as_param_ptr(tl.load(row + 6), P_KIND)
+        x = x + load_as_f32(comp_ptr, idx, msk, P_KIND)
+    g = load_as_f32(g_ptr, idx, msk, P_KIND)
+    s1 = 0.0  # placeholders for the states a rule does not have
+    s2 = 0.0
+    if NSTATES >= 1:
+        s1_addr = tl.load(row + 2)
+        s1_abs = tl.load(row + 3)
+        s1 = _load_state(s1_addr, s1_abs, code1_ptr, rows, row_ok, idx, msk, bidx, m_e,
+                         STATE_BITS, ROWS, BLOCK)
+    if NSTATES >= 2:
+        s2_addr = tl.load(row + 4)
+        s2_abs = tl.load(row + 5)
+        s2 = _load_state(s2_addr, s2_abs, code2_ptr, rows, row_ok, idx, msk, bidx, m_e,
+                         STATE_BITS, ROWS, BLOCK)
+
+    x, s1, s2 = _update(x, g, s1, s2, sc_ptr, KIND, MAXIMIZE, DECAY, L2, NESTEROV, FIRST_STEP,
+                        NO_MOMENTUM)
+
+    _store_param(x, p_ptr, comp_ptr, idx, msk, tl.load(row + 7), P_KIND, WRITEBACK, MBITS, EMIN,
+                 MAX_FINITE, OVERFLOW, NAN, NAN_KEEPS_SIGN)
+    if NSTATES >= 1:
+        _store_state(s1, s1_addr, s1_abs, code1_ptr, mids1_ptr, rows, row_ok, idx, msk, bidx,
+                     m_e, STATE_BITS, NCODE, ROWS, BLOCK)
+    if NSTATES >= 2:
+        _store_state(s2, s2_addr, s2_abs, code2_ptr, mids2_ptr, rows, row_ok, idx, msk, bidx,
+                     m_e, STATE_BITS, NCODE, ROWS, BLOCK)
 
 
 def _rows_per_item(nblocks: list, block: int) -> int:
@@ -178,44 +231,102 @@ _tables_cache = {}
 
 
 def _tables(state_bits: int, device):
+    """(code1, mids1, code2, mids2) of a quantized state format, on `device`."""
     key = (state_bits, str(device))
     if key not in _tables_cache:
-        from lowbit.codebooks import codebook
-        from lowbit.reference.optim import STATE_FORMATS
-        from lowbit.reference.quant import midpoints
-        m_name, v_name, block = STATE_FORMATS[state_bits]
-        m_code, v_code = codebook(m_name), codebook(v_name)
-        _tables_cache[key] = (block, tuple(t.to(device=device, dtype=torch.float32).contiguous()
-                                           for t in (m_code, midpoints(m_code), v_code,
-                                                     midpoints(v_code))))
+        from ..codebooks import codebook
+        from ..reference.quant import midpoints
+        first, second, _ = ref.STATE_FORMATS[state_bits]
+        c1, c2 = codebook(first), codebook(second)
+        _tables_cache[key] = tuple(t.to(device=device, dtype=torch.float32).contiguous()
+                                   for t in (c1, midpoints(c1), c2, midpoints(c2)))
     return _tables_cache[key]
 
 
-def adam_step(params, grads, m, m_absmax, v, v_absmax, state_bits, scalars, maximize):
-    """One fused Adam/AdamW step over all tensors (lowbit.ops.adam_step's contract): fp32 params
-    and grads; fp32 m/v for state_bits 32, else flat uint8 codes plus fp32 per-block absmax.
-    Everything is written in place, in a single launch."""
+def _check(params, grads, state1, absmax1, state2, absmax2, comps, keys, kind, state_bits,
+           block, scalars, flags, writeback) -> int:
+    """The contract's argument rules (as csrc/optim_lists.h checks them); returns nstates."""
+    if kind not in ref.KINDS:
+        raise ValueError(f"kind must be one of {', '.join(ref.KINDS)}, got {kind!r}")
+    if writeback not in ref.WRITEBACK:
+        raise ValueError(f"writeback must be one of {', '.join(ref.WRITEBACK)}, got {writeback!r}")
     if state_bits not in (32, 8, 4):
         raise ValueError(f"state_bits must be 32, 8 or 4, got {state_bits}")
+    if len(scalars) != 8:
+        raise ValueError(f"expected 8 scalars, got {len(scalars)}")
+    nstates = 2 if state2 else (1 if state1 else 0)
+    want = {"adam": 2, "lion": 1, "sgd": 0 if flags & ref.NO_MOMENTUM else 1}[kind]
+    if nstates != want:
+        raise ValueError(f"{kind} with flags {flags} takes {want} state(s), got {nstates}")
+    n = len(params)
+    quantized = state_bits != 32
+    # lists the call does not use may be empty; every other list has one entry per tensor
+    for name, lst, needed in (("grads", grads, True), ("state1", state1, nstates >= 1),
+                              ("state2", state2, nstates >= 2),
+                              ("absmax1", absmax1, quantized and nstates >= 1),
+                              ("absmax2", absmax2, quantized and nstates >= 2),
+                              ("comps", comps, writeback == "kahan"),
+                              ("keys", keys, writeback == "stochastic")):
+        if len(lst) != n and (needed or lst):
+            raise ValueError(f"{name} has {len(lst)} entries for {n} params")
+    dtype = params[0].dtype
+    if dtype not in KINDS:
+        raise TypeError(f"params must be float32, bfloat16 or float16, got {dtype}")
+    if (dtype == torch.float32) != (writeback == "f32"):
+        raise ValueError(f"{dtype} params cannot take writeback {writeback!r} (fp32 params take "
+                         "'f32'; bf16/fp16 'nearest', 'stochastic' or 'kahan')")
+    same_dtype = [*params, *grads, *(comps if writeback == "kahan" else [])]
+    if any(t.dtype != dtype for t in same_dtype):
+        raise TypeError(f"grads and comps must have the params' dtype {dtype}")
+    if not all(t.is_contiguous() for t in [*same_dtype, *state1, *state2]):
+        raise ValueError("optim_step needs contiguous tensors")
+    if quantized and block not in ref.BLOCK_SIZES:
+        raise ValueError(f"block size must be a power of two from 32 to 4096, got {block}")
+    # sizes, since the kernel writes through raw addresses
+    for i, p in enumerate(params):
+        n = p.numel()
+        sizes = [(grads[i], n)] + ([(comps[i], n)] if writeback == "kahan" else [])
+        for st, am in ((state1, absmax1), (state2, absmax2))[:nstates]:
+            sizes.append((st[i], (n + 1) // 2 if state_bits == 4 else n))
+            if quantized:
+                sizes.append((am[i], triton.cdiv(n, block)))
+        if any(t.numel() != want for t, want in sizes):
+            raise ValueError(f"tensor {i}: a grad, state, absmax or comp has the wrong size "
+                             f"for {n} elements")
+    return nstates
+
+
+def optim_step(params, grads, state1, absmax1, state2, absmax2, comps, keys, kind, state_bits,
+               block_size, scalars, flags, writeback) -> None:
+    """One fused optimizer step over all tensors (lowbit.ops.optim_step's contract,
+    lowbit.reference.optim.fused_step): everything is written in place, in a single launch."""
+    if not params:
+        return
+    block = (block_size or ref.STATE_FORMATS[state_bits][2]) if state_bits != 32 else 1
+    nstates = _check(params, grads, state1, absmax1, state2, absmax2, comps, keys, kind,
+                     state_bits, block, scalars, flags, writeback)
     device = params[0].device
-    if state_bits == 32:
-        block, ncode = F32_BLOCK, 0
-        dummy = torch.zeros(1, dtype=torch.float32, device=device)
-        code_tabs = (dummy,) * 4
-    else:
-        block, code_tabs = _tables(state_bits, device)
+    quantized = state_bits != 32 and nstates > 0
+    if quantized:
+        code_tabs = _tables(state_bits, device)
         ncode = code_tabs[0].numel()
+    else:  # no quantization blocks: the code tables are never read
+        block, ncode = F32_BLOCK, 0
+        code_tabs = (torch.zeros(1, dtype=torch.float32, device=device),) * 4
+    kahan, stochastic = writeback == "kahan", writeback == "stochastic"
+
+    def addr(lst, i, used):
+        return lst[i].data_ptr() if used else 0
+
     tab, nblocks = [], []
     for i, p in enumerate(params):
         n = p.numel()
         if n == 0:
             continue
-        if state_bits == 32:
-            absp = (0, 0)
-        else:
-            absp = (m_absmax[i].data_ptr(), v_absmax[i].data_ptr())
-        tab.append([p.data_ptr(), grads[i].data_ptr(), m[i].data_ptr(), v[i].data_ptr(),
-                    *absp, n])
+        tab.append([p.data_ptr(), grads[i].data_ptr(),
+                    addr(state1, i, nstates >= 1), addr(absmax1, i, quantized),
+                    addr(state2, i, nstates >= 2), addr(absmax2, i, quantized and nstates >= 2),
+                    addr(comps, i, kahan), int(keys[i]) if stochastic else 0, n])
         nblocks.append(triton.cdiv(n, block))
     if not tab:
         return
@@ -223,12 +334,19 @@ def adam_step(params, grads, m, m_absmax, v, v_absmax, state_bits, scalars, maxi
     work = [(t, b) for t, nb in enumerate(nblocks) for b in range(0, nb, rows)]
     tab_t = torch.tensor(tab, dtype=torch.int64, device=device)
     work_t = torch.tensor(work, dtype=torch.int64, device=device)
-    sc_t = torch.tensor(list(scalars), dtype=torch.float32, device=device)
-    # the spec's branches, decided on the host values as reference.optim.adam_update does
-    decay, wd = float(scalars[0]), float(scalars[1])
+    sc_t = torch.tensor([float(s) for s in scalars], dtype=torch.float32, device=device)
+    p_kind = KINDS[params[0].dtype]
+    # round_to_fmt's constants of the 16-bit param format (unused for fp32 params)
+    fmt = FORMATS[params[0].dtype][1:] if p_kind else (0, 0, 0, 0, 0, False)
+    mbits, emin, max_finite, overflow, nan, nan_sign = fmt
     num_warps = 8 if rows * block >= 4096 else 4
     with quiet_fp_warnings():
-        _adam_kernel[(len(work),)](
-            work_t, tab_t, sc_t, *code_tabs, STATE_BITS=state_bits, BLOCK=block, ROWS=rows,
-            NCODE=ncode, MAXIMIZE=bool(maximize), DECAY=decay != 1.0, L2=wd != 0.0,
+        _optim_kernel[(len(work),)](
+            work_t, tab_t, sc_t, *code_tabs, KIND=ref.KINDS[kind], NSTATES=nstates,
+            STATE_BITS=state_bits if quantized else 32, BLOCK=block, ROWS=rows, NCODE=ncode,
+            P_KIND=p_kind, WRITEBACK=ref.WRITEBACK[writeback], MBITS=mbits, EMIN=emin,
+            MAX_FINITE=max_finite, OVERFLOW=overflow, NAN=nan, NAN_KEEPS_SIGN=nan_sign,
+            MAXIMIZE=bool(flags & ref.MAXIMIZE), DECAY=bool(flags & ref.DECAY),
+            L2=bool(flags & ref.L2), NESTEROV=bool(flags & ref.NESTEROV),
+            FIRST_STEP=bool(flags & ref.FIRST_STEP), NO_MOMENTUM=bool(flags & ref.NO_MOMENTUM),
             num_warps=num_warps, **LAUNCH_OPTS)
