@@ -92,6 +92,16 @@ def philox_word0(seed, counter):
 
 
 @triton.jit
+def philox_word_of(seed, index):
+    """The optimizer write-back's stream (philox.h philox_word_of): element i takes word i % 4 of
+    Philox4x32-10 at counter i // 4 (int64 index)."""
+    r0, r1, r2, r3 = tl.randint4x(seed, index >> 2)
+    j = index & 3
+    r = tl.where(j == 0, r0, tl.where(j == 1, r1, tl.where(j == 2, r2, r3)))
+    return r.to(tl.uint32, bitcast=True)
+
+
+@triton.jit
 def load_as_f32(ptr, idx, mask, KIND: tl.constexpr):
     """Load elements of an fp32/bf16/fp16 buffer exactly widened to fp32 (masked lanes -> 0).
 

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ._common import (FORMATS, INTERP_MAX_PROGRAMS, INTERP_MAX_TILE, KINDS, LAUNCH_OPTS,
-                      code_index, interpreting, load_as_f32, pair_layout, philox_word0,
+                      code_index, interpreting, load_as_f32, pair_layout, philox_word_of,
                       quiet_fp_warnings, round_to_fmt, tile_rows, widen_to_f32)
 from .quant import _scale_back, _unit_scale
 from ..reference import optim as ref
@@ -100,7 +100,7 @@ def _store_param(x, p_ptr, comp_ptr, idx, msk, key, P_KIND: tl.constexpr, WRITEB
         bits = x.to(tl.uint32, bitcast=True)
         if WRITEBACK == 2:
             h = round_to_fmt(bits, 16, MBITS, EMIN, MAX_FINITE, OVERFLOW, NAN, NAN_KEEPS_SIGN,
-                             True, philox_word0(key, idx))
+                             True, philox_word_of(key, idx))
         else:
             h = round_to_fmt(bits, 16, MBITS, EMIN, MAX_FINITE, OVERFLOW, NAN, NAN_KEEPS_SIGN,
                              False, 0)

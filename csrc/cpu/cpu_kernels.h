@@ -46,8 +46,8 @@ struct OptimCpuArgs {
   NearestLut lut1, lut2;
 };
 
-// Per-tensor statistics of a list of tensors of one dtype: out[2t] = sum of squares (float64),
-// out[2t+1] = number of inf/NaN elements.
+// Per-tensor statistics of a list of tensors of one dtype: out[2t] = sum of squares of the
+// finite elements, out[2t+1] = number of inf/NaN elements.
 struct StatsArgs {
   const void* const* g;
   const int64_t* n;

@@ -96,37 +96,77 @@ static inline void mulhilo16(__m512i a, uint32_t m, __m512i* hi, __m512i* lo) {
   *lo = _mm512_mask_blend_epi32((__mmask16)0xAAAA, even, _mm512_slli_epi64(odd, 32));
 }
 
-static void fill_philox(uint64_t seed, uint64_t counter0, int64_t len, uint32_t* out) {
+// Philox4x32-10 of 16 consecutive counters base .. base+15: the four output words, one vector each.
+static inline void philox16(uint64_t seed, uint64_t base, __m512i w[4]) {
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i hi = _mm512_set1_epi32((int)(uint32_t)(base >> 32));
+  __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)base), lane);
+  // lanes whose low word wrapped around carry into the high word
+  __m512i c1 = _mm512_mask_add_epi32(hi, _mm512_cmplt_epu32_mask(c0, lane), hi,
+                                     _mm512_set1_epi32(1));
+  __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
+  uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    __m512i hi_b, lo_b, hi_a, lo_a;
+    mulhilo16(c2, 0xCD9E8D57u, &hi_b, &lo_b);
+    mulhilo16(c0, 0xD2511F53u, &hi_a, &lo_a);
+    c0 = _mm512_xor_si512(_mm512_xor_si512(hi_b, c1), _mm512_set1_epi32((int)k0));
+    c2 = _mm512_xor_si512(_mm512_xor_si512(hi_a, c3), _mm512_set1_epi32((int)k1));
+    c1 = lo_b;
+    c3 = lo_a;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  w[0] = c0; w[1] = c1; w[2] = c2; w[3] = c3;
+}
+
+static void fill_philox(uint64_t seed, uint64_t counter0, int64_t len, uint32_t* out) {
   for (int64_t i = 0; i < len; i += 16) {
-    const uint64_t base = counter0 + (uint64_t)i;
-    const __m512i hi = _mm512_set1_epi32((int)(uint32_t)(base >> 32));
-    __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)base), lane);
-    // lanes whose low word wrapped around carry into the high word
-    __m512i c1 = _mm512_mask_add_epi32(hi, _mm512_cmplt_epu32_mask(c0, lane), hi,
-                                       _mm512_set1_epi32(1));
-    __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
-    uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
-    for (int round = 0; round < 10; ++round) {
-      __m512i hi_b, lo_b, hi_a, lo_a;
-      mulhilo16(c2, 0xCD9E8D57u, &hi_b, &lo_b);
-      mulhilo16(c0, 0xD2511F53u, &hi_a, &lo_a);
-      c0 = _mm512_xor_si512(_mm512_xor_si512(hi_b, c1), _mm512_set1_epi32((int)k0));
-      c2 = _mm512_xor_si512(_mm512_xor_si512(hi_a, c3), _mm512_set1_epi32((int)k1));
-      c1 = lo_b;
-      c3 = lo_a;
-      k0 += 0x9E3779B9u;
-      k1 += 0xBB67AE85u;
-    }
+    __m512i w[4];
+    philox16(seed, counter0 + (uint64_t)i, w);
     const int64_t rem = len - i;
     const __mmask16 m = rem >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << rem) - 1u);
-    _mm512_mask_storeu_epi32(out + i, m, c0);
+    _mm512_mask_storeu_epi32(out + i, m, w[0]);
+  }
+}
+
+// philox_word_of (philox.h) for indices index0 .. index0+len-1, index0 a multiple of 4: all four
+// words of each counter, transposed so that out[4k + j] = word j of counter index0/4 + k.
+static void fill_philox4(uint64_t seed, uint64_t index0, int64_t len, uint32_t* out) {
+  for (int64_t i = 0; i < len; i += 64) {
+    __m512i w[4];
+    philox16(seed, (index0 + (uint64_t)i) >> 2, w);
+    // 4x4 transposes inside each 128-bit lane, then regroup the lanes
+    const __m512i t0 = _mm512_unpacklo_epi32(w[0], w[1]), t1 = _mm512_unpackhi_epi32(w[0], w[1]);
+    const __m512i t2 = _mm512_unpacklo_epi32(w[2], w[3]), t3 = _mm512_unpackhi_epi32(w[2], w[3]);
+    const __m512i u0 = _mm512_unpacklo_epi64(t0, t2), u1 = _mm512_unpackhi_epi64(t0, t2);
+    const __m512i u2 = _mm512_unpacklo_epi64(t1, t3), u3 = _mm512_unpackhi_epi64(t1, t3);
+    const __m512i a = _mm512_shuffle_i32x4(u0, u1, 0x44), b = _mm512_shuffle_i32x4(u2, u3, 0x44);
+    const __m512i c = _mm512_shuffle_i32x4(u0, u1, 0xEE), d = _mm512_shuffle_i32x4(u2, u3, 0xEE);
+    const __m512i o[4] = {_mm512_shuffle_i32x4(a, b, 0x88), _mm512_shuffle_i32x4(a, b, 0xDD),
+                          _mm512_shuffle_i32x4(c, d, 0x88), _mm512_shuffle_i32x4(c, d, 0xDD)};
+    for (int q = 0; q < 4; ++q) {
+      const int64_t rem = len - i - 16 * q;
+      if (rem <= 0) break;
+      const __mmask16 m = rem >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << rem) - 1u);
+      _mm512_mask_storeu_epi32(out + i + 16 * q, m, o[q]);
+    }
   }
 }
 #else
 static void fill_philox(uint64_t seed, uint64_t counter0, int64_t len, uint32_t* __restrict out) {
 #pragma omp simd
   for (int64_t i = 0; i < len; ++i) out[i] = philox_word0(seed, counter0 + (uint64_t)i);
+}
+
+static void fill_philox4(uint64_t seed, uint64_t index0, int64_t len, uint32_t* __restrict out) {
+  const int64_t ncounters = (len + 3) / 4;
+#pragma omp simd
+  for (int64_t k = 0; k < ncounters; ++k) {
+    const Philox4 r = philox4x32_10(seed, (index0 >> 2) + (uint64_t)k);
+    for (int j = 0; j < 4; ++j)
+      if (4 * k + j < len) out[4 * k + j] = r.w[j];
+  }
 }
 #endif
 

@@ -8,6 +8,7 @@
 // buffers, run the per-element rule (lowbit/optim_math.h) over the block, requantize. Grad,
 // param and states are read once and written once. The loops are templates over the rule, the
 // param dtype, the write-back and the state layout, so each compiles branch-free.
+#include <type_traits>
 #include <vector>
 
 #include "lowbit/optim_math.h"
@@ -53,51 +54,60 @@ static void encode_block(const float* vals, int64_t begin, int64_t len, uint32_t
   encode_nearest<kF32>(vals, 0, len, unit_scale(am), NCODE, mids, lut, out, false, idx_buf);
 }
 
-// Store the new fp32 values of one run of elements (store_param of optim_math.h, with the Philox
-// words drawn in bulk beforehand).
-template <int DT, int WB>
-static inline void store_x(void* p, void* comp, int64_t k, float x, uint32_t r) {
-  if (WB == kWbF32) {
-    ((float*)p)[k] = x;
-    return;
-  }
-  const Fmt fmt = fmt_of(DT);
-  const uint32_t hi = round_to_fmt(f32_bits(x), fmt, WB == kWbStochastic, r);
-  ((uint16_t*)p)[k] = (uint16_t)hi;
-  if (WB == kWbKahan) {
-    const float hv = load_t<DT>(p, k);
-    ((uint16_t*)comp)[k] = (uint16_t)round_to_fmt(f32_bits(x - hv), fmt, false, 0u);
-  }
+// Parameter storage type: fp32, or the raw bits of bf16 / fp16.
+template <int DT>
+using ParamT = typename std::conditional<DT == kF32, float, uint16_t>::type;
+
+template <int DT>
+static inline float widen(ParamT<DT> h) {
+  if (DT == kF32) return (float)h;
+  return DT == kBF16 ? bf16_to_f32((uint16_t)h) : f16_to_f32((uint16_t)h);
 }
 
 // The rule over elements [begin, begin+len) of tensor t. m/v: the states of these elements (fp32
 // arrays, or the dequantized block buffers), updated in place; mx_m/mx_v: the largest |bits| of
 // the new m/v (their block absmax, for quantized states), found in the same pass.
+// Every array is a typed __restrict pointer to the run's first element. No loop unswitching:
+// gcc would otherwise split the loop on each runtime flag (maximize, decay, ...) and fail to
+// vectorize most of the copies; as selects, the flags cost a blend each.
 template <int KIND, int DT, int WB, int NST>
+__attribute__((optimize("no-unswitch-loops")))
 static void update_run(const OptArgs& a, const OptTensor& t, int64_t begin, int64_t len,
                        float* __restrict m, float* __restrict v, uint32_t* mx_m, uint32_t* mx_v) {
+  using P = ParamT<DT>;
   uint32_t rbuf[kOptChunk];
-  if (WB == kWbStochastic) fill_philox(t.key, (uint64_t)begin, len, rbuf);
+  // (runs start at multiples of 32 elements: whole Philox counters)
+  if (WB == kWbStochastic) fill_philox4(t.key, (uint64_t)begin, len, rbuf);
   const float* f = a.s.f;
   const float fs[8] = {f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7]};
   const int flags = a.s.flags;
-  void* __restrict p = t.p;
-  const void* __restrict g = t.g;
-  void* __restrict comp = t.comp;
+  P* __restrict p = (P*)t.p + begin;
+  const P* __restrict g = (const P*)t.g + begin;
+  P* __restrict comp = WB == kWbKahan ? (P*)t.comp + begin : nullptr;
+  const uint32_t* __restrict r = rbuf;
+  const Fmt fmt = fmt_of(DT);
   uint32_t max1 = 0, max2 = 0;
 #pragma omp simd reduction(max : max1, max2)
   for (int64_t i = 0; i < len; ++i) {
-    const int64_t k = begin + i;
-    float x = load_t<DT>(p, k);
-    if (WB == kWbKahan) x = x + load_t<DT>(comp, k);
+    float x = widen<DT>(p[i]);
+    if (WB == kWbKahan) x = x + widen<DT>(comp[i]);
     float s1 = NST >= 1 ? m[i] : 0.0f, s2 = NST >= 2 ? v[i] : 0.0f;
-    update_rule<KIND>(fs, flags, x, load_t<DT>(g, k), s1, s2);
+    update_rule<KIND>(fs, flags, x, widen<DT>(g[i]), s1, s2);
     if (NST >= 1) m[i] = s1;
     if (NST >= 2) v[i] = s2;
     const uint32_t b1 = abs_bits(s1), b2 = abs_bits(s2);
     max1 = b1 > max1 ? b1 : max1;
     max2 = b2 > max2 ? b2 : max2;
-    store_x<DT, WB>(p, comp, k, x, WB == kWbStochastic ? rbuf[i] : 0u);
+    // the store of store_param (optim_math.h), with the Philox words drawn in bulk above
+    if (WB == kWbF32) {
+      p[i] = (P)x;
+    } else {
+      const uint32_t hi = round_to_fmt(f32_bits(x), fmt, WB == kWbStochastic,
+                                       WB == kWbStochastic ? r[i] : 0u);
+      p[i] = (P)hi;
+      if (WB == kWbKahan)
+        comp[i] = (P)round_to_fmt(f32_bits(x - widen<DT>((P)hi)), fmt, false, 0u);
+    }
   }
   *mx_m = max1;
   *mx_v = max2;

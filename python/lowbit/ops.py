@@ -154,8 +154,9 @@ def _(params, grads, state1, absmax1, state2, absmax2, comps, keys, kind, state_
 
 @torch.library.custom_op("lowbit::grad_stats", mutates_args=())
 def grad_stats(grads: list[torch.Tensor], backend: str) -> torch.Tensor:
-    """[len(grads), 2] float64: per tensor, the sum of squares (float64 accumulation; inf/NaN
-    elements left out) and the number of inf/NaN elements. One multi-tensor pass where the
+    """[len(grads), 2] float64: per tensor, the sum of squares of the finite elements (fp32 runs
+    of 256 added in float64 on the CPU; the order, hence the last bits, differ between backends)
+    and the number of inf/NaN elements (exact). One multi-tensor pass where the
     backend has the kernel (cpu), torch ops otherwise."""
     device = grads[0].device if grads else torch.device("cpu")
     out = torch.zeros((len(grads), 2), dtype=torch.float64, device=device)

@@ -29,7 +29,7 @@ enum OptFlag : int {
 enum WriteBack : int {
   kWbF32 = 0,         // fp32 parameter: stored as is
   kWbNearest = 1,     // bf16/fp16, round to nearest-even
-  kWbStochastic = 2,  // bf16/fp16, stochastic rounding with Philox word 0 of (key, element index)
+  kWbStochastic = 2,  // bf16/fp16, stochastic rounding, Philox word i%4 of (key, counter i/4)
   kWbKahan = 3        // bf16/fp16 value + bf16/fp16 compensation (see store_param)
 };
 
@@ -116,8 +116,8 @@ LOWBIT_HD float load_param(const void* p, const void* comp, int dtype, int wb, i
   return wb == kWbKahan ? add_rn(v, load_f32(comp, dtype, i)) : v;
 }
 
-// Store the new fp32 value x of element i. Stochastic: Philox word 0 of counter i under the
-// tensor's step key (reference.optim.sr_key). Kahan: hi = nearest(x), comp = nearest(x - hi),
+// Store the new fp32 value x of element i. Stochastic: Philox word i mod 4 of counter i / 4 under
+// the tensor's step key (reference.optim.sr_key). Kahan: hi = nearest(x), comp = nearest(x - hi),
 // where x - hi is exact in fp32, so (hi, comp) carries ~16 significant bits.
 LOWBIT_HD void store_param(void* p, void* comp, int dtype, int wb, uint64_t key, int64_t i,
                            float x) {
@@ -128,7 +128,7 @@ LOWBIT_HD void store_param(void* p, void* comp, int dtype, int wb, uint64_t key,
   const Fmt fmt = fmt_of(dtype);
   if (wb == kWbStochastic) {
     ((uint16_t*)p)[i] =
-        (uint16_t)round_to_fmt(f32_bits(x), fmt, true, philox_word0(key, (uint64_t)i));
+        (uint16_t)round_to_fmt(f32_bits(x), fmt, true, philox_word_of(key, (uint64_t)i));
     return;
   }
   const uint16_t hi = (uint16_t)round_to_fmt(f32_bits(x), fmt, false, 0u);

@@ -45,6 +45,12 @@ LOWBIT_HD uint32_t philox_word0(uint64_t seed, uint64_t counter) {
   return philox4x32_10(seed, counter).w[0];
 }
 
+// The optimizer write-back's stream: element i takes word (i mod 4) of counter i / 4, so one
+// Philox evaluation serves four consecutive elements (tl.randint4x's words on the Triton side).
+LOWBIT_HD uint32_t philox_word_of(uint64_t seed, uint64_t i) {
+  return philox4x32_10(seed, i >> 2).w[i & 3];
+}
+
 // A uniform in [0, 1) with 24 random bits: exact in fp32, identical on every backend.
 LOWBIT_HD float uniform24(uint32_t r) { return (float)(r >> 8) * 5.9604644775390625e-08f; }
 

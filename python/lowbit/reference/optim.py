@@ -26,8 +26,8 @@ Per element, every operation rounded once in fp32, in this order:
            d = g + momentum * b if NESTEROV else b      (d = g with NO_MOMENTUM: no state)
            x = x - lr * d
   store    fp32 params: x.  bf16/fp16: "nearest" -> round-to-nearest-even(x); "stochastic" ->
-           stochastic rounding with Philox word 0 of (key, element index), key = sr_key(seed,
-           param_id, step); "kahan" -> p = nearest(x), comp = nearest(x - fp32(p)) (exact
+           stochastic rounding with Philox word i % 4 of counter i // 4 for element i (one
+           Philox evaluation per four elements), key = sr_key(seed, param_id, step); "kahan" -> p = nearest(x), comp = nearest(x - fp32(p)) (exact
            difference), so the pair holds ~16 significant bits.
 
 Host scalars are computed in float64 and rounded to fp32 once. Quantized states (first state,
@@ -43,7 +43,7 @@ import torch
 
 from .quant import dequantize_blockwise, quantize_blockwise
 from .rounding import round_to_format
-from .philox import philox_word0
+from .philox import philox_word_of
 from .. import codebooks
 
 # state_bits -> (first-state codebook, second-state codebook, block size)
@@ -180,7 +180,7 @@ def store_param(x: torch.Tensor, dtype: torch.dtype, writeback: str, key: int = 
     if writeback == "f32":
         return x, None
     if writeback == "stochastic":
-        r = philox_word0(key, torch.arange(x.numel(), dtype=torch.int64)).reshape(x.shape)
+        r = philox_word_of(key, torch.arange(x.numel(), dtype=torch.int64)).reshape(x.shape)
         return round_to_format(x, dtype, r), None
     hi = round_to_format(x, dtype)
     if writeback == "kahan":

@@ -22,6 +22,18 @@ def _mul_hi_lo(a: torch.Tensor, b: int):
 
 def philox_word0(seed: int, counters: torch.Tensor) -> torch.Tensor:
     """Word 0 of Philox4x32-10 for each int64 counter; returns uint32 values in an int64 tensor."""
+    return philox4(seed, counters)[0]
+
+
+def philox_word_of(seed: int, index: torch.Tensor) -> torch.Tensor:
+    """The optimizer write-back's stream: element i takes word i % 4 of counter i // 4."""
+    index = index.to(torch.int64)
+    words = torch.stack(philox4(seed, index >> 2))
+    return words.gather(0, (index & 3).unsqueeze(0)).squeeze(0)
+
+
+def philox4(seed: int, counters: torch.Tensor):
+    """The four words of Philox4x32-10 for each int64 counter (uint32 values in int64 tensors)."""
     if not 0 <= seed < 2**64:
         raise ValueError(f"seed must be in [0, 2**64), got {seed}")
     counters = counters.to(torch.int64)
@@ -35,7 +47,7 @@ def philox_word0(seed: int, counters: torch.Tensor) -> torch.Tensor:
         hi_a, lo_a = _mul_hi_lo(c0, _ROUND_A)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32
-    return c0
+    return c0, c1, c2, c3
 
 
 def uniform24(r: torch.Tensor) -> torch.Tensor:
