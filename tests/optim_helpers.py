@@ -1,15 +1,18 @@
-"""Test helpers: drive lowbit.reference.optim.fused_step on one tensor at a time, keeping its
-states in the layout of the op (lists of one tensor)."""
+"""Test helpers: drive lowbit.ops.optim_step (the reference backend unless told otherwise) on one
+tensor at a time, keeping its states in the layout of the op (lists of one tensor)."""
 import torch
 
+from lowbit import ops
 from lowbit.reference import optim as ref
 
 
 class RefTensor:
-    """One parameter and its states under the reference step."""
+    """One parameter and its states under the fused step of `backend`."""
 
-    def __init__(self, p, kind="adam", state_bits=32, nstates=None, writeback="f32"):
+    def __init__(self, p, kind="adam", state_bits=32, nstates=None, writeback="f32",
+                 backend="reference"):
         self.p = p.clone()
+        self.backend = backend
         self.kind, self.bits, self.writeback = kind, state_bits, writeback
         nstates = len(ref.STATE_NAMES[kind]) if nstates is None else nstates
         self.states = [[], [], [], []]
@@ -24,8 +27,9 @@ class RefTensor:
 
     def step(self, g, scalars, key=0, **flag_kw):
         flags = ref.step_flags(self.kind, scalars, **flag_kw)
-        ref.fused_step(self.kind, [self.p], [g], *self.states, self.comps, [key], self.bits, 0,
-                       scalars, flags, self.writeback)
+        keys = [key] if self.writeback == "stochastic" else []
+        ops.optim_step([self.p], [g.contiguous()], *self.states, self.comps, keys, self.kind,
+                       self.bits, 0, scalars, flags, self.writeback, self.backend)
         return self.p
 
     def fp32_states(self):
