@@ -47,13 +47,15 @@ test-triton-newest:
 test-slow: build
 	TRITON_INTERPRET=1 $(PY) -m pytest -n 2 -q -m slow tests
 
-# The main job. Until the pretraining demo lands: the quantization and stochastic-rounding
-# benchmark table on the embedded default input (2**24 fp32 elements).
+# The main job. Until the pretraining demo lands: the quantization / stochastic-rounding and
+# optimizer-step benchmark tables on the embedded default input (2**24 fp32 elements).
 demo: build
 	$(PY) bench/run.py --quick
+	$(PY) bench/optim_bench.py --quick
 
 bench: build
 	$(PY) bench/run.py
+	$(PY) bench/optim_bench.py --torchao
 
 clean:
 	rm -rf build $(VENV) $(NEWEST_VENV) python/lowbit/*.so *.egg-info

@@ -22,8 +22,6 @@ import statistics
 import sys
 import time
 
-import torch
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -40,12 +38,29 @@ def parse_args(argv=None):
     return a
 
 
+if __name__ == "__main__":
+    ARGS = parse_args()
+    # OpenMP (lowbit's kernels and torch's) reads this when the runtime loads, i.e. at import
+    os.environ.setdefault("OMP_NUM_THREADS", str(ARGS.threads))
+
+import torch  # noqa: E402
+
+
+def tensor_bytes(t) -> int:
+    """Storage bytes of a tensor; tensor subclasses (torchao's quantized states) are counted by
+    their inner tensors, not by the dtype they present."""
+    if hasattr(t, "__tensor_flatten__") and type(t) is not torch.Tensor:
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
 def state_bytes(opt) -> int:
     total = 0
     for st in opt.state.values():
         for k, v in st.items():
             if isinstance(v, torch.Tensor) and k != "step":
-                total += v.numel() * v.element_size()
+                total += tensor_bytes(v)
     return total
 
 
@@ -192,4 +207,4 @@ def report(results, args):
 
 
 if __name__ == "__main__":
-    sys.exit(main(parse_args()))
+    sys.exit(main(ARGS))

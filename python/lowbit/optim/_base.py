@@ -305,9 +305,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         plan, info, pid = [], [], 0
         for gi, group in enumerate(self.param_groups):
             live = []
-            for p in group["params"]:
+            for pi, p in enumerate(group["params"]):
                 if p.grad is not None:
-                    where = f"param_groups[{gi}]['params'][{len(live)}]"
+                    where = f"param_groups[{gi}]['params'][{pi}]"
                     _check_grad(p, p.grad, where)
                     live.append((pid, p, where))
                 pid += 1
