@@ -1,6 +1,6 @@
 // Marshalling shared by the three pybind11 modules (_C, _C_cuda, _C_sim) for the fused optimizer
-// step: Python passes parallel lists of data_ptr()s; these build the OptArgs of lowbit/optim_args.h.
-// Header-only, no pybind11.
+// step: Python passes parallel lists of data_ptr()s; these build the OptArgs of
+// lowbit/optim_args.h. Header-only, no pybind11.
 #pragma once
 #include <stdexcept>
 #include <stdint.h>

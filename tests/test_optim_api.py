@@ -171,7 +171,8 @@ def test_torch_adamw_state_dict_imports_quantized_and_exports_back(cls, bits):
     w = a[0].weight
     st = ours.state[w]
     assert st["exp_avg_codes"].dtype == torch.uint8 and "exp_avg" not in st
-    m, v = ours._moments_fp32(w, st, ("exp_avg", "exp_avg_sq"), ours._format_for(w, ours.param_groups[0]))
+    fmt = ours._format_for(w, ours.param_groups[0])
+    m, v = ours._moments_fp32(w, st, ("exp_avg", "exp_avg_sq"), fmt)
     for q, exact, am in ((m, torch_opt.state[w]["exp_avg"], st["exp_avg_absmax"]),
                          (v, torch_opt.state[w]["exp_avg_sq"], st["exp_avg_sq_absmax"])):
         block = ref.STATE_FORMATS[bits][2]

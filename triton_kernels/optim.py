@@ -91,8 +91,8 @@ def _as_param_ptr(addr, P_KIND: tl.constexpr):
 def _store_param(x, p_ptr, comp_ptr, idx, msk, key, P_KIND: tl.constexpr, WRITEBACK: tl.constexpr,
                  MBITS: tl.constexpr, EMIN: tl.constexpr, MAX_FINITE: tl.constexpr,
                  OVERFLOW: tl.constexpr, NAN: tl.constexpr, NAN_KEEPS_SIGN: tl.constexpr):
-    """store_param of optim_math.h: fp32 as is; else nearest-even, stochastic (Philox word 0 of
-    counter idx under the tensor's key) or kahan (value nearest, then the exact remainder
+    """store_param of optim_math.h: fp32 as is; else nearest-even, stochastic (Philox word idx % 4
+    of counter idx // 4 under the tensor's key) or kahan (value nearest, then the exact remainder
     x - value rounded to nearest as the compensation)."""
     if WRITEBACK == 0:
         tl.store(p_ptr + idx, x, mask=msk)

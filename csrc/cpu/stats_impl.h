@@ -1,7 +1,7 @@
 // Per-tensor gradient statistics in one multi-tensor pass (lowbit::grad_stats): the sum of
-// squares of the finite elements and the number of non-finite ones. The optimizers use the count to skip steps with inf/NaN gradients, and the
-// norms for telemetry; clipping (issue 4) builds on the same pass. Included per ISA after
-// kernels_impl.h.
+// squares of the finite elements and the number of non-finite ones. The optimizers use the count
+// to skip steps with inf/NaN gradients, and the norms for telemetry; clipping (issue 4) builds on
+// the same pass. Included per ISA after kernels_impl.h.
 #include <vector>
 
 namespace lowbit {

@@ -5,7 +5,13 @@ Philox4x32-10 with key = (lo32(seed), hi32(seed)) and counter = (lo32(i), hi32(i
 i = offset + the element's row-major index; word 0 is used — exactly Triton's
 tl.randint(seed, offset + index). Element i rounds away from zero iff (word >> 8) is below the
 fraction of the gap it has covered scaled to 2**24, so P(up) is that fraction and the rounding is
-unbiased. Optimizers derive (seed, offset) from their own seed and step.
+unbiased.
+
+The optimizers' write-back of bf16/fp16 parameters (lowbit.optim, lowbit.reference.optim) uses
+the same generator with a per-(parameter, step) key, key = sr_key(seed, parameter index, step)
+(a splitmix64 hash of the three, 63 bits), and draws four words per counter: element i uses word
+i % 4 of counter (lo32(i // 4), hi32(i // 4), 0, 0) — Triton's tl.randint4x(key, i // 4). A run
+resumed from a checkpoint therefore draws the same bits as an uninterrupted one.
 
 Special values, as the target formats define them (and as torch's casts treat them):
   NaN -> NaN.

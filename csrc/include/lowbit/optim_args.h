@@ -1,6 +1,6 @@
 // The argument block of one fused multi-tensor optimizer step (lowbit::optim_step), shared by the
-// CPU kernel (csrc/cpu/optim.cpp), the CUDA launcher (csrc/cuda/optim.cu) and the three pybind11
-// modules. Host-side only; plain data so nvcc and gcc agree on it.
+// CPU kernel (csrc/cpu/optim_impl.h), the CUDA launcher (csrc/cuda/optim.cu) and the three
+// pybind11 modules. Host-side only; plain data so nvcc and gcc agree on it.
 #pragma once
 #include <stdint.h>
 

@@ -26,7 +26,8 @@ _CONFIG_KEYS = ("state_bits", "block_size", "min_quant_numel", "stochastic_round
 
 def _check_grad(p: torch.Tensor, g: torch.Tensor, name: str):
     if g.is_sparse:
-        raise RuntimeError(f"{name}: sparse gradients are not supported; use torch.optim.SparseAdam")
+        raise RuntimeError(f"{name}: sparse gradients are not supported; use "
+                           "torch.optim.SparseAdam")
     if g.is_complex() or p.is_complex():
         raise RuntimeError(f"{name}: complex parameters/gradients are not supported; optimize "
                            "torch.view_as_real(param) instead")

@@ -27,8 +27,9 @@ Per element, every operation rounded once in fp32, in this order:
            x = x - lr * d
   store    fp32 params: x.  bf16/fp16: "nearest" -> round-to-nearest-even(x); "stochastic" ->
            stochastic rounding with Philox word i % 4 of counter i // 4 for element i (one
-           Philox evaluation per four elements), key = sr_key(seed, param_id, step); "kahan" -> p = nearest(x), comp = nearest(x - fp32(p)) (exact
-           difference), so the pair holds ~16 significant bits.
+           Philox evaluation per four elements), key = sr_key(seed, param_id, step);
+           "kahan" -> p = nearest(x), comp = nearest(x - fp32(p)) (exact difference), so the
+           pair holds ~16 significant bits.
 
 Host scalars are computed in float64 and rounded to fp32 once. Quantized states (first state,
 signed: 8-bit "dynamic" / 4-bit "dynamic4"; second state, unsigned: "udynamic" /

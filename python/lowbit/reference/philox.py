@@ -1,4 +1,4 @@
-"""Philox4x32-10 word 0 for a batch of counters, in int64 torch arithmetic.
+"""Philox4x32-10 (word 0, or all four words) for a batch of counters, in int64 torch arithmetic.
 
 Key = (lo32(seed), hi32(seed)), counter = (lo32(i), hi32(i), 0, 0) — the layout of Triton's
 tl.randint and of csrc/include/lowbit/philox.h. Every uint32 lives in an int64 tensor; products
