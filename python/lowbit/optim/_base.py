@@ -337,9 +337,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _step_group(self, group, live):
         names = self._state_names(group)
         buckets = {}  # one fused call per (format, step, device, dtype, write-back)
-        for pid, p, where in live:
-            state = self.state[p]
-            step = int(state["step"].item()) + 1
+        # the step counts in one host read (an .item() per parameter adds up with many tensors)
+        steps = torch.stack([self.state[p]["step"] for _, p, _ in live]).tolist()
+        for (pid, p, where), step in zip(live, steps):
+            step = int(step) + 1
             key = (self._format_for(p, group), step, p.device, p.dtype, self._writeback(p, group))
             buckets.setdefault(key, []).append((pid, p))
         for ((bits, block), step, device, dtype, wb), items in buckets.items():
@@ -361,5 +362,4 @@ class FusedOptimizer(torch.optim.Optimizer):
             backend = ops.resolve_backend(self.backend, device)
             ops.optim_step([p.data for p in ps], [p.grad.contiguous() for p in ps], *states,
                            comps, keys, self._kind, bits, block, scalars, flags, wb, backend)
-            for p in ps:
-                self.state[p]["step"].fill_(float(step))
+            torch._foreach_add_([self.state[p]["step"] for p in ps], 1.0)
