@@ -294,6 +294,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         bad, sumsq = torch.stack([(stats[:, 1] > 0).sum().double(), stats[:, 0].sum()]).tolist()
         return int(bad), sumsq ** 0.5
 
+    # Under torch.compile the step runs eagerly (a graph break around it): its bookkeeping is host
+    # code with syncs, and tracing it buys nothing, since the update itself is one custom op.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
