@@ -227,7 +227,12 @@ def test_bad_inputs_raise_and_leave_state_unchanged():
     model[2].weight.grad = torch.zeros_like(model[2].weight).to_sparse()
     with pytest.raises(RuntimeError, match="sparse gradients"):
         opt.step()
-    # (torch itself refuses .grad of another shape, dtype or device, so those never reach step())
+    # (torch refuses `p.grad = ...` of another shape, dtype or device; `.grad.data` gets around it)
+    model[2].weight.grad = torch.zeros_like(model[2].weight)
+    model[2].weight.grad.data = torch.zeros(model[2].weight.shape, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match=r"params'\]\[2\]: gradient dtype torch.bfloat16 does "
+                                        "not match parameter dtype torch.float32"):
+        opt.step()
     for k, v in opt.state[model[0].weight].items():
         assert torch.equal(v, before[k])
     for p, q in zip(model.parameters(), p0):
