@@ -328,3 +328,13 @@ def test_optimizers_on_every_backend_follow_the_reference_bit_for_bit(backend):
     for sa, sb in zip(got_states, want_states):
         for k in sa:
             assert torch.equal(sa[k], sb[k]), k
+
+
+def test_step_bumps_the_parameters_version_like_an_inplace_op():
+    # autograd must notice that a tensor it saved was modified by the step
+    w = torch.nn.Parameter(torch.randn(5000))
+    loss = (w * w).sum()          # saves w for backward
+    w.grad = torch.ones_like(w)
+    lo.AdamW8bit([w]).step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

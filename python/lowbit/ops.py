@@ -152,6 +152,18 @@ def _(params, grads, state1, absmax1, state2, absmax2, comps, keys, kind, state_
     return None
 
 
+def optim_step_eager(params, grads, state1, absmax1, state2, absmax2, comps, keys, kind,
+                     state_bits, block_size, scalars, flags, writeback, backend) -> None:
+    """optim_step called on the backend directly, for eager callers (lowbit.optim's step, which
+    never runs under torch.compile): the custom-op dispatch costs a few microseconds per tensor in
+    version and alias bookkeeping, milliseconds per step for hundreds of parameters. The caller
+    bumps the version counters of whatever autograd may have saved (the parameters)."""
+    if params:
+        _backend_impl(backend).optim_step(params, grads, state1, absmax1, state2, absmax2, comps,
+                                          keys, kind, state_bits, block_size, scalars, flags,
+                                          writeback)
+
+
 @torch.library.custom_op("lowbit::grad_stats", mutates_args=())
 def grad_stats(grads: list[torch.Tensor], backend: str) -> torch.Tensor:
     """[len(grads), 2] float64: per tensor, the sum of squares of the finite elements (fp32 runs

@@ -363,6 +363,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             scalars, flag_kw = self._scalars(group, step)
             flags = ref.step_flags(self._kind, scalars, **flag_kw)
             backend = ops.resolve_backend(self.backend, device)
-            ops.optim_step([p.data for p in ps], [p.grad.contiguous() for p in ps], *states,
-                           comps, keys, self._kind, bits, block, scalars, flags, wb, backend)
+            ops.optim_step_eager([p.data for p in ps], [p.grad.contiguous() for p in ps], *states,
+                                 comps, keys, self._kind, bits, block, scalars, flags, wb,
+                                 backend)
+            # as an in-place torch op on the parameters would (torch.optim's updates do this too)
+            torch.autograd.graph.increment_version(ps)
             torch._foreach_add_([self.state[p]["step"] for p in ps], 1.0)
