@@ -1,5 +1,7 @@
 """Adapter for the pybind11 modules that take raw pointers: lowbit._C (CPU), lowbit._C_cuda
 (CUDA) and lowbit._C_sim (the CUDA kernels run on the CPU, test-only)."""
+import functools
+
 import torch
 
 DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2,
@@ -37,20 +39,17 @@ class NativeBackend:
                    state_bits, block_size, scalars, flags, writeback):
         from ..reference import optim as ref
         ptrs = lambda ts: [t.data_ptr() for t in ts]  # noqa: E731
-        device = params[0].device
-        block, ncode, tables = 0, 0, (torch.zeros(1),) * 4
+        block, ncode = 0, 0
+        # The kernels read the code / mids tables from the params' memory (device, for CUDA).
+        tables = _state_tables(state_bits, params[0].device)
         if state_bits != 32:
-            tables = _state_tables(state_bits)
             block = block_size or ref.STATE_FORMATS[state_bits][2]
             ncode = tables[0].numel()
-        # The kernels read the code / mids tables from the params' memory (device, for CUDA).
-        tables = [t.to(device) for t in tables]
         self.module.optim_step(
             ref.KINDS[kind], ptrs(params), ptrs(grads), [p.numel() for p in params],
             ptrs(state1), ptrs(absmax1), ptrs(state2), ptrs(absmax2), ptrs(comps), list(keys),
             state_bits, block, *[t.data_ptr() for t in tables], ncode, DTYPE_CODE[params[0].dtype],
             ref.WRITEBACK[writeback], list(scalars), flags, *self._stream(params[0]))
-
 
     def grad_stats(self, grads, out):
         if not hasattr(self.module, "grad_stats"):  # only the CPU module has this kernel
@@ -68,11 +67,15 @@ class NativeBackend:
                 out[idx] = part
 
 
-def _state_tables(state_bits: int):
-    """(code1, mids1, code2, mids2) fp32 tables of a quantized state format."""
+@functools.lru_cache(maxsize=None)
+def _state_tables(state_bits: int, device: torch.device):
+    """(code1, mids1, code2, mids2) fp32 tables of a quantized state format on `device` (one
+    placeholder for 32-bit states, whose kernels never read them); made once per format."""
     from ..codebooks import codebook
     from ..reference.optim import STATE_FORMATS
     from ..reference.quant import midpoints
+    if state_bits == 32:
+        return (torch.zeros(1, device=device),) * 4
     first, second, _ = STATE_FORMATS[state_bits]
     c1, c2 = codebook(first), codebook(second)
-    return c1, midpoints(c1), c2, midpoints(c2)
+    return tuple(t.to(device).contiguous() for t in (c1, midpoints(c1), c2, midpoints(c2)))
