@@ -338,3 +338,32 @@ def test_step_bumps_the_parameters_version_like_an_inplace_op():
     lo.AdamW8bit([w]).step()
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def test_mixed_dtypes_empty_and_gradless_parameters_in_one_group():
+    # one group holding fp32, bf16 and fp16 params (one fused call per dtype), an empty tensor and
+    # a parameter without a gradient: each updates exactly as it would alone
+    torch.manual_seed(0)
+    shapes = [(5000,), (70, 80), (4100,), (0,), (33,)]
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float32, torch.float32]
+    init = [torch.randn(s).to(d) for s, d in zip(shapes, dtypes)]
+
+    def run(with_grad):
+        """3 steps of AdamW8bit over params initialised from `init`; only those whose index is in
+        `with_grad` get gradients (the same ones every time: one generator, all drawn)."""
+        ps = [torch.nn.Parameter(t.clone()) for t in init]
+        opt = lo.AdamW8bit(ps, seed=4)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            grads = [torch.randn(t.shape, generator=g).to(t.dtype) for t in init]
+            for j, p in enumerate(ps):
+                p.grad = grads[j] if j in with_grad else None
+            opt.step()
+        return ps, opt
+
+    together, opt = run(with_grad={0, 1, 2, 3})
+    for i in range(4):
+        # (the stochastic-rounding key depends on the parameter's index: keep the positions)
+        alone, _ = run(with_grad={i})
+        assert torch.equal(alone[i], together[i]), i
+    assert torch.equal(together[4], init[4]) and len(opt.state[together[4]]) == 0
