@@ -446,6 +446,7 @@ static void dequantize_all(const DequantArgs& a) {
       }
       const float v = dequant_value(code[c], am);
       if (DT == kF32) ((float*)a.out)[k] = v;
+      else if (DT == kBF16) ((uint16_t*)a.out)[k] = (uint16_t)round_to_bf16(f32_bits(v), false, 0u);
       else ((uint16_t*)a.out)[k] = (uint16_t)round_to_fmt(f32_bits(v), fmt_of(DT), false, 0u);
     }
   }
@@ -473,7 +474,9 @@ static void round_run(const float* __restrict x, Out* __restrict out, int64_t be
     const float* __restrict xb = x + b;
     Out* __restrict ob = out + b;
 #pragma omp simd
-    for (int64_t i = 0; i < len; ++i) ob[i] = (Out)round_to_fmt(f32_bits(xb[i]), f, true, rbuf[i]);
+    for (int64_t i = 0; i < len; ++i)
+      ob[i] = (Out)(FMT == kBF16 ? round_to_bf16(f32_bits(xb[i]), true, rbuf[i])
+                                 : round_to_fmt(f32_bits(xb[i]), f, true, rbuf[i]));
   }
 }
 

@@ -102,11 +102,15 @@ static void update_run(const OptArgs& a, const OptTensor& t, int64_t begin, int6
     if (WB == kWbF32) {
       p[i] = (P)x;
     } else {
-      const uint32_t hi = round_to_fmt(f32_bits(x), fmt, WB == kWbStochastic,
-                                       WB == kWbStochastic ? r[i] : 0u);
+      const bool sr = WB == kWbStochastic;
+      const uint32_t hi = DT == kBF16 ? round_to_bf16(f32_bits(x), sr, sr ? r[i] : 0u)
+                                      : round_to_fmt(f32_bits(x), fmt, sr, sr ? r[i] : 0u);
       p[i] = (P)hi;
-      if (WB == kWbKahan)
-        comp[i] = (P)round_to_fmt(f32_bits(x - widen<DT>((P)hi)), fmt, false, 0u);
+      if (WB == kWbKahan) {
+        const uint32_t rest = f32_bits(x - widen<DT>((P)hi));
+        comp[i] = (P)(DT == kBF16 ? round_to_bf16(rest, false, 0u)
+                                  : round_to_fmt(rest, fmt, false, 0u));
+      }
     }
   }
   *mx_m = max1;

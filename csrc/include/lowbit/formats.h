@@ -73,6 +73,19 @@ LOWBIT_HD uint32_t round_to_fmt(uint32_t b, const Fmt f, bool stochastic, uint32
   return mag | sign;
 }
 
+// round_to_fmt for bf16, in a few integer operations: bf16 keeps fp32's exponent range, so
+// rounding only drops the low 16 bits (fp32 subnormals included: s = 16 for every finite input)
+// and a carry out of the kept mantissa bumps the exponent (0x7F7F + 1 = inf, the overflow value).
+// Same results as round_to_fmt(b, fmt_of(kBF16), stochastic, r) for every input.
+LOWBIT_HD uint32_t round_to_bf16(uint32_t b, bool stochastic, uint32_t r) {
+  if ((b & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0u;  // NaN: canonical, no sign (bf16 rule)
+  const uint32_t low = b & 0xFFFFu;
+  uint32_t inc;
+  if (stochastic) inc = (r >> 8) < (low << 8) ? 1u : 0u;
+  else inc = (low > 0x8000u || (low == 0x8000u && ((b >> 16) & 1u))) ? 1u : 0u;
+  return (b >> 16) + inc;
+}
+
 // Exact widening of bf16 / fp16 bits to fp32.
 LOWBIT_HD float bf16_to_f32(uint16_t h) { return bits_f32((uint32_t)h << 16); }
 
