@@ -48,8 +48,8 @@ LOWBIT_HD Fmt fmt_of(int dtype) {
 LOWBIT_HD uint32_t round_to_fmt(uint32_t b, const Fmt f, bool stochastic, uint32_t r) {
   const uint32_t sign = (b >> 31) << (f.width - 1);
   const uint32_t a = b & 0x7FFFFFFFu;
-  if (a > 0x7F800000u) return f.nan | (f.nan_keeps_sign ? sign : 0u);
-  if (a == 0x7F800000u) return f.overflow | sign;
+  // NaN and inf are selected at the end rather than returned early: no branch, so CPU loops
+  // around this routine vectorize (the finite path below is well defined for them too).
   const uint32_t E = a >> 23;
   const uint32_t M = E ? ((a & 0x7FFFFFu) | 0x800000u) : a;
   const int Eu = (E ? (int)E : 1) - 127;
@@ -69,8 +69,9 @@ LOWBIT_HD uint32_t round_to_fmt(uint32_t b, const Fmt f, bool stochastic, uint32
     inc = (rem > half || (rem == half && (q & 1u))) ? 1u : 0u;
   }
   uint32_t mag = base + q + inc;
-  if (mag > f.max_finite) mag = f.overflow;
-  return mag | sign;
+  mag = mag > f.max_finite ? f.overflow : mag;
+  const uint32_t nan = f.nan | (f.nan_keeps_sign ? sign : 0u);
+  return a > 0x7F800000u ? nan : (a == 0x7F800000u ? (f.overflow | sign) : (mag | sign));
 }
 
 // round_to_fmt for bf16, in a few integer operations: bf16 keeps fp32's exponent range, so
@@ -93,12 +94,13 @@ LOWBIT_HD float f16_to_f32(uint16_t h) {
   const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
   const uint32_t e = (h >> 10) & 0x1Fu;
   const uint32_t m = h & 0x3FFu;
+  // All three cases computed, then selected: branch-free, so CPU loops vectorize.
   // inf, or NaN made quiet as hardware conversions (and torch's) do
-  if (e == 0x1Fu) return bits_f32(sign | 0x7F800000u | (m << 13) | (m ? 0x400000u : 0u));
-  if (e != 0) return bits_f32(sign | ((e + 112u) << 23) | (m << 13));
-  // Subnormal (or zero): m * 2^-24 is exact in fp32; branch-free so loops vectorize.
-  const float v = (float)m * 5.9604644775390625e-08f;
-  return bits_f32(f32_bits(v) | sign);
+  const uint32_t special = sign | 0x7F800000u | (m << 13) | (m ? 0x400000u : 0u);
+  const uint32_t normal = sign | ((e + 112u) << 23) | (m << 13);
+  // subnormal (or zero): m * 2^-24 is exact in fp32
+  const uint32_t sub = f32_bits((float)m * 5.9604644775390625e-08f) | sign;
+  return bits_f32(e == 0x1Fu ? special : (e != 0 ? normal : sub));
 }
 
 // Load element i of a buffer of the given input dtype (fp32, bf16, fp16) as fp32, exactly.
