@@ -138,3 +138,19 @@ def test_signed_zeros(backend, rule):
     # -0 stays -0: maximize negates by flipping the sign bit (0 - g would give +0 for g = +0),
     # torch's clone starts SGD's buffer, and Lion's sign keeps the zero's sign.
     _run(backend, rule, 32, torch.bfloat16, "nearest", zeros=True)
+
+
+@pytest.mark.parametrize("backend", kernel_backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_grad_stats_match_reference(backend, dtype):
+    # counts exact; sums of squares to within the CPU kernel's fp32 run accumulation (runs of
+    # 1024 elements: relative error ~1024 * 2**-24 < 1e-4)
+    torch.manual_seed(3)
+    grads = [(torch.randn(n) * 3).to(dtype) for n in (0, 1, 1023, 1025, 70_000)]
+    grads[2][5] = float("nan")
+    grads[4][7] = float("inf")
+    grads[4][9] = -float("inf")
+    got = ops.grad_stats(grads, backend)
+    want = ops.grad_stats(grads, "reference")
+    assert torch.equal(got[:, 1], want[:, 1]) and want[:, 1].tolist() == [0, 0, 1, 0, 2]
+    torch.testing.assert_close(got[:, 0], want[:, 0], rtol=1e-4, atol=0)

@@ -167,7 +167,7 @@ def optim_step_eager(params, grads, state1, absmax1, state2, absmax2, comps, key
 @torch.library.custom_op("lowbit::grad_stats", mutates_args=())
 def grad_stats(grads: list[torch.Tensor], backend: str) -> torch.Tensor:
     """[len(grads), 2] float64: per tensor, the sum of squares of the finite elements (fp32 runs
-    of 256 added in float64 on the CPU; the order, hence the last bits, differ between backends)
+    of 1024 added in float64 on the CPU; the order, hence the last bits, differ between backends)
     and the number of inf/NaN elements (exact). One multi-tensor pass where the
     backend has the kernel (cpu), torch ops otherwise."""
     device = grads[0].device if grads else torch.device("cpu")
