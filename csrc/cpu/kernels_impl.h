@@ -170,6 +170,14 @@ static void fill_philox4(uint64_t seed, uint64_t index0, int64_t len, uint32_t* 
 }
 #endif
 
+// Code of element k of a state: one byte each, or 4-bit pairs with element 2j in the high nibble.
+template <int NCODE>
+static inline int code_at(const uint8_t* codes, int64_t k) {
+  if (NCODE != 16) return codes[k];
+  const uint8_t byte = codes[k >> 1];
+  return (k & 1) ? (byte & 0xF) : (byte >> 4);
+}
+
 // One index per element -> the block's codes: bytes as they are, or 4-bit pairs (element 2j in
 // the high nibble; an odd tail's missing partner is a 0 nibble).
 static void pack_codes(const uint8_t* __restrict idx, int64_t len, int ncode,
@@ -437,14 +445,7 @@ static void dequantize_all(const DequantArgs& a) {
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i) {
       const int64_t k = begin + i;
-      int c;
-      if (NCODE == 16) {
-        const uint8_t byte = a.codes[k >> 1];
-        c = (k & 1) ? (byte & 0xF) : (byte >> 4);
-      } else {
-        c = a.codes[k];
-      }
-      const float v = dequant_value(code[c], am);
+      const float v = dequant_value(code[code_at<NCODE>(a.codes, k)], am);
       if (DT == kF32) ((float*)a.out)[k] = v;
       else if (DT == kBF16) ((uint16_t*)a.out)[k] = (uint16_t)round_to_bf16(f32_bits(v), false, 0u);
       else ((uint16_t*)a.out)[k] = (uint16_t)round_to_fmt(f32_bits(v), fmt_of(DT), false, 0u);

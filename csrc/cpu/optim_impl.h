@@ -28,17 +28,8 @@ static void decode_block(const uint8_t* codes, int64_t begin, int64_t len, const
   dequant_f32_avx512<NCODE>(codes, code, begin, len, am, out, false);
 #else
 #pragma omp simd
-  for (int64_t i = 0; i < len; ++i) {
-    const int64_t k = begin + i;
-    int c;
-    if (NCODE == 16) {
-      const uint8_t byte = codes[k >> 1];
-      c = (k & 1) ? (byte & 0xF) : (byte >> 4);
-    } else {
-      c = codes[k];
-    }
-    out[i] = dequant_value(code[c], am);
-  }
+  for (int64_t i = 0; i < len; ++i)
+    out[i] = dequant_value(code[code_at<NCODE>(codes, begin + i)], am);
 #endif
 }
 
