@@ -42,7 +42,7 @@ def _sign(c):
 def _update(x, g, s1, s2, sc_ptr, KIND: tl.constexpr, MAXIMIZE: tl.constexpr,
             DECAY: tl.constexpr, L2: tl.constexpr, NESTEROV: tl.constexpr,
             FIRST_STEP: tl.constexpr, NO_MOMENTUM: tl.constexpr):
-    """update_one of optim_math.h: the new (x, s1, s2). Scalars sc_ptr[0..7] by rule as there."""
+    """update_rule of optim_math.h: the new (x, s1, s2). Scalars sc_ptr[0..7] by rule as there."""
     if MAXIMIZE:
         # flip the sign bit: Triton's -g is 0 - g, which gives +0 for g = +0
         g = (g.to(tl.uint32, bitcast=True) ^ 0x80000000).to(tl.float32, bitcast=True)

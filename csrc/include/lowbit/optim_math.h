@@ -103,12 +103,6 @@ LOWBIT_HD void update_rule(const float* f, int flags, float& p, float g, float& 
   (void)s2;
 }
 
-LOWBIT_HD void update_one(const StepScalars& s, float& p, float g, float& s1, float& s2) {
-  if (s.kind == kAdam) update_rule<kAdam>(s.f, s.flags, p, g, s1, s2);
-  else if (s.kind == kLion) update_rule<kLion>(s.f, s.flags, p, g, s1, s2);
-  else update_rule<kSgd>(s.f, s.flags, p, g, s1, s2);
-}
-
 // The fp32 value a step starts from: the parameter widened exactly, plus the compensation for
 // kahan (one fp32 rounding).
 LOWBIT_HD float load_param(const void* p, const void* comp, int dtype, int wb, int64_t i) {

@@ -269,7 +269,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             for name, value in zip(names, self._moments_fp32(p, st, names, fmt)):
                 out[name] = value.clone()
             export_state[pid] = out
-        keys = (self._torch_class([torch.zeros(1)], **self._torch_kwargs()).defaults
+        keys = (self._torch_class([torch.zeros(1)]).defaults
                 if self._torch_class is not None else None)
         groups = []
         for g in sd["param_groups"]:
@@ -277,9 +277,6 @@ class FusedOptimizer(torch.optim.Optimizer):
             eg["params"] = g["params"]
             groups.append(eg)
         return {"state": export_state, "param_groups": groups}
-
-    def _torch_kwargs(self) -> dict:
-        return {}
 
     # --- the step ---------------------------------------------------------------------------
 
