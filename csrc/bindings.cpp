@@ -98,14 +98,17 @@ void py_optim_step(int kind, const std::vector<uintptr_t>& p, const std::vector<
   lowbit::cpu::optim_step(a);
 }
 
-// Per-tensor (sum of squares, non-finite count) of tensors of one dtype into `out` (float64,
-// 2 per tensor).
+// Per-tensor statistics (StatsArgs) of tensors of one dtype into `out` (float64, 4 per tensor),
+// after the clip transform when flags != 0 (xform: fp32 [ntensors, 3] = s, thr, r per tensor).
 void py_grad_stats(const std::vector<uintptr_t>& g, const std::vector<int64_t>& numel, int dtype,
-                   uintptr_t out) {
+                   uintptr_t xform, double cv, int flags, uintptr_t out) {
   if (g.size() != numel.size()) throw std::invalid_argument("grad_stats: list lengths differ");
+  if (flags != 0 && xform == 0 && (flags & ~lowbit::kValueClip) != 0)
+    throw std::invalid_argument("grad_stats: the transform flags need the per-tensor table");
   std::vector<const void*> ptrs(g.size());
   for (size_t i = 0; i < g.size(); ++i) ptrs[i] = ptr<const void>(g[i]);
-  StatsArgs a{ptrs.data(), numel.data(), (int)g.size(), dtype, ptr<double>(out)};
+  StatsArgs a{ptrs.data(), numel.data(), (int)g.size(), dtype,
+              ptr<const lowbit::ClipTensor>(xform), (float)cv, flags, ptr<double>(out)};
   py::gil_scoped_release release;
   lowbit::cpu::grad_stats(a);
 }
@@ -118,6 +121,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("quantize_blockwise", &py_quantize_blockwise);
   m.def("dequantize_blockwise", &py_dequantize_blockwise);
   m.def("stochastic_round", &py_stochastic_round);
-  m.def("grad_stats", &py_grad_stats, "per-tensor sum of squares and non-finite count");
+  m.def("grad_stats", &py_grad_stats, "per-tensor sum of squares, non-finite count, max |g|, NaN count");
   m.def("optim_step", &py_optim_step, "fused multi-tensor optimizer step (Adam, Lion, SGD)");
 }

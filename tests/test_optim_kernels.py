@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lowbit import ops
+from lowbit.reference import clip as clip_ref
 from lowbit.reference import optim as ref
 from conftest import kernel_backend_params
 
@@ -140,17 +141,48 @@ def test_signed_zeros(backend, rule):
     _run(backend, rule, 32, torch.bfloat16, "nearest", zeros=True)
 
 
-@pytest.mark.parametrize("backend", kernel_backend_params())
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_grad_stats_match_reference(backend, dtype):
-    # counts exact; sums of squares to within the CPU kernel's fp32 run accumulation (runs of
-    # 1024 elements: relative error ~1024 * 2**-24 < 1e-4)
+def _stats_grads(dtype):
     torch.manual_seed(3)
-    grads = [(torch.randn(n) * 3).to(dtype) for n in (0, 1, 1023, 1025, 70_000)]
+    grads = [(torch.randn(n) * 3).to(dtype) for n in (0, 1, 1023, 1025, 70_000, 200_003)]
     grads[2][5] = float("nan")
     grads[4][7] = float("inf")
     grads[4][9] = -float("inf")
+    grads[5][-1] = float("nan")
+    grads[5][0] = 40.0  # the largest magnitude, at the first element
+    return grads
+
+
+def _assert_stats_equal(got, want):
+    # counts and maxima exact; sums of squares to float64 rounding (exact squares, added in
+    # another order)
+    assert torch.equal(got[:, 1:], want[:, 1:])
+    torch.testing.assert_close(got[:, 0], want[:, 0], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("backend", kernel_backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_grad_stats_match_reference(backend, dtype):
+    grads = _stats_grads(dtype)
     got = ops.grad_stats(grads, backend)
     want = ops.grad_stats(grads, "reference")
-    assert torch.equal(got[:, 1], want[:, 1]) and want[:, 1].tolist() == [0, 0, 1, 0, 2]
-    torch.testing.assert_close(got[:, 0], want[:, 0], rtol=1e-4, atol=0)
+    assert want[:, 1].tolist() == [0, 0, 1, 0, 2, 1] and want[:, 3].tolist() == [0, 0, 1, 0, 0, 1]
+    assert want[5, 2].item() == 40.0
+    _assert_stats_equal(got, want)
+
+
+@pytest.mark.parametrize("backend", kernel_backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("flags", [clip_ref.VALUE_CLIP, clip_ref.TENSOR_SCALE | clip_ref.ADA_CLIP,
+                                   clip_ref.TRANSFORM_FLAGS], ids=["value", "scale+ada", "all"])
+def test_grad_stats_after_clip_transform(backend, dtype, flags):
+    grads = _stats_grads(dtype)
+    # per tensor (scale, threshold, ratio): thresholds inside the gradients' range, so both
+    # sides of every comparison occur
+    xform = torch.tensor([[0.5, 1.0, 0.25], [2.0, 0.1, 0.5], [0.75, 2.0, 0.9], [1.0, 0.5, 0.3],
+                          [0.3, 1.5, 0.2], [1.25, 3.0, 0.6]], dtype=torch.float32)
+    got = ops.grad_stats(grads, backend, xform, 2.5, flags)
+    want = ops.grad_stats(grads, "reference", xform, 2.5, flags)
+    _assert_stats_equal(got, want)
+    # the transform did act on every tensor large enough to reach its thresholds
+    raw = ops.grad_stats(grads, "reference")
+    assert (want[2:, 0] != raw[2:, 0]).all()

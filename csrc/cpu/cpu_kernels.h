@@ -3,6 +3,7 @@
 #pragma once
 #include <stdint.h>
 
+#include "lowbit/clip_math.h"
 #include "lowbit/optim_args.h"
 
 namespace lowbit {
@@ -46,13 +47,18 @@ struct OptimCpuArgs {
   NearestLut lut1, lut2;
 };
 
-// Per-tensor statistics of a list of tensors of one dtype: out[2t] = sum of squares of the
-// finite elements, out[2t+1] = number of inf/NaN elements.
+// Per-tensor statistics of a list of tensors of one dtype, of the gradients after the optional
+// clip transform (lowbit/clip_math.h; xform: [ntensors] ClipTensor, or null with flags 0):
+// out[4t .. 4t+3] = sum of squares of the finite elements, number of inf/NaN elements, largest
+// finite |element|, number of NaN elements.
 struct StatsArgs {
   const void* const* g;
   const int64_t* n;
   int ntensors;
   int dtype;
+  const ClipTensor* xform;
+  float cv;
+  int flags;
   double* out;
 };
 

@@ -10,11 +10,13 @@ entry point overrides the default; so does the LOWBIT_BACKEND environment variab
 import functools
 import importlib
 import os
+from typing import Optional
 
 import torch
 
 from . import _ext
 from .backends import reference as _reference
+from .reference import clip as _reference_clip
 from .backends.native import NativeBackend
 
 BACKENDS = ("cpu", "cuda", "triton", "reference", "cuda_sim")
@@ -165,19 +167,24 @@ def optim_step_eager(params, grads, state1, absmax1, state2, absmax2, comps, key
 
 
 @torch.library.custom_op("lowbit::grad_stats", mutates_args=())
-def grad_stats(grads: list[torch.Tensor], backend: str) -> torch.Tensor:
-    """[len(grads), 2] float64: per tensor, the sum of squares of the finite elements (fp32 runs
-    of 1024 added in float64 on the CPU; the order, hence the last bits, differ between backends)
-    and the number of inf/NaN elements (exact). One multi-tensor pass where the
-    backend has the kernel (cpu), torch ops otherwise."""
+def grad_stats(grads: list[torch.Tensor], backend: str, xform: Optional[torch.Tensor] = None,
+               value_clip: float = 0.0, flags: int = 0) -> torch.Tensor:
+    """[len(grads), 4] float64 per tensor: sum of squares of the finite elements, number of
+    inf/NaN elements, largest finite |element|, number of NaN elements — of the gradients, or of
+    the gradients after the clip transform selected by `flags` (lowbit.reference.clip; xform:
+    fp32 [len(grads), 3] rows (scale, threshold, ratio) on the grads' device; value_clip: the
+    bound of VALUE_CLIP). One multi-tensor
+    pass where the backend has the kernel (cpu), torch ops otherwise. Sums of squares are exact
+    squares added in float64 (backends differ by float64 rounding only); the rest is exact."""
     device = grads[0].device if grads else torch.device("cpu")
-    out = torch.zeros((len(grads), 2), dtype=torch.float64, device=device)
-    impl = _backend_impl(backend)
-    getattr(impl, "grad_stats", _reference.grad_stats)(grads, out)
+    out = torch.zeros((len(grads), _reference_clip.NSTATS), dtype=torch.float64, device=device)
+    if grads:
+        impl = _backend_impl(backend)
+        getattr(impl, "grad_stats", _reference.grad_stats)(grads, out, xform, value_clip, flags)
     return out
 
 
 @grad_stats.register_fake
-def _(grads, backend):
+def _(grads, backend, xform=None, value_clip=0.0, flags=0):
     device = grads[0].device if grads else torch.device("cpu")
-    return torch.empty((len(grads), 2), dtype=torch.float64, device=device)
+    return torch.empty((len(grads), _reference_clip.NSTATS), dtype=torch.float64, device=device)

@@ -51,17 +51,19 @@ class NativeBackend:
             state_bits, block, *[t.data_ptr() for t in tables], ncode, DTYPE_CODE[params[0].dtype],
             ref.WRITEBACK[writeback], list(scalars), flags, *self._stream(params[0]))
 
-    def grad_stats(self, grads, out):
+    def grad_stats(self, grads, out, xform=None, cv=0.0, flags=0):
         if not hasattr(self.module, "grad_stats"):  # only the CPU module has this kernel
             from . import reference
-            return reference.grad_stats(grads, out)
+            return reference.grad_stats(grads, out, xform, cv, flags)
         # the kernel takes one dtype per call
         for dtype in {g.dtype for g in grads}:
             idx = [i for i, g in enumerate(grads) if g.dtype == dtype]
-            part = out if len(idx) == len(grads) else torch.empty((len(idx), 2),
-                                                                  dtype=torch.float64)
+            whole = len(idx) == len(grads)
+            part = out if whole else torch.empty((len(idx), out.shape[1]), dtype=torch.float64)
+            xf = None if xform is None else (xform if whole else xform[idx].contiguous())
             self.module.grad_stats([grads[i].data_ptr() for i in idx],
                                    [grads[i].numel() for i in idx], DTYPE_CODE[dtype],
+                                   0 if xf is None else xf.data_ptr(), cv, flags,
                                    part.data_ptr())
             if part is not out:
                 out[idx] = part

@@ -26,9 +26,6 @@ def optim_step(params, grads, state1, absmax1, state2, absmax2, comps, keys, kin
                      state_bits, block_size, scalars, flags, writeback)
 
 
-def grad_stats(grads, out):
-    for i, g in enumerate(grads):
-        x = g.detach().reshape(-1).double()
-        finite = torch.isfinite(x)
-        out[i, 0] = torch.where(finite, x, 0.0).square().sum()
-        out[i, 1] = (~finite).sum()
+def grad_stats(grads, out, xform=None, cv=0.0, flags=0):
+    from ..reference import clip
+    out.copy_(clip.grad_stats(grads, None if xform is None else xform.cpu(), cv, flags))
