@@ -47,10 +47,10 @@ struct OptimCpuArgs {
   NearestLut lut1, lut2;
 };
 
-// Per-tensor statistics of a list of tensors of one dtype, of the gradients after the optional
-// clip transform (lowbit/clip_math.h; xform: [ntensors] ClipTensor, or null with flags 0):
-// out[4t .. 4t+3] = sum of squares of the finite elements, number of inf/NaN elements, largest
-// finite |element|, number of NaN elements.
+// Per-tensor statistics of a list of tensors of one dtype: out[4t .. 4t+3] = sum of squares of
+// the finite elements, number of inf/NaN elements, largest finite |element|, number of NaN
+// elements; the sum and the maximum of the finite elements after the optional clip transform
+// (lowbit/clip_math.h; xform: [ntensors] ClipTensor, or null when flags has no per-tensor step).
 struct StatsArgs {
   const void* const* g;
   const int64_t* n;

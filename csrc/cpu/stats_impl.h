@@ -1,7 +1,7 @@
-// Per-tensor gradient statistics in one multi-tensor pass (lowbit::grad_stats): the sum of
-// squares and the largest magnitude of the finite elements, and the numbers of non-finite and of
-// NaN elements — of the raw gradients, or of the gradients after the clip transform
-// (lowbit/clip_math.h; Stable-SPAM's norm after AdaClip). The optimizers skip steps on the
+// Per-tensor gradient statistics in one multi-tensor pass (lowbit::grad_stats): the numbers of
+// non-finite and of NaN elements of the gradient, and the sum of squares and the largest
+// magnitude of its finite elements — as they are, or after the clip transform
+// (lowbit/clip_math.h: value clip before a norm clip, Stable-SPAM's norm after AdaClip). The optimizers skip steps on the
 // non-finite count; the clipping policies (lowbit.clip) turn the sums and maxima into their
 // coefficients. Included per ISA after kernels_impl.h.
 #include <vector>
@@ -51,12 +51,14 @@ static StatsPart stats_run(const void* __restrict g, int64_t begin, int64_t end,
   const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF);
   for (int64_t i = begin; i < end; i += 16) {
     const __mmask16 m = tail_mask(end - i);
-    __m512 x = load16<DT>(g, i, m);
-    if (XF) x = clip_transform16(x, flags, cv, xf);
-    const __m512i a = _mm512_and_si512(_mm512_castps_si512(x), abs_mask);
-    const __mmask16 finite = _mm512_mask_cmplt_epu32_mask(m, a, inf_bits);
+    const __m512 raw = load16<DT>(g, i, m);
+    const __m512i ra = _mm512_and_si512(_mm512_castps_si512(raw), abs_mask);
+    const __mmask16 finite = _mm512_mask_cmplt_epu32_mask(m, ra, inf_bits);
     bad = _mm512_mask_add_epi32(bad, m & ~finite, bad, one);
-    nan = _mm512_mask_add_epi32(nan, _mm512_mask_cmpgt_epu32_mask(m, a, inf_bits), nan, one);
+    nan = _mm512_mask_add_epi32(nan, _mm512_mask_cmpgt_epu32_mask(m, ra, inf_bits), nan, one);
+    // a finite value stays finite through the transform (clamps and scales by finite factors)
+    const __m512 x = XF ? clip_transform16(raw, flags, cv, xf) : raw;
+    const __m512i a = XF ? _mm512_and_si512(_mm512_castps_si512(x), abs_mask) : ra;
     mx = _mm512_mask_max_epu32(mx, finite, mx, a);
     const __m512 f = _mm512_maskz_mov_ps(finite, x);
     const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(f));
@@ -72,12 +74,13 @@ static StatsPart stats_run(const void* __restrict g, int64_t begin, int64_t end,
   uint32_t mx = 0;
 #pragma omp simd reduction(+ : s, bad, nan) reduction(max : mx)
   for (int64_t i = begin; i < end; ++i) {
-    float x = load_t<DT>(g, i);
-    if (XF) x = clip_transform(x, flags, cv, xf.s, xf.thr, xf.r);
-    const uint32_t a = abs_bits(x);
-    const bool finite = a < 0x7F800000u;
+    const float raw = load_t<DT>(g, i);
+    const uint32_t ra = abs_bits(raw);
+    const bool finite = ra < 0x7F800000u;
     bad += finite ? 0 : 1;
-    nan += a > 0x7F800000u ? 1 : 0;
+    nan += ra > 0x7F800000u ? 1 : 0;
+    const float x = XF ? clip_transform(raw, flags, cv, xf.s, xf.thr, xf.r) : raw;
+    const uint32_t a = abs_bits(x);
     const double d = finite ? (double)x : 0.0;
     s += d * d;
     mx = finite && a > mx ? a : mx;

@@ -170,8 +170,8 @@ def optim_step_eager(params, grads, state1, absmax1, state2, absmax2, comps, key
 def grad_stats(grads: list[torch.Tensor], backend: str, xform: Optional[torch.Tensor] = None,
                value_clip: float = 0.0, flags: int = 0) -> torch.Tensor:
     """[len(grads), 4] float64 per tensor: sum of squares of the finite elements, number of
-    inf/NaN elements, largest finite |element|, number of NaN elements — of the gradients, or of
-    the gradients after the clip transform selected by `flags` (lowbit.reference.clip; xform:
+    inf/NaN elements, largest finite |element|, number of NaN elements — the sum and the maximum
+    optionally after the clip transform selected by `flags` (lowbit.reference.clip; xform:
     fp32 [len(grads), 3] rows (scale, threshold, ratio) on the grads' device; value_clip: the
     bound of VALUE_CLIP). One multi-tensor
     pass where the backend has the kernel (cpu), torch ops otherwise. Sums of squares are exact

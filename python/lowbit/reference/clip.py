@@ -9,10 +9,11 @@ Transform, each step rounded once in fp32, in the canonical order of research/cl
 
 NaN passes through unchanged (torch.clamp and comparisons keep it).
 
-Statistics (lowbit.ops.grad_stats), per tensor, of the transformed gradient: [sum of squares of
-the finite elements (squares exact in float64, added in float64), number of inf/NaN elements,
-largest finite |element|, number of NaN elements]. Backends may add in another order: sums
-agree to float64 rounding, the rest exactly.
+Statistics (lowbit.ops.grad_stats), per tensor: [sum of squares of the finite elements (squares
+exact in float64, added in float64), number of inf/NaN elements, largest finite |element|,
+number of NaN elements]. The counts are of the raw gradient; the sum and the maximum are of its
+finite elements after the transform (a finite value stays finite through it). Backends may add
+in another order: sums agree to float64 rounding, the rest exactly.
 """
 import torch
 
@@ -44,14 +45,15 @@ def grad_stats(grads, xform=None, cv: float = 0.0, flags: int = 0) -> torch.Tens
     (s, thr, r), needed when flags has TENSOR_SCALE or ADA_CLIP."""
     out = torch.zeros((len(grads), NSTATS), dtype=torch.float64)
     for i, g in enumerate(grads):
-        x = g.detach().reshape(-1).cpu().float()
+        raw = g.detach().reshape(-1).cpu().float()
+        x = raw
         if flags:
             s, thr, r = xform[i].tolist() if xform is not None else (1.0, 0.0, 1.0)
-            x = transform_grad(x, flags, cv, s, thr, r)
-        finite = torch.isfinite(x)
+            x = transform_grad(raw, flags, cv, s, thr, r)
+        finite = torch.isfinite(raw)
         a = torch.where(finite, x, 0.0).abs()
         out[i, 0] = a.double().square().sum()
         out[i, 1] = (~finite).sum()
         out[i, 2] = a.max() if a.numel() else 0.0
-        out[i, 3] = torch.isnan(x).sum()
+        out[i, 3] = torch.isnan(raw).sum()
     return out
