@@ -83,11 +83,12 @@ void py_optim_step(int kind, const std::vector<uintptr_t>& p, const std::vector<
                    const std::vector<uintptr_t>& s2_absmax, const std::vector<uintptr_t>& comp,
                    const std::vector<uint64_t>& keys, int state_bits, int block, uintptr_t code1,
                    uintptr_t mids1, uintptr_t code2, uintptr_t mids2, int ncode, int dtype,
-                   int writeback, const std::vector<double>& scalars, int flags) {
+                   int writeback, const std::vector<double>& scalars, int flags,
+                   uintptr_t clip_table, uintptr_t clipped) {
   lowbit::OptCall call;
   lowbit::optim_call(call, kind, p, g, numel, s1, s1_absmax, s2, s2_absmax, comp, keys,
                      state_bits, block, code1, mids1, code2, mids2, ncode, dtype, writeback,
-                     scalars, flags);
+                     scalars, flags, clip_table, clipped);
   OptimCpuArgs a{};
   a.a = call.args;
   if (state_bits == 8) {
@@ -99,7 +100,7 @@ void py_optim_step(int kind, const std::vector<uintptr_t>& p, const std::vector<
 }
 
 // Per-tensor statistics (StatsArgs) of tensors of one dtype into `out` (float64, 4 per tensor),
-// after the clip transform when flags != 0 (xform: fp32 [ntensors, 3] = s, thr, r per tensor).
+// after the clip transform when flags != 0 (xform: fp32 [ntensors, 4] = s, thr, r, k per tensor).
 void py_grad_stats(const std::vector<uintptr_t>& g, const std::vector<int64_t>& numel, int dtype,
                    uintptr_t xform, double cv, int flags, uintptr_t out) {
   if (g.size() != numel.size()) throw std::invalid_argument("grad_stats: list lengths differ");

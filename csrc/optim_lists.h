@@ -18,6 +18,7 @@ struct OptCall {
 
 // Lists of the states a rule does not have (and absmax lists for 32-bit states, comps unless
 // kahan, keys unless stochastic) are empty; every other list has one entry per tensor.
+// clip_table: fp32 [n, 4] rows (ClipTensor) or 0; clipped: int64 [n] counters or 0.
 inline void optim_call(OptCall& c, int kind, const std::vector<uintptr_t>& p,
                        const std::vector<uintptr_t>& g, const std::vector<int64_t>& numel,
                        const std::vector<uintptr_t>& s1, const std::vector<uintptr_t>& s1_absmax,
@@ -25,7 +26,8 @@ inline void optim_call(OptCall& c, int kind, const std::vector<uintptr_t>& p,
                        const std::vector<uintptr_t>& comp, const std::vector<uint64_t>& keys,
                        int state_bits, int block, uintptr_t code1, uintptr_t mids1,
                        uintptr_t code2, uintptr_t mids2, int ncode, int dtype, int writeback,
-                       const std::vector<double>& scalars, int flags) {
+                       const std::vector<double>& scalars, int flags, uintptr_t clip_table,
+                       uintptr_t clipped) {
   const size_t n = p.size();
   const int nstates = s2.empty() ? (s1.empty() ? 0 : 1) : 2;
   const bool quantized = state_bits != 32;
@@ -35,7 +37,11 @@ inline void optim_call(OptCall& c, int kind, const std::vector<uintptr_t>& p,
       (quantized && s2_absmax.size() != s2.size()) ||
       !fits(comp.size(), writeback == kWbKahan) || !fits(keys.size(), writeback == kWbStochastic))
     throw std::invalid_argument("optim_step: tensor lists of inconsistent lengths");
-  if (scalars.size() != 8) throw std::invalid_argument("optim_step: expected 8 scalars");
+  if (scalars.size() != kNumScalars)
+    throw std::invalid_argument("optim_step: expected 10 scalars (reference.optim.NSCALARS)");
+  const int per_tensor_clip = kTensorScale | kAdaClip | kNormScale;
+  if ((flags & per_tensor_clip) && clip_table == 0)
+    throw std::invalid_argument("optim_step: the per-tensor clip flags need the clip table");
   if (state_bits != 32 && state_bits != 8 && state_bits != 4)
     throw std::invalid_argument("optim_step: state_bits must be 32, 8 or 4");
   if (quantized && nstates > 0 && ncode != (state_bits == 8 ? 256 : 16))
@@ -55,7 +61,10 @@ inline void optim_call(OptCall& c, int kind, const std::vector<uintptr_t>& p,
                              nstates >= 2 ? at(s2, i) : nullptr,
                              quantized && nstates >= 2 ? (float*)at(s2_absmax, i) : nullptr,
                              writeback == kWbKahan ? at(comp, i) : nullptr,
-                             writeback == kWbStochastic ? keys[i] : 0};
+                             writeback == kWbStochastic ? keys[i] : 0,
+                             clip_table ? reinterpret_cast<const ClipTensor*>(clip_table) + i
+                                        : nullptr,
+                             clipped ? reinterpret_cast<int64_t*>(clipped) + i : nullptr};
     if (numel[i] < 0) throw std::invalid_argument("optim_step: negative element count");
   }
   OptArgs& a = c.args;
@@ -69,7 +78,7 @@ inline void optim_call(OptCall& c, int kind, const std::vector<uintptr_t>& p,
   a.ncode = ncode;
   a.dtype = dtype;
   a.writeback = writeback;
-  for (int k = 0; k < 8; ++k) a.s.f[k] = (float)scalars[k];
+  for (int k = 0; k < kNumScalars; ++k) a.s.f[k] = (float)scalars[k];
   a.s.kind = kind;
   a.s.flags = flags;
 }

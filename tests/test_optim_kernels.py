@@ -176,10 +176,11 @@ def test_grad_stats_match_reference(backend, dtype):
                                    clip_ref.TRANSFORM_FLAGS], ids=["value", "scale+ada", "all"])
 def test_grad_stats_after_clip_transform(backend, dtype, flags):
     grads = _stats_grads(dtype)
-    # per tensor (scale, threshold, ratio): thresholds inside the gradients' range, so both
+    # per tensor (scale, threshold, ratio, k): thresholds inside the gradients' range, so both
     # sides of every comparison occur
-    xform = torch.tensor([[0.5, 1.0, 0.25], [2.0, 0.1, 0.5], [0.75, 2.0, 0.9], [1.0, 0.5, 0.3],
-                          [0.3, 1.5, 0.2], [1.25, 3.0, 0.6]], dtype=torch.float32)
+    xform = torch.tensor([[0.5, 1.0, 0.25, 0.7], [2.0, 0.1, 0.5, 1.5], [0.75, 2.0, 0.9, 0.3],
+                          [1.0, 0.5, 0.3, 2.0], [0.3, 1.5, 0.2, 1.1], [1.25, 3.0, 0.6, 0.9]],
+                         dtype=torch.float32)
     got = ops.grad_stats(grads, backend, xform, 2.5, flags)
     want = ops.grad_stats(grads, "reference", xform, 2.5, flags)
     _assert_stats_equal(got, want)

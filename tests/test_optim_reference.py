@@ -150,7 +150,7 @@ def test_quantized_state_protocol(backend, state_bits, dtype, wb):
         g = (torch.randn(shape) * 0.01).to(dtype)
         sc = ref.adam_scalars(1e-3, 0.9, 0.999, 1e-8, 1e-2, step)
         m_old, v_old = q.fp32_states()
-        x_exact, m_exact, v_exact = ref.update("adam", q.p.float(), g, m_old, v_old, sc,
+        x_exact, m_exact, v_exact, _ = ref.update("adam", q.p.float(), g, m_old, v_old, sc,
                                                ref.step_flags("adam", sc))
         q.step(g, sc, key=step)
         m_q, v_q = q.fp32_states()

@@ -26,6 +26,7 @@ from ._common import (FORMATS, INTERP_MAX_PROGRAMS, INTERP_MAX_TILE, KINDS, LAUN
                       code_index, interpreting, load_as_f32, pair_layout, philox_word_of,
                       quiet_fp_warnings, round_to_fmt, tile_rows, widen_to_f32)
 from .quant import _scale_back, _unit_scale
+from ..reference import clip as clip_ref
 from ..reference import optim as ref
 
 # Elements per "block" for 32-bit states (no quantization blocks: just the unit of a work item).
@@ -39,24 +40,67 @@ def _sign(c):
 
 
 @triton.jit
-def _update(x, g, s1, s2, sc_ptr, KIND: tl.constexpr, MAXIMIZE: tl.constexpr,
+def _neg(x):
+    # flip the sign bit: Triton's -x is 0 - x, which gives +0 for x = +0
+    return (x.to(tl.uint32, bitcast=True) ^ 0x80000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _clip_transform(g, ct_ptr, sc_ptr, VALUE_CLIP: tl.constexpr, TENSOR_SCALE: tl.constexpr,
+                    ADA_CLIP: tl.constexpr, NORM_SCALE: tl.constexpr):
+    """clip_transform of clip_math.h: the transformed g and the mask of the elements an
+    element-wise step changed. ct_ptr: the tensor's (s, thr, r, k) row; sc_ptr[8]: cv."""
+    clipped = tl.zeros_like(g) != 0.0  # all False, g's shape
+    if VALUE_CLIP:
+        cv = tl.load(sc_ptr + 8)
+        hi = g > cv
+        lo = g < _neg(cv)
+        g = tl.where(hi, cv, tl.where(lo, _neg(cv), g))
+        clipped = hi | lo
+    if TENSOR_SCALE:
+        g = g * tl.load(ct_ptr + 0)
+    if ADA_CLIP:
+        over = tl.abs(g) > tl.load(ct_ptr + 1)
+        g = tl.where(over, g * tl.load(ct_ptr + 2), g)
+        clipped = clipped | over
+    if NORM_SCALE:
+        g = g * tl.load(ct_ptr + 3)
+    return g, clipped
+
+
+@triton.jit
+def _update(x, g, s1, s2, sc_ptr, ct_ptr, KIND: tl.constexpr, MAXIMIZE: tl.constexpr,
             DECAY: tl.constexpr, L2: tl.constexpr, NESTEROV: tl.constexpr,
-            FIRST_STEP: tl.constexpr, NO_MOMENTUM: tl.constexpr):
-    """update_rule of optim_math.h: the new (x, s1, s2). Scalars sc_ptr[0..7] by rule as there."""
+            FIRST_STEP: tl.constexpr, NO_MOMENTUM: tl.constexpr, VALUE_CLIP: tl.constexpr,
+            TENSOR_SCALE: tl.constexpr, ADA_CLIP: tl.constexpr, NORM_SCALE: tl.constexpr,
+            SPIKE_CLIP: tl.constexpr, RESET: tl.constexpr, DECAY_AFTER: tl.constexpr):
+    """update_rule of optim_math.h: the new (x, s1, s2) and the clipped mask. Scalars
+    sc_ptr[0..9] as there; ct_ptr: the tensor's clip row."""
     if MAXIMIZE:
-        # flip the sign bit: Triton's -g is 0 - g, which gives +0 for g = +0
-        g = (g.to(tl.uint32, bitcast=True) ^ 0x80000000).to(tl.float32, bitcast=True)
+        g = _neg(g)
+    g, clipped = _clip_transform(g, ct_ptr, sc_ptr, VALUE_CLIP, TENSOR_SCALE, ADA_CLIP,
+                                 NORM_SCALE)
+    s2_loaded = s2
+    if RESET:  # (an unused state's placeholder becomes a zero tile: harmless)
+        s1 = tl.zeros_like(g)
+        s2 = tl.zeros_like(g)
     if KIND == 0:  # Adam: decay, wd, a1, b2, a2, eps_t, step_size
-        if DECAY:
+        if DECAY and not DECAY_AFTER:
             x = x * tl.load(sc_ptr + 0)
         if L2:
             g = g + tl.load(sc_ptr + 1) * x
+        if SPIKE_CLIP:
+            lim = tl.load(sc_ptr + 9) * s2_loaded
+            over = g * g > lim
+            root = tl.math.sqrt_rn(lim)
+            g = tl.where(over, tl.where(g < 0.0, _neg(root), root), g)
+            clipped = clipped | over
         s1 = s1 + tl.load(sc_ptr + 2) * (g - s1)
         s2 = s2 * tl.load(sc_ptr + 3) + tl.load(sc_ptr + 4) * (g * g)
         d = tl.math.sqrt_rn(s2) + tl.load(sc_ptr + 5)
         x = x - tl.load(sc_ptr + 6) * tl.math.div_rn(s1, d)
     elif KIND == 1:  # Lion: decay, b1, a1, b2, a2, lr
-        if DECAY:
+        if DECAY and not DECAY_AFTER:
             x = x * tl.load(sc_ptr + 0)
         c = tl.load(sc_ptr + 1) * s1 + tl.load(sc_ptr + 2) * g
         x = x - tl.load(sc_ptr + 5) * _sign(c)
@@ -75,7 +119,9 @@ def _update(x, g, s1, s2, sc_ptr, KIND: tl.constexpr, MAXIMIZE: tl.constexpr,
             else:
                 d = s1
         x = x - tl.load(sc_ptr + 3) * d
-    return x, s1, s2
+    if KIND != 2 and DECAY and DECAY_AFTER:
+        x = x * tl.load(sc_ptr + 0)
+    return x, s1, s2, clipped
 
 
 @triton.jit
@@ -163,12 +209,16 @@ def _optim_kernel(work_ptr, tab_ptr, sc_ptr, code1_ptr, mids1_ptr, code2_ptr, mi
                   EMIN: tl.constexpr, MAX_FINITE: tl.constexpr, OVERFLOW: tl.constexpr,
                   NAN: tl.constexpr, NAN_KEEPS_SIGN: tl.constexpr, MAXIMIZE: tl.constexpr,
                   DECAY: tl.constexpr, L2: tl.constexpr, NESTEROV: tl.constexpr,
-                  FIRST_STEP: tl.constexpr, NO_MOMENTUM: tl.constexpr):
+                  FIRST_STEP: tl.constexpr, NO_MOMENTUM: tl.constexpr, VALUE_CLIP: tl.constexpr,
+                  TENSOR_SCALE: tl.constexpr, ADA_CLIP: tl.constexpr, NORM_SCALE: tl.constexpr,
+                  SPIKE_CLIP: tl.constexpr, RESET: tl.constexpr, DECAY_AFTER: tl.constexpr,
+                  HAS_CLIP_ROW: tl.constexpr, COUNT: tl.constexpr):
     w = tl.program_id(0).to(tl.int64)
     t = tl.load(work_ptr + 2 * w)
     b0 = tl.load(work_ptr + 2 * w + 1)
-    # pointer table row: p, g, s1, s1_absmax, s2, s2_absmax, comp, key, n (int64 each)
-    row = tab_ptr + t * 9
+    # pointer table row: p, g, s1, s1_absmax, s2, s2_absmax, comp, key, n, clip row, clipped
+    # counter (int64 each)
+    row = tab_ptr + t * 11
     p_ptr = _as_param_ptr(tl.load(row + 0), P_KIND)
     g_ptr = _as_param_ptr(tl.load(row + 1), P_KIND)
     n = tl.load(row + 8)
@@ -201,8 +251,15 @@ def _optim_kernel(work_ptr, tab_ptr, sc_ptr, code1_ptr, mids1_ptr, code2_ptr, mi
         s2 = _load_state(s2_addr, s2_abs, code2_ptr, rows, row_ok, idx, msk, bidx, m_e,
                          STATE_BITS, ROWS, BLOCK)
 
-    x, s1, s2 = _update(x, g, s1, s2, sc_ptr, KIND, MAXIMIZE, DECAY, L2, NESTEROV, FIRST_STEP,
-                        NO_MOMENTUM)
+    ct_ptr = sc_ptr  # placeholder: read only with the per-tensor clip flags
+    if HAS_CLIP_ROW:
+        ct_ptr = tl.load(row + 9).to(tl.pointer_type(tl.float32))
+    x, s1, s2, clipped = _update(x, g, s1, s2, sc_ptr, ct_ptr, KIND, MAXIMIZE, DECAY, L2,
+                                 NESTEROV, FIRST_STEP, NO_MOMENTUM, VALUE_CLIP, TENSOR_SCALE,
+                                 ADA_CLIP, NORM_SCALE, SPIKE_CLIP, RESET, DECAY_AFTER)
+    if COUNT:
+        count = tl.sum(tl.sum((clipped & msk).to(tl.int64), axis=1), axis=0)
+        tl.atomic_add(tl.load(row + 10).to(tl.pointer_type(tl.int64)), count)
 
     _store_param(x, p_ptr, comp_ptr, idx, msk, tl.load(row + 7), P_KIND, WRITEBACK, MBITS, EMIN,
                  MAX_FINITE, OVERFLOW, NAN, NAN_KEEPS_SIGN)
@@ -252,8 +309,8 @@ def _check(params, grads, state1, absmax1, state2, absmax2, comps, keys, kind, s
         raise ValueError(f"writeback must be one of {', '.join(ref.WRITEBACK)}, got {writeback!r}")
     if state_bits not in (32, 8, 4):
         raise ValueError(f"state_bits must be 32, 8 or 4, got {state_bits}")
-    if len(scalars) != 8:
-        raise ValueError(f"expected 8 scalars, got {len(scalars)}")
+    if len(scalars) != ref.NSCALARS:
+        raise ValueError(f"expected {ref.NSCALARS} scalars, got {len(scalars)}")
     nstates = 2 if state2 else (1 if state1 else 0)
     want = {"adam": 2, "lion": 1, "sgd": 0 if flags & ref.NO_MOMENTUM else 1}[kind]
     if nstates != want:
@@ -297,11 +354,14 @@ def _check(params, grads, state1, absmax1, state2, absmax2, comps, keys, kind, s
 
 
 def optim_step(params, grads, state1, absmax1, state2, absmax2, comps, keys, kind, state_bits,
-               block_size, scalars, flags, writeback) -> None:
+               block_size, scalars, flags, writeback, clip=None, clipped=None) -> None:
     """One fused optimizer step over all tensors (lowbit.ops.optim_step's contract,
     lowbit.reference.optim.fused_step): everything is written in place, in a single launch."""
     if not params:
         return
+    per_tensor = flags & (clip_ref.TENSOR_SCALE | clip_ref.ADA_CLIP | clip_ref.NORM_SCALE)
+    if per_tensor and clip is None:
+        raise ValueError("the per-tensor clip flags need the clip table")
     block = (block_size or ref.STATE_FORMATS[state_bits][2]) if state_bits != 32 else 1
     nstates = _check(params, grads, state1, absmax1, state2, absmax2, comps, keys, kind,
                      state_bits, block, scalars, flags, writeback)
@@ -326,7 +386,9 @@ def optim_step(params, grads, state1, absmax1, state2, absmax2, comps, keys, kin
         tab.append([p.data_ptr(), grads[i].data_ptr(),
                     addr(state1, i, nstates >= 1), addr(absmax1, i, quantized),
                     addr(state2, i, nstates >= 2), addr(absmax2, i, quantized and nstates >= 2),
-                    addr(comps, i, kahan), int(keys[i]) if stochastic else 0, n])
+                    addr(comps, i, kahan), int(keys[i]) if stochastic else 0, n,
+                    clip[i].data_ptr() if clip is not None else 0,
+                    clipped[i].data_ptr() if clipped is not None else 0])
         nblocks.append(triton.cdiv(n, block))
     if not tab:
         return
@@ -349,4 +411,9 @@ def optim_step(params, grads, state1, absmax1, state2, absmax2, comps, keys, kin
             MAXIMIZE=bool(flags & ref.MAXIMIZE), DECAY=bool(flags & ref.DECAY),
             L2=bool(flags & ref.L2), NESTEROV=bool(flags & ref.NESTEROV),
             FIRST_STEP=bool(flags & ref.FIRST_STEP), NO_MOMENTUM=bool(flags & ref.NO_MOMENTUM),
-            num_warps=num_warps, **LAUNCH_OPTS)
+            VALUE_CLIP=bool(flags & clip_ref.VALUE_CLIP),
+            TENSOR_SCALE=bool(flags & clip_ref.TENSOR_SCALE),
+            ADA_CLIP=bool(flags & clip_ref.ADA_CLIP), NORM_SCALE=bool(flags & clip_ref.NORM_SCALE),
+            SPIKE_CLIP=bool(flags & ref.SPIKE_CLIP), RESET=bool(flags & ref.RESET),
+            DECAY_AFTER=bool(flags & ref.DECAY_AFTER), HAS_CLIP_ROW=bool(per_tensor),
+            COUNT=clipped is not None, num_warps=num_warps, **LAUNCH_OPTS)

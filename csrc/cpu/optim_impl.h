@@ -61,29 +61,35 @@ static inline float widen(ParamT<DT> h) {
 // Every array is a typed __restrict pointer to the run's first element. No loop unswitching:
 // gcc would otherwise split the loop on each runtime flag (maximize, decay, ...) and fail to
 // vectorize most of the copies; as selects, the flags cost a blend each.
-template <int KIND, int DT, int WB, int NST>
+// CLIP: the rule with the clipping steps (update_rule); their clipped elements are counted into
+// *nclip.
+template <int KIND, int DT, int WB, int NST, bool CLIP>
 __attribute__((optimize("no-unswitch-loops")))
 static void update_run(const OptArgs& a, const OptTensor& t, int64_t begin, int64_t len,
-                       float* __restrict m, float* __restrict v, uint32_t* mx_m, uint32_t* mx_v) {
+                       float* __restrict m, float* __restrict v, uint32_t* mx_m, uint32_t* mx_v,
+                       int64_t* nclip) {
   using P = ParamT<DT>;
   uint32_t rbuf[kOptChunk];
   // (runs start at multiples of 32 elements: whole Philox counters)
   if (WB == kWbStochastic) fill_philox4(t.key, (uint64_t)begin, len, rbuf);
-  const float* f = a.s.f;
-  const float fs[8] = {f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7]};
+  float fs[kNumScalars];
+  for (int k = 0; k < kNumScalars; ++k) fs[k] = a.s.f[k];
   const int flags = a.s.flags;
+  const ClipTensor ct = CLIP && t.clip ? *t.clip : ClipTensor{1.0f, 0.0f, 1.0f, 1.0f};
   P* __restrict p = (P*)t.p + begin;
   const P* __restrict g = (const P*)t.g + begin;
   P* __restrict comp = WB == kWbKahan ? (P*)t.comp + begin : nullptr;
   const uint32_t* __restrict r = rbuf;
   const Fmt fmt = fmt_of(DT);
   uint32_t max1 = 0, max2 = 0;
-#pragma omp simd reduction(max : max1, max2)
+  int32_t clipped = 0;  // (runs are at most kOptChunk elements)
+#pragma omp simd reduction(max : max1, max2) reduction(+ : clipped)
   for (int64_t i = 0; i < len; ++i) {
     float x = widen<DT>(p[i]);
     if (WB == kWbKahan) x = x + widen<DT>(comp[i]);
     float s1 = NST >= 1 ? m[i] : 0.0f, s2 = NST >= 2 ? v[i] : 0.0f;
-    update_rule<KIND>(fs, flags, x, widen<DT>(g[i]), s1, s2);
+    const bool c = update_rule<KIND, CLIP>(fs, flags, x, widen<DT>(g[i]), s1, s2, ct);
+    if (CLIP) clipped += c ? 1 : 0;
     if (NST >= 1) m[i] = s1;
     if (NST >= 2) v[i] = s2;
     const uint32_t b1 = abs_bits(s1), b2 = abs_bits(s2);
@@ -106,17 +112,21 @@ static void update_run(const OptArgs& a, const OptTensor& t, int64_t begin, int6
   }
   *mx_m = max1;
   *mx_v = max2;
+  *nclip += clipped;
 }
 
-template <int KIND, int DT, int WB, int NST, int NCODE>
-static void step_chunk(const OptimCpuArgs& ca, const OptTensor& t, int64_t begin, int64_t len) {
+// Returns the number of clipped elements of the chunk.
+template <int KIND, int DT, int WB, int NST, int NCODE, bool CLIP>
+static int64_t step_chunk(const OptimCpuArgs& ca, const OptTensor& t, int64_t begin,
+                          int64_t len) {
   const OptArgs& a = ca.a;
+  int64_t nclip = 0;
   if (NCODE == 0) {  // fp32 states (or none): update in place
     float* m = NST >= 1 ? (float*)t.s1 + begin : nullptr;
     float* v = NST >= 2 ? (float*)t.s2 + begin : nullptr;
     uint32_t unused1, unused2;
-    update_run<KIND, DT, WB, NST>(a, t, begin, len, m, v, &unused1, &unused2);
-    return;
+    update_run<KIND, DT, WB, NST, CLIP>(a, t, begin, len, m, v, &unused1, &unused2, &nclip);
+    return nclip;
   }
   float mbuf[kOptChunk], vbuf[kOptChunk];
   uint8_t idx_buf[kOptChunk];
@@ -129,7 +139,7 @@ static void step_chunk(const OptimCpuArgs& ca, const OptTensor& t, int64_t begin
     if (NST >= 1) decode_block<NCODE>(c1, b0, blen, a.code1, t.s1_absmax[b], mbuf);
     if (NST >= 2) decode_block<NCODE>(c2, b0, blen, a.code2, t.s2_absmax[b], vbuf);
     uint32_t am1, am2;
-    update_run<KIND, DT, WB, NST>(a, t, b0, blen, mbuf, vbuf, &am1, &am2);
+    update_run<KIND, DT, WB, NST, CLIP>(a, t, b0, blen, mbuf, vbuf, &am1, &am2, &nclip);
     if (NST >= 1)
       encode_block<NCODE>(mbuf, b0, blen, am1, a.mids1, ca.lut1, (uint8_t*)t.s1,
                           &t.s1_absmax[b], idx_buf);
@@ -137,6 +147,7 @@ static void step_chunk(const OptimCpuArgs& ca, const OptTensor& t, int64_t begin
       encode_block<NCODE>(vbuf, b0, blen, am2, a.mids2, ca.lut2, (uint8_t*)t.s2,
                           &t.s2_absmax[b], idx_buf);
   }
+  return nclip;
 }
 
 struct OptWork {
@@ -144,7 +155,7 @@ struct OptWork {
   int64_t begin;
 };
 
-template <int KIND, int DT, int WB, int NST, int NCODE>
+template <int KIND, int DT, int WB, int NST, int NCODE, bool CLIP>
 static void step_all(const OptimCpuArgs& ca) {
   const OptArgs& a = ca.a;
   std::vector<OptWork> work;
@@ -159,17 +170,27 @@ static void step_all(const OptimCpuArgs& ca) {
     const OptTensor& t = a.tensors[work[w].tensor];
     const int64_t begin = work[w].begin;
     const int64_t len = t.n - begin < kOptChunk ? t.n - begin : kOptChunk;
-    step_chunk<KIND, DT, WB, NST, NCODE>(ca, t, begin, len);
+    const int64_t nclip = step_chunk<KIND, DT, WB, NST, NCODE, CLIP>(ca, t, begin, len);
+    if (CLIP && t.clipped && nclip) {
+#pragma omp atomic
+      *t.clipped += nclip;
+    }
   }
 }
 
 // Runtime arguments -> template instance, one level at a time.
+template <int KIND, int DT, int WB, int NST, int NCODE>
+static void by_clip(const OptimCpuArgs& ca) {
+  if (ca.a.s.flags & kAnyClip) step_all<KIND, DT, WB, NST, NCODE, true>(ca);
+  else step_all<KIND, DT, WB, NST, NCODE, false>(ca);
+}
+
 template <int KIND, int DT, int WB, int NST>
 static void by_layout(const OptimCpuArgs& ca) {
   const int ncode = ca.a.state_bits == 32 || NST == 0 ? 0 : ca.a.ncode;
-  if (ncode == 256) step_all<KIND, DT, WB, NST, 256>(ca);
-  else if (ncode == 16) step_all<KIND, DT, WB, NST, 16>(ca);
-  else step_all<KIND, DT, WB, NST, 0>(ca);
+  if (ncode == 256) by_clip<KIND, DT, WB, NST, 256>(ca);
+  else if (ncode == 16) by_clip<KIND, DT, WB, NST, 16>(ca);
+  else by_clip<KIND, DT, WB, NST, 0>(ca);
 }
 
 template <int KIND, int DT, int WB>

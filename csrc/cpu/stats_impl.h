@@ -25,6 +25,7 @@ static inline __m512 clip_transform16(__m512 x, int flags, float cv, ClipTensor 
         _mm512_cmp_ps_mask(_mm512_abs_ps(x), _mm512_set1_ps(xf.thr), _CMP_GT_OQ);
     x = _mm512_mask_mul_ps(x, over, x, _mm512_set1_ps(xf.r));
   }
+  if (flags & kNormScale) x = _mm512_mul_ps(x, _mm512_set1_ps(xf.k));
   return x;
 }
 #endif
@@ -79,7 +80,8 @@ static StatsPart stats_run(const void* __restrict g, int64_t begin, int64_t end,
     const bool finite = ra < 0x7F800000u;
     bad += finite ? 0 : 1;
     nan += ra > 0x7F800000u ? 1 : 0;
-    const float x = XF ? clip_transform(raw, flags, cv, xf.s, xf.thr, xf.r) : raw;
+    bool unused;
+    const float x = XF ? clip_transform(raw, flags, cv, xf, unused) : raw;
     const uint32_t a = abs_bits(x);
     const double d = finite ? (double)x : 0.0;
     s += d * d;
@@ -107,7 +109,7 @@ static void stats_all(const StatsArgs& a) {
     while (first[t + 1] <= w) ++t;
     const int64_t begin = (w - first[t]) * chunk;
     const int64_t end = begin + chunk < a.n[t] ? begin + chunk : a.n[t];
-    const ClipTensor xf = XF && a.xform ? a.xform[t] : ClipTensor{1.0f, 0.0f, 1.0f};
+    const ClipTensor xf = XF && a.xform ? a.xform[t] : ClipTensor{1.0f, 0.0f, 1.0f, 1.0f};
     part[w] = stats_run<DT, XF>(a.g[t], begin, end, a.flags, a.cv, xf);
   }
   for (int t = 0; t < a.ntensors; ++t) {

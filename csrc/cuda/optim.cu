@@ -52,6 +52,8 @@ struct OptChunk {
   float* s1_absmax[kChunkTensors];
   float* s2_absmax[kChunkTensors];
   uint64_t key[kChunkTensors];
+  const ClipTensor* clip[kChunkTensors];  // clip rows in device memory, or null
+  int64_t* clipped[kChunkTensors];        // clipped-element counters in device memory, or null
   int64_t n[kChunkTensors];
   int64_t block_start[kChunkTensors + 1];
   int count;
@@ -72,26 +74,41 @@ static_assert(sizeof(OptChunk) + sizeof(StateTables) + sizeof(StepScalars) <= kM
 
 // The flag-independent scalars, copied into registers once per thread.
 struct Scalars {
-  float f[8];
+  float f[kNumScalars];
   int flags;
 };
 
 __device__ __forceinline__ Scalars scalars_of(const StepScalars& s) {
   Scalars r;
 LOWBIT_UNROLL
-  for (int k = 0; k < 8; ++k) r.f[k] = s.f[k];
+  for (int k = 0; k < kNumScalars; ++k) r.f[k] = s.f[k];
   r.flags = s.flags;
   return r;
 }
 
+// Tensor t's clip row (read inside the kernel: the policies compute it on the device).
+__device__ __forceinline__ ClipTensor clip_row(const OptChunk& c, int t) {
+  return c.clip[t] ? *c.clip[t] : ClipTensor{1.0f, 0.0f, 1.0f, 1.0f};
+}
+
+// Adds a thread's clipped-element count to its tensor's counter (clips are rare: one atomic per
+// thread that saw any).
+__device__ __forceinline__ void count_clipped(const OptChunk& c, int t, int64_t count) {
+  if (count > 0 && c.clipped[t])
+    atomicAdd(reinterpret_cast<unsigned long long*>(c.clipped[t]), (unsigned long long)count);
+}
+
 // One element k of tensor (p, g, comp, key): load the fp32 value, apply rule KIND to it and to
-// the fp32 states s1, s2 (updated in place), store it back.
+// the fp32 states s1, s2 (updated in place), store it back. Returns whether an element-wise clip
+// changed the gradient.
 template <int KIND, int DT, int WB>
-__device__ __forceinline__ void step_element(const Scalars& s, void* p, const void* g, void* comp,
-                                             uint64_t key, int64_t k, float& s1, float& s2) {
+__device__ __forceinline__ bool step_element(const Scalars& s, const ClipTensor& ct, void* p,
+                                             const void* g, void* comp, uint64_t key, int64_t k,
+                                             float& s1, float& s2) {
   float x = load_param(p, comp, DT, WB, k);
-  update_rule<KIND>(s.f, s.flags, x, load_f32(g, DT, k), s1, s2);
+  const bool clipped = update_rule<KIND>(s.f, s.flags, x, load_f32(g, DT, k), s1, s2, ct);
   store_param(p, comp, DT, WB, key, k, x);
+  return clipped;
 }
 
 // 32-bit states (or none): each thread walks every tensor of the chunk with a grid-stride loop
@@ -108,12 +125,15 @@ step32_kernel(const OptChunk c, const StepScalars ss) {
     float* __restrict__ v = (float*)c.s2[t];
     const uint64_t key = c.key[t];
     const int64_t n = c.n[t];
+    const ClipTensor ct = clip_row(c, t);
+    int64_t clipped = 0;
     for (int64_t i = global_thread(); i < n; i += grid_stride()) {
       float s1 = NST >= 1 ? m[i] : 0.0f, s2 = NST >= 2 ? v[i] : 0.0f;
-      step_element<KIND, DT, WB>(s, p, g, comp, key, i, s1, s2);
+      clipped += step_element<KIND, DT, WB>(s, ct, p, g, comp, key, i, s1, s2) ? 1 : 0;
       if (NST >= 1) m[i] = s1;
       if (NST >= 2) v[i] = s2;
     }
+    count_clipped(c, t, clipped);
   }
 }
 
@@ -222,8 +242,10 @@ stepq_kernel(const OptChunk c, const StateTables q, const StepScalars ss) {
   const float am2 = NST >= 2 ? c.s2_absmax[ti][b] : 0.0f;
   __syncthreads();
 
+  const ClipTensor ct = clip_row(c, ti);
   float v1[E], v2[E];
   uint32_t mx1 = 0, mx2 = 0;
+  int64_t clipped = 0;
 LOWBIT_UNROLL
   for (int j = 0; j < E; ++j) {
     const int i = t + j * nt;
@@ -233,7 +255,7 @@ LOWBIT_UNROLL
       const int64_t k = begin + i;
       v1[j] = dequant_value(s_code1[load_code<NC>(c1, k)], am1);
       if constexpr (NST >= 2) v2[j] = dequant_value(s_code2[load_code<NC>(c2, k)], am2);
-      step_element<KIND, DT, WB>(s, p, g, comp, key, k, v1[j], v2[j]);
+      clipped += step_element<KIND, DT, WB>(s, ct, p, g, comp, key, k, v1[j], v2[j]) ? 1 : 0;
       mx1 = MaxU32()(mx1, abs_bits(v1[j]));
       if (NST >= 2) mx2 = MaxU32()(mx2, abs_bits(v2[j]));
     }
@@ -251,6 +273,7 @@ LOWBIT_UNROLL
   }
   requantize<NC, E>(v1, new_am1, s_mids1, begin, len, c1);
   if constexpr (NST >= 2) requantize<NC, E>(v2, new_am2, s_mids2, begin, len, c2);
+  count_clipped(c, ti, clipped);
 }
 
 // ---- host side ---------------------------------------------------------------------------------
@@ -271,6 +294,8 @@ int64_t fill_chunk(OptChunk& c, const OptArgs& a, int first, bool quantized) {
     c.s1[j] = x.s1; c.s2[j] = x.s2;
     c.s1_absmax[j] = x.s1_absmax; c.s2_absmax[j] = x.s2_absmax;
     c.key[j] = x.key;
+    c.clip[j] = x.clip;
+    c.clipped[j] = x.clipped;
     c.n[j] = x.n;
     c.block_start[j] = total;
     total += quantized ? (x.n + a.block - 1) / a.block : x.n;

@@ -5,7 +5,8 @@
 //   storage       static __shared__ arrays (no dynamic shared memory)
 //   sync          __syncthreads(), __shfl_xor_sync, __shfl_down_sync (full-warp masks)
 //   launch        LOWBIT_LAUNCH (below), cudaGetLastError
-// No atomics, no cooperative groups, no dynamic parallelism, no textures.
+//   atomics       atomicAdd on unsigned long long (rare event counters)
+// No other atomics, no cooperative groups, no dynamic parallelism, no textures.
 #pragma once
 #include <stdint.h>
 

@@ -14,9 +14,8 @@
 // sites, or lanes of a warp disagreeing about a shuffle's mask or call site.
 //
 // Limits, on purpose (the kernels do not need more): one shuffle group per warp at a time (no
-// disjoint sub-warp masks), no dynamic shared memory, no atomics (fibers never preempt each other,
-// so a plain read-modify-write would be atomic; add atomicAdd etc. here if a kernel needs them),
-// streams are ignored (launches are synchronous). __CUDA_ARCH__ stays undefined, so shared
+// disjoint sub-warp masks), no dynamic shared memory, one atomic (atomicAdd on 64-bit counters:
+// fibers never preempt each other, so a plain read-modify-write is atomic), streams are ignored (launches are synchronous). __CUDA_ARCH__ stays undefined, so shared
 // __host__ __device__ helpers take their host branches, which compute identical results.
 //
 // Cost: a context switch is ~10 instructions (hand-written on x86-64; ucontext elsewhere, or with
@@ -420,6 +419,13 @@ inline T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = warp
   return lowbit_sim::from_u64<T>(lowbit_sim::shuffle(mask, lowbit_sim::to_u64(var),
                                                      own ? -1 : lane + (int)delta,
                                                      "__shfl_down_sync", file, line));
+}
+
+// Fibers switch only at barriers and shuffles, so a plain read-modify-write cannot interleave.
+inline unsigned long long atomicAdd(unsigned long long* address, unsigned long long val) {
+  const unsigned long long old = *address;
+  *address = old + val;
+  return old;
 }
 
 // Launches are synchronous and failures throw, so there is never a sticky error to report.

@@ -131,31 +131,35 @@ def _(x, out, seed, offset, backend):
 
 @torch.library.custom_op(
     "lowbit::optim_step",
-    mutates_args=("params", "state1", "absmax1", "state2", "absmax2", "comps"))
+    mutates_args=("params", "state1", "absmax1", "state2", "absmax2", "comps", "clipped"))
 def optim_step(params: list[torch.Tensor], grads: list[torch.Tensor],
                state1: list[torch.Tensor], absmax1: list[torch.Tensor],
                state2: list[torch.Tensor], absmax2: list[torch.Tensor],
                comps: list[torch.Tensor], keys: list[int], kind: str, state_bits: int,
                block_size: int, scalars: list[float], flags: int, writeback: str,
-               backend: str) -> None:
+               backend: str, clip: Optional[torch.Tensor] = None,
+               clipped: Optional[torch.Tensor] = None) -> None:
     """One fused optimizer step over tensors sharing a rule, param dtype and state format; the
     contract is lowbit.reference.optim.fused_step (kind "adam" | "lion" | "sgd"; writeback "f32"
-    | "nearest" | "stochastic" | "kahan"; block_size 0 = the state format's default; scalars and
-    flags from reference.optim)."""
+    | "nearest" | "stochastic" | "kahan"; block_size 0 = the state format's default; scalars
+    (reference.optim.NSCALARS) and flags from reference.optim; clip: fp32 [len(params), 4] rows
+    (s, thr, r, k) of the clip transform, on the params' device, needed with its per-tensor
+    flags; clipped: int64 [len(params)] counters the step adds its clipped elements to)."""
     if params:
         _backend_impl(backend).optim_step(params, grads, state1, absmax1, state2, absmax2, comps,
                                           keys, kind, state_bits, block_size, scalars, flags,
-                                          writeback)
+                                          writeback, clip, clipped)
 
 
 @optim_step.register_fake
 def _(params, grads, state1, absmax1, state2, absmax2, comps, keys, kind, state_bits, block_size,
-      scalars, flags, writeback, backend):
+      scalars, flags, writeback, backend, clip=None, clipped=None):
     return None
 
 
 def optim_step_eager(params, grads, state1, absmax1, state2, absmax2, comps, keys, kind,
-                     state_bits, block_size, scalars, flags, writeback, backend) -> None:
+                     state_bits, block_size, scalars, flags, writeback, backend, clip=None,
+                     clipped=None) -> None:
     """optim_step called on the backend directly, for eager callers (lowbit.optim's step, which
     never runs under torch.compile): the custom-op dispatch costs a few microseconds per tensor in
     version and alias bookkeeping, milliseconds per step for hundreds of parameters. The caller
@@ -163,7 +167,7 @@ def optim_step_eager(params, grads, state1, absmax1, state2, absmax2, comps, key
     if params:
         _backend_impl(backend).optim_step(params, grads, state1, absmax1, state2, absmax2, comps,
                                           keys, kind, state_bits, block_size, scalars, flags,
-                                          writeback)
+                                          writeback, clip, clipped)
 
 
 @torch.library.custom_op("lowbit::grad_stats", mutates_args=())
@@ -172,10 +176,10 @@ def grad_stats(grads: list[torch.Tensor], backend: str, xform: Optional[torch.Te
     """[len(grads), 4] float64 per tensor: sum of squares of the finite elements, number of
     inf/NaN elements, largest finite |element|, number of NaN elements — the sum and the maximum
     optionally after the clip transform selected by `flags` (lowbit.reference.clip; xform:
-    fp32 [len(grads), 3] rows (scale, threshold, ratio) on the grads' device; value_clip: the
-    bound of VALUE_CLIP). One multi-tensor
-    pass where the backend has the kernel (cpu), torch ops otherwise. Sums of squares are exact
-    squares added in float64 (backends differ by float64 rounding only); the rest is exact."""
+    fp32 [len(grads), 4] rows (scale, threshold, ratio, k) on the grads' device; value_clip: the
+    bound of VALUE_CLIP). One multi-tensor pass where the backend has the kernel (cpu), torch
+    ops otherwise. Sums of squares are exact squares added in float64 (backends differ by
+    float64 rounding only); the rest is exact."""
     device = grads[0].device if grads else torch.device("cpu")
     out = torch.zeros((len(grads), _reference_clip.NSTATS), dtype=torch.float64, device=device)
     if grads:

@@ -2,8 +2,9 @@
 // statistics pass and the fused optimizer step on every backend; the spec is
 // lowbit.reference.clip.transform_grad. Canonical order (research/clipping.md §7.2): value clip,
 // per-tensor scalar pre-scale (global / component-wise / AdaGC), AdaClip (proportional rescale of
-// the elements above a per-tensor threshold). Each step rounds once in fp32; NaN passes through
-// every step unchanged (comparisons with NaN are false), as torch.clamp and torch.where keep it.
+// the elements above a per-tensor threshold), AdaGN's per-tensor norm scale. Each step rounds
+// once in fp32; NaN passes through every step unchanged (comparisons with NaN are false), as
+// torch.clamp and torch.where keep it.
 #pragma once
 #include "hd.h"
 
@@ -14,18 +15,25 @@ enum ClipFlag : int {
   kValueClip = 64,    // g = clamp(g, -cv, cv)
   kTensorScale = 128,  // g = g * s_t
   kAdaClip = 256,     // g = g * r_t where |g| > thr_t
+  kNormScale = 512,   // g = g * k_t
 };
 
-// Per-tensor parameters of the transform, in this order in the [ntensors, 3] fp32 table.
+// Per-tensor parameters of the transform: one row of the [ntensors, 4] fp32 table.
 struct ClipTensor {
-  float s, thr, r;
+  float s, thr, r, k;
 };
 
-LOWBIT_HD float clip_transform(float g, int flags, float cv, float s, float thr, float r) {
-  g = (flags & kValueClip) ? (g > cv ? cv : (g < -cv ? -cv : g)) : g;
-  g = (flags & kTensorScale) ? mul_rn(g, s) : g;
+// `clipped` is set when an element-wise step (value clip, AdaClip) changed g.
+LOWBIT_HD float clip_transform(float g, int flags, float cv, const ClipTensor& ct,
+                               bool& clipped) {
+  const bool hi = (flags & kValueClip) && g > cv, lo = (flags & kValueClip) && g < -cv;
+  g = hi ? cv : (lo ? -cv : g);
+  g = (flags & kTensorScale) ? mul_rn(g, ct.s) : g;
   const float a = g < 0.0f ? -g : g;
-  g = ((flags & kAdaClip) && a > thr) ? mul_rn(g, r) : g;
+  const bool over = (flags & kAdaClip) && a > ct.thr;
+  g = over ? mul_rn(g, ct.r) : g;
+  g = (flags & kNormScale) ? mul_rn(g, ct.k) : g;
+  clipped = hi || lo || over;
   return g;
 }
 

@@ -21,6 +21,8 @@ struct OptTensor {
   float* s2_absmax;
   void* comp;         // kahan compensation, OptArgs::dtype
   uint64_t key;       // stochastic-rounding Philox key of this tensor at this step
+  const ClipTensor* clip;  // this tensor's clip row (device memory for CUDA), or null
+  int64_t* clipped;   // += elements whose gradient an element-wise clip changed, or null
 };
 
 struct OptArgs {

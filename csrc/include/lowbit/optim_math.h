@@ -5,6 +5,7 @@
 // (or the Lion paper's code) each rule reproduces. Shared by the CPU kernels, the CUDA kernels
 // and the CUDA simulator; Triton ports it in triton_kernels/optim.py.
 #pragma once
+#include "clip_math.h"
 #include "formats.h"
 #include "hd.h"
 #include "philox.h"
@@ -22,8 +23,16 @@ enum OptFlag : int {
   kL2 = 4,         // g = g + wd * p (coupled weight decay: Adam, SGD)
   kNesterov = 8,   // SGD
   kFirstStep = 16,  // SGD: the momentum buffer starts as the gradient (torch's clone)
-  kNoMomentum = 32  // SGD with momentum 0: no state, the step is the gradient itself
+  kNoMomentum = 32,  // SGD with momentum 0: no state, the step is the gradient itself
+  // 64 .. 512: the gradient transform of the clipping policies (clip_math.h)
+  kSpikeClip = 1024,  // Adam: g = copysign(sqrt(theta * v), g) where g * g > theta * v (SPAM)
+  kReset = 2048,      // the loaded states count as zero (momentum reset)
+  kDecayAfter = 4096  // decoupled decay after the update instead of before (SPAM)
 };
+
+// Every flag that only lowbit.clip's policies set: kernels without them compile the plain rule.
+constexpr int kAnyClip = kValueClip | kTensorScale | kAdaClip | kNormScale | kSpikeClip |
+                         kReset | kDecayAfter;
 
 // How the new fp32 parameter is stored (reference.optim.WRITEBACK).
 enum WriteBack : int {
@@ -39,8 +48,10 @@ enum WriteBack : int {
 //          as bitsandbytes does: one division per element instead of two)
 //   kLion: decay, b1, a1 = 1-beta1, b2, a2 = 1-beta2, lr, -, -
 //   kSgd:  wd, momentum, damp = 1-dampening, lr, -, -, -, -
+// followed by the clip scalars: f[8] = value-clip bound cv, f[9] = SPAM's threshold theta.
+constexpr int kNumScalars = 10;
 struct StepScalars {
-  float f[8];
+  float f[kNumScalars];
   int kind;
   int flags;
 };
@@ -76,19 +87,38 @@ LOWBIT_HD float sign_of(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 
 // s1/s2: the dequantized (or fp32) states — Adam: exp_avg / exp_avg_sq; Lion: exp_avg / unused;
 // SGD: momentum_buffer (untouched with kNoMomentum) / unused. All updated in place. The flag
 // branches are written as selects of values computed either way: same results as skipping the
-// operation, and a CPU loop over elements stays branch-free (vectorizes).
-template <int KIND>
-LOWBIT_HD void update_rule(const float* f, int flags, float& p, float g, float& s1, float& s2) {
+// operation, and a CPU loop over elements stays branch-free (vectorizes). CLIP = false compiles
+// the rule without the clipping steps (flags & kAnyClip must then be 0): the CPU's plain steps
+// pay nothing for them. ct: the tensor's clip row. Returns whether an element-wise clip (value
+// clip, AdaClip, spike clip) changed the gradient.
+template <int KIND, bool CLIP = true>
+LOWBIT_HD bool update_rule(const float* f, int flags, float& p, float g, float& s1, float& s2,
+                           const ClipTensor& ct) {
   g = (flags & kMaximize) ? -g : g;
+  bool clipped = false;
+  if (CLIP) g = clip_transform(g, flags, f[8], ct, clipped);
+  const float s2_loaded = s2;
+  if (CLIP) {
+    s1 = (flags & kReset) ? 0.0f : s1;
+    s2 = (flags & kReset) ? 0.0f : s2;
+  }
+  const bool decay_now = (flags & kDecay) && !(CLIP && (flags & kDecayAfter));
   if (KIND == kAdam) {
-    p = (flags & kDecay) ? mul_rn(p, f[0]) : p;
+    p = decay_now ? mul_rn(p, f[0]) : p;
     g = (flags & kL2) ? add_rn(g, mul_rn(f[1], p)) : g;
+    if (CLIP) {
+      const float lim = mul_rn(f[9], s2_loaded);
+      const bool over = (flags & kSpikeClip) && mul_rn(g, g) > lim;
+      const float root = sqrt_rn(lim);
+      g = over ? (g < 0.0f ? -root : root) : g;
+      clipped = clipped || over;
+    }
     s1 = add_rn(s1, mul_rn(f[2], sub_rn(g, s1)));
     s2 = add_rn(mul_rn(s2, f[3]), mul_rn(f[4], mul_rn(g, g)));
     const float d = add_rn(sqrt_rn(s2), f[5]);
     p = sub_rn(p, mul_rn(f[6], div_rn(s1, d)));
   } else if (KIND == kLion) {
-    p = (flags & kDecay) ? mul_rn(p, f[0]) : p;
+    p = decay_now ? mul_rn(p, f[0]) : p;
     const float c = add_rn(mul_rn(f[1], s1), mul_rn(f[2], g));
     p = sub_rn(p, mul_rn(f[5], sign_of(c)));
     s1 = add_rn(mul_rn(f[3], s1), mul_rn(f[4], g));
@@ -100,7 +130,9 @@ LOWBIT_HD void update_rule(const float* f, int flags, float& p, float g, float& 
     s1 = plain ? s1 : b;
     p = sub_rn(p, mul_rn(f[3], plain ? g : d));
   }
+  if (CLIP && KIND != kSgd) p = ((flags & kDecay) && (flags & kDecayAfter)) ? mul_rn(p, f[0]) : p;
   (void)s2;
+  return clipped;
 }
 
 // The fp32 value a step starts from: the parameter widened exactly, plus the compensation for

@@ -36,7 +36,7 @@ class NativeBackend:
                                      DTYPE_CODE[out.dtype], seed, offset, *self._stream(x))
 
     def optim_step(self, params, grads, state1, absmax1, state2, absmax2, comps, keys, kind,
-                   state_bits, block_size, scalars, flags, writeback):
+                   state_bits, block_size, scalars, flags, writeback, clip=None, clipped=None):
         from ..reference import optim as ref
         ptrs = lambda ts: [t.data_ptr() for t in ts]  # noqa: E731
         block, ncode = 0, 0
@@ -49,7 +49,9 @@ class NativeBackend:
             ref.KINDS[kind], ptrs(params), ptrs(grads), [p.numel() for p in params],
             ptrs(state1), ptrs(absmax1), ptrs(state2), ptrs(absmax2), ptrs(comps), list(keys),
             state_bits, block, *[t.data_ptr() for t in tables], ncode, DTYPE_CODE[params[0].dtype],
-            ref.WRITEBACK[writeback], list(scalars), flags, *self._stream(params[0]))
+            ref.WRITEBACK[writeback], list(scalars), flags,
+            0 if clip is None else clip.data_ptr(), 0 if clipped is None else clipped.data_ptr(),
+            *self._stream(params[0]))
 
     def grad_stats(self, grads, out, xform=None, cv=0.0, flags=0):
         if not hasattr(self.module, "grad_stats"):  # only the CPU module has this kernel

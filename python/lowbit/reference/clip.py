@@ -6,6 +6,9 @@ Transform, each step rounded once in fp32, in the canonical order of research/cl
     g = clamp(g, -cv, cv)          if VALUE_CLIP   (group scalar cv)
     g = g * s_t                    if TENSOR_SCALE (per tensor: global / component-wise / AdaGC)
     g = g * r_t where |g| > thr_t  if ADA_CLIP     (per tensor: Stable-SPAM's AdaClip)
+    g = g * k_t                    if NORM_SCALE   (per tensor: Stable-SPAM's AdaGN)
+
+with the per-tensor row (s_t, thr_t, r_t, k_t) from an fp32 [ntensors, 4] table.
 
 NaN passes through unchanged (torch.clamp and comparisons keep it).
 
@@ -18,38 +21,47 @@ in another order: sums agree to float64 rounding, the rest exactly.
 import torch
 
 # Bits above the optimizer's own flags (reference.optim); same values as clip_math.h.
-VALUE_CLIP, TENSOR_SCALE, ADA_CLIP = 64, 128, 256
-TRANSFORM_FLAGS = VALUE_CLIP | TENSOR_SCALE | ADA_CLIP
+VALUE_CLIP, TENSOR_SCALE, ADA_CLIP, NORM_SCALE = 64, 128, 256, 512
+TRANSFORM_FLAGS = VALUE_CLIP | TENSOR_SCALE | ADA_CLIP | NORM_SCALE
 NSTATS = 4
+NCLIP = 4  # columns of the per-tensor table: s, thr, r, k
 
 
 def _t(x: float) -> torch.Tensor:
     return torch.tensor(x, dtype=torch.float32)
 
 
-def transform_grad(g: torch.Tensor, flags: int, cv: float, s: float, thr: float,
-                   r: float) -> torch.Tensor:
-    """The transform above, on fp32 values (the spec of clip_math.h's clip_transform)."""
+def transform_grad(g: torch.Tensor, flags: int, cv: float, s: float = 1.0, thr: float = 0.0,
+                   r: float = 1.0, k: float = 1.0, with_mask: bool = False):
+    """The transform above, on fp32 values (the spec of clip_math.h's clip_transform). With
+    with_mask, also the mask of the elements an element-wise step (value clip, AdaClip) changed."""
     g = g.float()
+    changed = torch.zeros(g.shape, dtype=torch.bool)
     if flags & VALUE_CLIP:
-        g = torch.where(g > cv, _t(cv), torch.where(g < -cv, _t(-cv), g))
+        hi, lo = g > cv, g < -cv
+        g = torch.where(hi, _t(cv), torch.where(lo, _t(-cv), g))
+        changed = hi | lo
     if flags & TENSOR_SCALE:
         g = g * _t(s)
     if flags & ADA_CLIP:
-        g = torch.where(g.abs() > _t(thr), g * _t(r), g)
-    return g
+        over = g.abs() > _t(thr)
+        g = torch.where(over, g * _t(r), g)
+        changed = changed | over
+    if flags & NORM_SCALE:
+        g = g * _t(k)
+    return (g, changed) if with_mask else g
 
 
 def grad_stats(grads, xform=None, cv: float = 0.0, flags: int = 0) -> torch.Tensor:
-    """[len(grads), 4] float64 statistics (module docstring). xform: [len(grads), 3] fp32 rows
-    (s, thr, r), needed when flags has TENSOR_SCALE or ADA_CLIP."""
+    """[len(grads), 4] float64 statistics (module docstring). xform: [len(grads), 4] fp32 rows
+    (s, thr, r, k), needed when flags has a per-tensor step."""
     out = torch.zeros((len(grads), NSTATS), dtype=torch.float64)
     for i, g in enumerate(grads):
         raw = g.detach().reshape(-1).cpu().float()
         x = raw
         if flags:
-            s, thr, r = xform[i].tolist() if xform is not None else (1.0, 0.0, 1.0)
-            x = transform_grad(raw, flags, cv, s, thr, r)
+            row = xform[i].tolist() if xform is not None else (1.0, 0.0, 1.0, 1.0)
+            x = transform_grad(raw, flags, cv, *row)
         finite = torch.isfinite(raw)
         a = torch.where(finite, x, 0.0).abs()
         out[i, 0] = a.double().square().sum()

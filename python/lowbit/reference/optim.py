@@ -7,20 +7,28 @@ Per element, every operation rounded once in fp32, in this order:
   load     x = fp32(p)                                  exact widening
            x = x + fp32(comp)                           kahan write-back only
   all      g = -g                                       if MAXIMIZE
-  Adam     x = x * decay                                if DECAY   (AdamW: decay = 1 - lr*wd)
+           g = clip transform (value clip, per-tensor   if any of its flags (reference.clip;
+               scale, AdaClip, AdaGN scale k_t)         lowbit.clip's policies set them)
+  Adam     x = x * decay                                if DECAY and not DECAY_AFTER
            g = g + wd * x                               if L2      (Adam's coupled decay)
+           g = copysign(sqrt(theta * v), g)             if SPIKE_CLIP and g * g > theta * v
+                                                        (SPAM, against the loaded v)
+           m = 0, v = 0                                 if RESET   (momentum reset)
            m = m + a1 * (g - m)                         a1 = 1 - beta1   (torch's lerp)
            v = v * b2 + a2 * (g * g)                    b2 = beta2, a2 = 1 - beta2
            d = sqrt(v) + eps_t                          eps_t = eps * bc2
            x = x - step_size * (m / d)                  step_size = lr * bc2 / (1 - beta1**t)
                                                         bc2 = sqrt(1 - beta2**t)
+           x = x * decay                                if DECAY and DECAY_AFTER (SPAM's order)
            (torch's sqrt(v) / bc2 + eps with both bias corrections folded into the scalars, as
            bitsandbytes does: one division per element instead of two, equal up to rounding)
   Lion     x = x * decay                                if DECAY   (decay = 1 - lr*wd)
+           m = 0                                        if RESET
            c = b1 * m + a1 * g                          (Chen et al. 2023, Alg. 2)
            x = x - lr * sign(c)                         sign(+-0) = +-0, sign(NaN) = NaN
            m = b2 * m + a2 * g
   SGD      g = g + wd * x                               if L2
+           b = 0 before the update                      if RESET
            b = g                                        if FIRST_STEP (torch clones the grad)
            b = momentum * b + damp * g                  otherwise     (damp = 1 - dampening)
            d = g + momentum * b if NESTEROV else b      (d = g with NO_MOMENTUM: no state)
@@ -45,6 +53,7 @@ import torch
 from .quant import dequantize_blockwise, quantize_blockwise
 from .rounding import round_to_format
 from .philox import philox_word_of
+from . import clip
 from .. import codebooks
 
 # state_bits -> (first-state codebook, second-state codebook, block size)
@@ -52,6 +61,13 @@ STATE_FORMATS = {8: ("dynamic", "udynamic", 256), 4: ("dynamic4", "linear4_nozer
 
 KINDS = {"adam": 0, "lion": 1, "sgd": 2}
 MAXIMIZE, DECAY, L2, NESTEROV, FIRST_STEP, NO_MOMENTUM = 1, 2, 4, 8, 16, 32
+# The clipping bits (lowbit.clip): the gradient transform's (reference.clip: VALUE_CLIP 64,
+# TENSOR_SCALE 128, ADA_CLIP 256, NORM_SCALE 512), then these.
+SPIKE_CLIP, RESET, DECAY_AFTER = 1024, 2048, 4096
+# Scalars per step: the rule's 8 (below), then the value-clip bound and SPAM's threshold theta.
+NSCALARS = 10
+# Per-tensor clip row (s, thr, r, k) that changes nothing.
+NO_CLIP = (1.0, 0.0, 1.0, 1.0)
 WRITEBACK = {"f32": 0, "nearest": 1, "stochastic": 2, "kahan": 3}
 
 # State tensor names per rule (torch's names where torch has the optimizer).
@@ -64,24 +80,32 @@ def f32(x: float) -> float:
     return struct.unpack("f", struct.pack("f", x))[0]
 
 
+def with_clip_scalars(scalars, value_clip: float = 0.0, spike_threshold: float = 0.0) -> list:
+    """The rule's 8 scalars followed by the clip scalars (NSCALARS in all)."""
+    return list(scalars[:8]) + [f32(value_clip), f32(spike_threshold)]
+
+
 def adam_scalars(lr, beta1, beta2, eps, weight_decay, step, decoupled=True) -> list:
-    """[decay, wd, a1, b2, a2, eps_t, step_size, 0] of one Adam/AdamW step."""
+    """[decay, wd, a1, b2, a2, eps_t, step_size, 0] of one Adam/AdamW step (then the two clip
+    scalars, 0: with_clip_scalars sets them)."""
     bc2 = math.sqrt(1.0 - beta2 ** step)
-    return [f32(1.0 - lr * weight_decay) if decoupled else 1.0,
-            0.0 if decoupled else f32(weight_decay),
-            f32(1.0 - beta1), f32(beta2), f32(1.0 - beta2),
-            f32(eps * bc2), f32(lr * bc2 / (1.0 - beta1 ** step)), 0.0]
+    return with_clip_scalars([f32(1.0 - lr * weight_decay) if decoupled else 1.0,
+                              0.0 if decoupled else f32(weight_decay),
+                              f32(1.0 - beta1), f32(beta2), f32(1.0 - beta2),
+                              f32(eps * bc2), f32(lr * bc2 / (1.0 - beta1 ** step)), 0.0])
 
 
 def lion_scalars(lr, beta1, beta2, weight_decay) -> list:
-    """[decay, b1, a1, b2, a2, lr, 0, 0] of one Lion step (decoupled weight decay)."""
-    return [f32(1.0 - lr * weight_decay), f32(beta1), f32(1.0 - beta1), f32(beta2),
-            f32(1.0 - beta2), f32(lr), 0.0, 0.0]
+    """[decay, b1, a1, b2, a2, lr, 0, 0] of one Lion step (decoupled weight decay), then the clip
+    scalars."""
+    return with_clip_scalars([f32(1.0 - lr * weight_decay), f32(beta1), f32(1.0 - beta1),
+                              f32(beta2), f32(1.0 - beta2), f32(lr), 0.0, 0.0])
 
 
 def sgd_scalars(lr, momentum, dampening, weight_decay) -> list:
-    """[wd, momentum, 1 - dampening, lr, 0, 0, 0, 0] of one SGD step."""
-    return [f32(weight_decay), f32(momentum), f32(1.0 - dampening), f32(lr), 0.0, 0.0, 0.0, 0.0]
+    """[wd, momentum, 1 - dampening, lr, 0, 0, 0, 0] of one SGD step, then the clip scalars."""
+    return with_clip_scalars([f32(weight_decay), f32(momentum), f32(1.0 - dampening), f32(lr),
+                              0.0, 0.0, 0.0, 0.0])
 
 
 def step_flags(kind: str, scalars, maximize=False, nesterov=False, first_step=False) -> int:
@@ -137,23 +161,38 @@ def _sign(c: torch.Tensor) -> torch.Tensor:
     return torch.where(c > 0, _t(1.0), torch.where(c < 0, _t(-1.0), c))
 
 
-def update(kind: str, x, g, s1, s2, sc, flags):
+def update(kind: str, x, g, s1, s2, sc, flags, ct=NO_CLIP):
     """One fp32 update (module docstring) of parameter value x by gradient g with states s1, s2
-    (None where the rule has none); returns the new (x, s1, s2)."""
+    (None where the rule has none); ct: the tensor's clip row (s, thr, r, k). Returns the new
+    (x, s1, s2) and the mask of the elements whose gradient an element-wise clip (value clip,
+    AdaClip, SPAM's spike clip) changed."""
     x, g = x.float(), g.float()
     if flags & MAXIMIZE:
         g = -g
+    g, clipped = clip.transform_grad(g, flags, sc[8] if len(sc) > 8 else 0.0, *ct,
+                                     with_mask=True)
+    decay_now = flags & DECAY and not flags & DECAY_AFTER
+    if flags & RESET:
+        s1 = None if s1 is None else torch.zeros_like(s1)
+        s2_loaded, s2 = s2, None if s2 is None else torch.zeros_like(s2)
+    else:
+        s2_loaded = s2
     if kind == "adam":
-        if flags & DECAY:
+        if decay_now:
             x = x * _t(sc[0])
         if flags & L2:
             g = g + _t(sc[1]) * x
+        if flags & SPIKE_CLIP:
+            lim = _t(sc[9]) * s2_loaded
+            over = g * g > lim
+            g = torch.where(over, torch.copysign(_sqrt(lim), g), g)
+            clipped = clipped | over
         s1 = s1 + _t(sc[2]) * (g - s1)
         s2 = s2 * _t(sc[3]) + _t(sc[4]) * (g * g)
         d = _sqrt(s2) + _t(sc[5])
         x = x - _t(sc[6]) * _div(s1, d)
     elif kind == "lion":
-        if flags & DECAY:
+        if decay_now:
             x = x * _t(sc[0])
         c = _t(sc[1]) * s1 + _t(sc[2]) * g
         x = x - _t(sc[5]) * _sign(c)
@@ -166,7 +205,9 @@ def update(kind: str, x, g, s1, s2, sc, flags):
             s1 = g.clone() if flags & FIRST_STEP else _t(sc[1]) * s1 + _t(sc[2]) * g
             d = g + _t(sc[1]) * s1 if flags & NESTEROV else s1
         x = x - _t(sc[3]) * d
-    return x, s1, s2
+    if kind != "sgd" and flags & DECAY and flags & DECAY_AFTER:
+        x = x * _t(sc[0])
+    return x, s1, s2, clipped
 
 
 def load_param(p: torch.Tensor, comp: torch.Tensor | None, writeback: str) -> torch.Tensor:
@@ -215,12 +256,18 @@ def dequantize_state(codes, absmax, index: int, state_bits: int, shape,
 
 
 def fused_step(kind: str, params, grads, state1, absmax1, state2, absmax2, comps, keys,
-               state_bits: int, block_size: int, scalars, flags: int, writeback: str) -> None:
+               state_bits: int, block_size: int, scalars, flags: int, writeback: str,
+               clip_table=None, clipped=None) -> None:
     """lowbit.ops.optim_step's contract, one tensor at a time, in place. state1/state2 are fp32
     tensors shaped like the params (state_bits 32) or flat uint8 codes with fp32 absmax per block;
     empty lists where the rule has no such state. comps: kahan compensations (else empty); keys:
     per-tensor stochastic-rounding keys (else ignored); block_size: of the quantized states (0:
-    the format's default)."""
+    the format's default); scalars: NSCALARS; clip_table: fp32 [n, 4] clip rows (s, thr, r, k) or
+    None; clipped: int64 [n] counters of the elements an element-wise clip changed, or None."""
+    if len(scalars) != NSCALARS:
+        raise ValueError(f"expected {NSCALARS} scalars (with_clip_scalars), got {len(scalars)}")
+    if flags & (clip.TENSOR_SCALE | clip.ADA_CLIP | clip.NORM_SCALE) and clip_table is None:
+        raise ValueError("the per-tensor clip flags need the clip table (clip_table)")
     nstates = 2 if state2 else (1 if state1 else 0)
     for i, (p, g) in enumerate(zip(params, grads)):
         x = load_param(p, comps[i] if comps else None, writeback)
@@ -228,7 +275,10 @@ def fused_step(kind: str, params, grads, state1, absmax1, state2, absmax2, comps
         for j, (st, am) in enumerate(((state1, absmax1), (state2, absmax2))[:nstates]):
             s[j] = st[i].float() if state_bits == 32 else dequantize_state(
                 st[i], am[i], j, state_bits, p.shape, block_size)
-        x, s[0], s[1] = update(kind, x, g, s[0], s[1], scalars, flags)
+        ct = NO_CLIP if clip_table is None else tuple(clip_table[i].tolist())
+        x, s[0], s[1], changed = update(kind, x, g, s[0], s[1], scalars, flags, ct)
+        if clipped is not None:
+            clipped[i] += int(changed.sum())
         for j, (st, am) in enumerate(((state1, absmax1), (state2, absmax2))[:nstates]):
             if state_bits == 32:
                 st[i].copy_(s[j])
