@@ -38,7 +38,7 @@ inline void optim_call(OptCall& c, int kind, const std::vector<uintptr_t>& p,
       !fits(comp.size(), writeback == kWbKahan) || !fits(keys.size(), writeback == kWbStochastic))
     throw std::invalid_argument("optim_step: tensor lists of inconsistent lengths");
   if (scalars.size() != kNumScalars)
-    throw std::invalid_argument("optim_step: expected 10 scalars (reference.optim.NSCALARS)");
+    throw std::invalid_argument("optim_step: expected 11 scalars (reference.optim.NSCALARS)");
   const int per_tensor_clip = kTensorScale | kAdaClip | kNormScale;
   if ((flags & per_tensor_clip) && clip_table == 0)
     throw std::invalid_argument("optim_step: the per-tensor clip flags need the clip table");

@@ -33,7 +33,7 @@ def _scalars(kind, step):
     else:
         sc = ref.sgd_scalars(1e-2, 0.9, 0.0, 1e-2)
     # value clip inside the gradients' range; theta small enough that spikes occur every step
-    return ref.with_clip_scalars(sc, value_clip=1.5, spike_threshold=3.0)
+    return ref.with_clip_scalars(sc, value_clip=1.5, spike_threshold=3.0, spike_floor=1e-3)
 
 
 def _clip_table(n, step):
@@ -59,8 +59,7 @@ def _run(backend, case, state_bits, dtype, writeback, sizes=SIZES, steps=4):
                 if writeback == "stochastic" else [])
         sc = _scalars(kind, step)
         flags = ref.step_flags(kind, sc, first_step=step == 1) | extra
-        if step == 1:
-            flags &= ~ref.SPIKE_CLIP  # v = 0 would clamp every gradient to 0 (SPAM's grace)
+        # (at step 1, v = 0: the floor decides the clip)
         table = _clip_table(len(sizes), step)
         ops.optim_step(params, grads, *states, keys, kind, state_bits, 0, sc, flags, writeback,
                        backend, table, counts)
@@ -112,7 +111,7 @@ def test_reset_and_spike_semantics():
     v = torch.tensor([1.0, 1.0, 1.0])
     base = ref.step_flags("adam", sc)
     x1, m1, v1, clipped = ref.update("adam", x, g, m, v, sc, base | ref.SPIKE_CLIP)
-    lim = 3.0 * 1.0  # theta * v
+    lim = 3.0 * 1.0  # theta * max(v, floor)
     gc = torch.tensor([lim ** 0.5, -lim ** 0.5, 0.5])
     assert clipped.tolist() == [True, True, False]
     xr, mr, vr, _ = ref.update("adam", x, gc, m, v, sc, base)
@@ -124,3 +123,18 @@ def test_reset_and_spike_semantics():
     no_decay = base & ~ref.DECAY
     x5, *_ = ref.update("adam", x, g, m, v, sc, no_decay)
     assert torch.equal(x4, x5 * torch.tensor(sc[0], dtype=torch.float32))
+
+
+def test_spike_floor_keeps_zero_v_from_zeroing_gradients():
+    # SPAM's test g^2 > theta * v clamps every gradient to 0 where v == 0 (a fresh or quantized-to-0
+    # second moment), and v then stays 0: the floor bounds the clamp away from 0 instead.
+    sc = _scalars("adam", 5)  # theta 3, floor 1e-3
+    x = torch.ones(3)
+    g = torch.tensor([0.5, -2.0, 1e-3])
+    flags = ref.step_flags("adam", sc) | ref.SPIKE_CLIP
+    _, _, v1, clipped = ref.update("adam", x, g, torch.zeros(3), torch.zeros(3), sc, flags)
+    bound = (3.0 * 1e-3) ** 0.5
+    assert clipped.tolist() == [True, True, False]
+    assert (v1 > 0).all()
+    want = torch.tensor([bound, -bound, 1e-3]).square() * (1 - 0.999)
+    torch.testing.assert_close(v1, want, rtol=1e-6, atol=0)

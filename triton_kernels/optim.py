@@ -90,7 +90,8 @@ def _update(x, g, s1, s2, sc_ptr, ct_ptr, KIND: tl.constexpr, MAXIMIZE: tl.const
         if L2:
             g = g + tl.load(sc_ptr + 1) * x
         if SPIKE_CLIP:
-            lim = tl.load(sc_ptr + 9) * s2_loaded
+            floor = tl.load(sc_ptr + 10)
+            lim = tl.load(sc_ptr + 9) * tl.where(s2_loaded > floor, s2_loaded, floor)
             over = g * g > lim
             root = tl.math.sqrt_rn(lim)
             g = tl.where(over, tl.where(g < 0.0, _neg(root), root), g)

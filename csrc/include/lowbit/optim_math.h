@@ -25,7 +25,7 @@ enum OptFlag : int {
   kFirstStep = 16,  // SGD: the momentum buffer starts as the gradient (torch's clone)
   kNoMomentum = 32,  // SGD with momentum 0: no state, the step is the gradient itself
   // 64 .. 512: the gradient transform of the clipping policies (clip_math.h)
-  kSpikeClip = 1024,  // Adam: g = copysign(sqrt(theta * v), g) where g * g > theta * v (SPAM)
+  kSpikeClip = 1024,  // Adam: g = copysign(sqrt(lim), g) where g * g > lim = theta * max(v, floor)
   kReset = 2048,      // the loaded states count as zero (momentum reset)
   kDecayAfter = 4096  // decoupled decay after the update instead of before (SPAM)
 };
@@ -48,8 +48,9 @@ enum WriteBack : int {
 //          as bitsandbytes does: one division per element instead of two)
 //   kLion: decay, b1, a1 = 1-beta1, b2, a2 = 1-beta2, lr, -, -
 //   kSgd:  wd, momentum, damp = 1-dampening, lr, -, -, -, -
-// followed by the clip scalars: f[8] = value-clip bound cv, f[9] = SPAM's threshold theta.
-constexpr int kNumScalars = 10;
+// followed by the clip scalars: f[8] = value-clip bound cv, f[9] = SPAM's threshold theta,
+// f[10] = the floor of v in the spike test (a v quantized to 0 must not clamp every gradient).
+constexpr int kNumScalars = 11;
 struct StepScalars {
   float f[kNumScalars];
   int kind;
@@ -107,7 +108,7 @@ LOWBIT_HD bool update_rule(const float* f, int flags, float& p, float g, float& 
     p = decay_now ? mul_rn(p, f[0]) : p;
     g = (flags & kL2) ? add_rn(g, mul_rn(f[1], p)) : g;
     if (CLIP) {
-      const float lim = mul_rn(f[9], s2_loaded);
+      const float lim = mul_rn(f[9], s2_loaded > f[10] ? s2_loaded : f[10]);
       const bool over = (flags & kSpikeClip) && mul_rn(g, g) > lim;
       const float root = sqrt_rn(lim);
       g = over ? (g < 0.0f ? -root : root) : g;

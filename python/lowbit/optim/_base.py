@@ -16,6 +16,7 @@ from collections import defaultdict
 import torch
 
 from .. import ops
+from ..clip import policies as clip_policies
 from ..reference import optim as ref
 
 # Group keys that describe how this optimizer stores its state: on load_state_dict they keep the
@@ -53,10 +54,12 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     _kind = "adam"
     _torch_class = None  # the torch.optim class whose state-dict layout export_state_dict gives
+    _step_size_slot = {"adam": 6, "lion": 5, "sgd": 3}  # the scalar the lr warmup multiplies
+    _decay_after = False  # SPAM applies the decoupled decay after the update
 
     def __init__(self, params, defaults, *, state_bits=32, block_size=None, min_quant_numel=4096,
                  stochastic_rounding=None, kahan=False, seed=None, backend=None,
-                 nonfinite="skip"):
+                 nonfinite="skip", clip=None):
         if state_bits not in (32, 8, 4):
             raise ValueError(f"state_bits must be 32, 8 or 4, got {state_bits!r}")
         if block_size is not None and block_size not in ref.BLOCK_SIZES:
@@ -81,6 +84,17 @@ class FusedOptimizer(torch.optim.Optimizer):
                         kahan=bool(kahan), seed=int(seed), skipped_steps=0)
         self.backend = backend
         self.nonfinite = nonfinite
+        self.clip = clip_policies.as_policies(clip)
+        for policy in self.clip:
+            if self._kind not in policy.kinds:
+                raise ValueError(f"clip: {type(policy).__name__} needs an Adam-family optimizer "
+                                 f"(it reads the second moment), not {type(self).__name__}")
+        self._clip_step = 0  # optimizer steps the clip policies have seen (their clock)
+        # After each step with clip policies: device tensors (no sync until read) — "step",
+        # "grad_norm" (global L2 norm of the finite gradient elements before clipping),
+        # "scale" (per live tensor, the scalar clip factor), "clipped" (per live tensor, elements
+        # an element-wise clip changed), "spike_clip" / "reset" (bools), plus policy extras.
+        self.last_clip_info = {}
         # Per group, after each step: {"skipped": bool, "nonfinite_tensors": int, "grad_norm":
         # float (L2 norm of the group's finite gradient elements)}.
         self.last_step_info = []
@@ -130,7 +144,12 @@ class FusedOptimizer(torch.optim.Optimizer):
                 state[name + "_absmax"] = absmax.to(p.device)
         if self._writeback(p, group) == "kahan":
             state["kahan_comp"] = torch.zeros_like(p)
+        state.update(self._fresh_clip_state(p))
         return state
+
+    def _fresh_clip_state(self, p) -> dict:
+        return {name: torch.tensor(value, dtype=torch.float32, device=p.device)
+                for policy in self.clip for name, value in policy.tensor_state.items()}
 
     @staticmethod
     def _check_state(p, state, names, fmt, where):
@@ -210,6 +229,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         if self._writeback(p, group) == "kahan":
             ok = comp is not None and comp.shape == p.shape and comp.dtype == p.dtype
             state["kahan_comp"] = comp if ok else torch.zeros_like(p)
+        for name, fresh in self._fresh_clip_state(p).items():  # absent: a checkpoint without it
+            value = state.get(name)
+            ok = isinstance(value, torch.Tensor) and value.numel() == 1
+            state[name] = value.reshape(()).float() if ok else fresh
         return state
 
     # --- state dicts ------------------------------------------------------------------------
@@ -250,7 +273,15 @@ class FusedOptimizer(torch.optim.Optimizer):
             saved_group = {**g, **{k: v for k, v in sg.items() if k != "params"}}
             new_state[p] = self._adopt_state(p, moved, merged[id(g)], saved_group,
                                              f"state of parameter {pid}")
+        clip_step = int(state_dict.get("clip", {}).get("step", 0))
         self.__setstate__({"state": new_state, "param_groups": new_groups})
+        self._clip_step = clip_step
+
+    def state_dict(self):
+        """torch's state dict plus "clip": {"step": the clip policies' clock}."""
+        sd = super().state_dict()
+        sd["clip"] = {"step": self._clip_step}
+        return sd
 
     def export_state_dict(self) -> dict:
         """The state dict with every state as an fp32 tensor shaped like its parameter under
@@ -281,15 +312,16 @@ class FusedOptimizer(torch.optim.Optimizer):
     # --- the step ---------------------------------------------------------------------------
 
     def _grad_check(self, grads):
-        """(number of gradient tensors with inf/NaN, global L2 norm of the finite elements): one
-        multi-tensor statistics pass (lowbit.ops.grad_stats) and one host sync per group."""
+        """(number of gradient tensors with inf/NaN, global L2 norm of the finite elements, the
+        statistics): one multi-tensor statistics pass (lowbit.ops.grad_stats) and one host sync
+        per group."""
         if not grads:
-            return 0, 0.0
+            return 0, 0.0, None
         grads = [g.contiguous() for g in grads]
         backend = ops.resolve_backend(self.backend, grads[0].device)
         stats = ops.grad_stats(grads, backend)
         bad, sumsq = torch.stack([(stats[:, 1] > 0).sum().double(), stats[:, 0].sum()]).tolist()
-        return int(bad), sumsq ** 0.5
+        return int(bad), sumsq ** 0.5, stats
 
     # Under torch.compile the step runs eagerly (a graph break around it): its bookkeeping is host
     # code with syncs, and tracing it buys nothing, since the update itself is one custom op.
@@ -312,39 +344,98 @@ class FusedOptimizer(torch.optim.Optimizer):
                     _check_grad(p, p.grad, where)
                     live.append((pid, p, where))
                 pid += 1
-            bad, norm = self._grad_check([p.grad for _, p, _ in live])
+            bad, norm, stats = self._grad_check([p.grad for _, p, _ in live])
             if bad and self.nonfinite == "raise":
                 raise FloatingPointError(
                     f"param_groups[{gi}]: {bad} gradient tensor(s) contain inf or NaN "
                     "(nonfinite='raise'); pass nonfinite='skip' to skip such steps instead")
             info.append({"skipped": bool(bad), "nonfinite_tensors": bad, "grad_norm": norm})
-            plan.append((group, live, bool(bad)))
-        for group, live, skip in plan:
+            plan.append((group, live, bool(bad), stats))
+        for group, live, skip, _ in plan:
             for _, p, where in live:
                 state = self.state[p]
                 if len(state) == 0:
                     state.update(self._fresh_state(p, group))
                 self._check_state(p, state, self._state_names(group),
                                   self._format_for(p, group), where)
-        for group, live, skip in plan:
+        ctx = self._run_clip_policies(plan)
+        row = 0
+        for group, live, skip, _ in plan:
             if skip:
                 group["skipped_steps"] += 1
                 continue
-            self._step_group(group, live)
+            self._step_group(group, live, ctx, row)
+            row += len(live)
+        if ctx is not None:
+            self._finish_clip(ctx)
         self.last_step_info = info
         return loss
 
-    def _step_group(self, group, live):
+    def _run_clip_policies(self, plan):
+        """The clip policies over the live tensors of every group that steps (a ClipContext for
+        the kernels), or None without policies."""
+        params = [p for _, live, skip, _ in plan if not skip for _, p, _ in live]
+        if not self.clip or not params:
+            return None
+        device = params[0].device
+        stats = torch.cat([s.to(device) for _, live, skip, s in plan if not skip and live])
+        grads = [p.grad.contiguous() for p in params]
+        t = self._clip_step + 1
+        ctx = clip_policies.ClipContext(grads, stats, t,
+                                        ops.resolve_backend(self.backend, device), device)
+        for name in {n for policy in self.clip for n in policy.tensor_state}:
+            ctx.state[name] = torch.stack([self.state[p][name].to(device) for p in params])
+        for policy in self.clip:
+            policy.apply(ctx)
+        ctx.finish()
+        for name, values in ctx.state.items():  # write the per-tensor policy states back
+            torch._foreach_copy_([self.state[p][name] for p in params], list(values.unbind()))
+        if ctx.restart_bias_correction:
+            torch._foreach_zero_([self.state[p]["step"] for p in params])
+        ctx.clipped = torch.zeros(len(params), dtype=torch.int64, device=device)
+        self._clip_step = t
+        return ctx
+
+    def _finish_clip(self, ctx):
+        info = {"step": ctx.step, "grad_norm": ctx.raw[:, 0].sum().sqrt(), "scale": ctx.scale,
+                "clipped": ctx.clipped, "spike_clip": bool(ctx.flags & ref.SPIKE_CLIP),
+                "reset": bool(ctx.flags & ref.RESET)}
+        info.update(ctx.telemetry)
+        self.last_clip_info = info
+
+    def _step_args(self, group, step, ctx, rows, device):
+        """(scalars, flags, clip table rows, clipped counters) of one fused call over the live
+        tensors `rows` of the clip context (None: no clipping)."""
+        if ctx is None:
+            scalars, flag_kw = self._scalars(group, step)
+            return scalars, ref.step_flags(self._kind, scalars, **flag_kw), None, None
+        scalars, flag_kw = self._scalars(group, step, beta1_scale=ctx.beta1_scale)
+        scalars = list(scalars)
+        slot = self._step_size_slot[self._kind]
+        scalars[slot] = ref.f32(scalars[slot] * ctx.lr_scale)
+        floor = ctx.spike_floor if ctx.spike_floor is not None else group.get("eps", 0.0) ** 2
+        scalars = ref.with_clip_scalars(scalars, ctx.value_clip, ctx.spike_threshold, floor)
+        flags = ref.step_flags(self._kind, scalars, **flag_kw) | ctx.flags
+        if self._decay_after:
+            flags |= ref.DECAY_AFTER
+        index = torch.tensor(rows, device=ctx.table.device)
+        table = ctx.table.index_select(0, index).to(device).contiguous()
+        counts = torch.zeros(len(rows), dtype=torch.int64, device=device)
+        return scalars, flags, table, counts
+
+    def _step_group(self, group, live, ctx=None, row0=0):
+        """The group's fused calls; ctx: the clip policies' context, whose rows row0.. are this
+        group's live tensors."""
         names = self._state_names(group)
         buckets = {}  # one fused call per (format, step, device, dtype, write-back)
         # the step counts in one host read (an .item() per parameter adds up with many tensors)
         steps = torch.stack([self.state[p]["step"] for _, p, _ in live]).tolist()
-        for (pid, p, where), step in zip(live, steps):
+        for i, ((pid, p, where), step) in enumerate(zip(live, steps)):
             step = int(step) + 1
             key = (self._format_for(p, group), step, p.device, p.dtype, self._writeback(p, group))
-            buckets.setdefault(key, []).append((pid, p))
+            buckets.setdefault(key, []).append((pid, p, row0 + i))
         for ((bits, block), step, device, dtype, wb), items in buckets.items():
-            ps = [p for _, p in items]
+            ps = [p for _, p, _ in items]
             states = [[], [], [], []]
             for j, name in enumerate(names):
                 for p in ps:
@@ -355,14 +446,18 @@ class FusedOptimizer(torch.optim.Optimizer):
                         states[2 * j].append(st[name + "_codes"])
                         states[2 * j + 1].append(st[name + "_absmax"])
             comps = [self.state[p]["kahan_comp"] for p in ps] if wb == "kahan" else []
-            keys = ([ref.sr_key(group["seed"], pid, step) for pid, _ in items]
+            keys = ([ref.sr_key(group["seed"], pid, step) for pid, _, _ in items]
                     if wb == "stochastic" else [])
-            scalars, flag_kw = self._scalars(group, step)
-            flags = ref.step_flags(self._kind, scalars, **flag_kw)
+            scalars, flags, table, counts = self._step_args(group, step, ctx,
+                                                            [r for _, _, r in items], device)
             backend = ops.resolve_backend(self.backend, device)
             ops.optim_step_eager([p.data for p in ps], [p.grad.contiguous() for p in ps], *states,
                                  comps, keys, self._kind, bits, block, scalars, flags, wb,
-                                 backend)
+                                 backend, table, counts)
+            if counts is not None:
+                ctx.clipped.index_add_(0, torch.tensor([r for _, _, r in items],
+                                                       device=ctx.clipped.device),
+                                       counts.to(ctx.clipped.device))
             # as an in-place torch op on the parameters would (torch.optim's updates do this too)
             torch.autograd.graph.increment_version(ps)
             torch._foreach_add_([self.state[p]["step"] for p in ps], 1.0)

@@ -28,9 +28,9 @@ class _AdamBase(FusedOptimizer):
                         maximize=maximize)
         super().__init__(params, defaults, **kwargs)
 
-    def _scalars(self, group, step):
+    def _scalars(self, group, step, beta1_scale=1.0):
         beta1, beta2 = group["betas"]
-        sc = ref.adam_scalars(float(group["lr"]), beta1, beta2, group["eps"],
+        sc = ref.adam_scalars(float(group["lr"]), beta1 * beta1_scale, beta2, group["eps"],
                               group["weight_decay"], step, self._decoupled)
         return sc, {"maximize": bool(group["maximize"])}
 

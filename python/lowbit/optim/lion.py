@@ -16,7 +16,7 @@ class Lion(FusedOptimizer):
         defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults, **kwargs)
 
-    def _scalars(self, group, step):
+    def _scalars(self, group, step, beta1_scale=1.0):
         beta1, beta2 = group["betas"]
         sc = ref.lion_scalars(float(group["lr"]), beta1, beta2, group["weight_decay"])
         return sc, {"maximize": bool(group["maximize"])}

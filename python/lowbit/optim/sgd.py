@@ -28,7 +28,7 @@ class SGD(FusedOptimizer):
     def _nstates(self, group):
         return 1 if group["momentum"] != 0 else 0
 
-    def _scalars(self, group, step):
+    def _scalars(self, group, step, beta1_scale=1.0):
         sc = ref.sgd_scalars(float(group["lr"]), group["momentum"], group["dampening"],
                              group["weight_decay"])
         return sc, {"maximize": bool(group["maximize"]), "nesterov": bool(group["nesterov"]),

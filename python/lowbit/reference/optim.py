@@ -11,8 +11,10 @@ Per element, every operation rounded once in fp32, in this order:
                scale, AdaClip, AdaGN scale k_t)         lowbit.clip's policies set them)
   Adam     x = x * decay                                if DECAY and not DECAY_AFTER
            g = g + wd * x                               if L2      (Adam's coupled decay)
-           g = copysign(sqrt(theta * v), g)             if SPIKE_CLIP and g * g > theta * v
-                                                        (SPAM, against the loaded v)
+           g = copysign(sqrt(lim), g)                   if SPIKE_CLIP and g * g > lim, where
+                                                        lim = theta * max(v, floor) (SPAM,
+                                                        against the loaded v; the floor keeps
+                                                        a v quantized to 0 from zeroing g)
            m = 0, v = 0                                 if RESET   (momentum reset)
            m = m + a1 * (g - m)                         a1 = 1 - beta1   (torch's lerp)
            v = v * b2 + a2 * (g * g)                    b2 = beta2, a2 = 1 - beta2
@@ -64,8 +66,9 @@ MAXIMIZE, DECAY, L2, NESTEROV, FIRST_STEP, NO_MOMENTUM = 1, 2, 4, 8, 16, 32
 # The clipping bits (lowbit.clip): the gradient transform's (reference.clip: VALUE_CLIP 64,
 # TENSOR_SCALE 128, ADA_CLIP 256, NORM_SCALE 512), then these.
 SPIKE_CLIP, RESET, DECAY_AFTER = 1024, 2048, 4096
-# Scalars per step: the rule's 8 (below), then the value-clip bound and SPAM's threshold theta.
-NSCALARS = 10
+# Scalars per step: the rule's 8 (below), then the value-clip bound, SPAM's threshold theta and
+# the floor of v in its spike test.
+NSCALARS = 11
 # Per-tensor clip row (s, thr, r, k) that changes nothing.
 NO_CLIP = (1.0, 0.0, 1.0, 1.0)
 WRITEBACK = {"f32": 0, "nearest": 1, "stochastic": 2, "kahan": 3}
@@ -80,9 +83,10 @@ def f32(x: float) -> float:
     return struct.unpack("f", struct.pack("f", x))[0]
 
 
-def with_clip_scalars(scalars, value_clip: float = 0.0, spike_threshold: float = 0.0) -> list:
+def with_clip_scalars(scalars, value_clip: float = 0.0, spike_threshold: float = 0.0,
+                      spike_floor: float = 0.0) -> list:
     """The rule's 8 scalars followed by the clip scalars (NSCALARS in all)."""
-    return list(scalars[:8]) + [f32(value_clip), f32(spike_threshold)]
+    return list(scalars[:8]) + [f32(value_clip), f32(spike_threshold), f32(spike_floor)]
 
 
 def adam_scalars(lr, beta1, beta2, eps, weight_decay, step, decoupled=True) -> list:
@@ -183,7 +187,7 @@ def update(kind: str, x, g, s1, s2, sc, flags, ct=NO_CLIP):
         if flags & L2:
             g = g + _t(sc[1]) * x
         if flags & SPIKE_CLIP:
-            lim = _t(sc[9]) * s2_loaded
+            lim = _t(sc[9]) * torch.where(s2_loaded > sc[10], s2_loaded, _t(sc[10]))
             over = g * g > lim
             g = torch.where(over, torch.copysign(_sqrt(lim), g), g)
             clipped = clipped | over
