@@ -58,6 +58,8 @@ def tensor_bytes(t) -> int:
 def state_bytes(opt) -> int:
     total = 0
     for st in opt.state.values():
+        if not isinstance(st, dict):  # e.g. pytorch-optimizer's step counters in opt.state
+            continue
         for k, v in st.items():
             if isinstance(v, torch.Tensor) and k != "step":
                 total += tensor_bytes(v)

@@ -61,9 +61,9 @@ static inline float widen(ParamT<DT> h) {
 // Every array is a typed __restrict pointer to the run's first element. No loop unswitching:
 // gcc would otherwise split the loop on each runtime flag (maximize, decay, ...) and fail to
 // vectorize most of the copies; as selects, the flags cost a blend each.
-// CLIP: the rule with the clipping steps (update_rule); their clipped elements are counted into
-// *nclip.
-template <int KIND, int DT, int WB, int NST, bool CLIP>
+// CLIP / SPIKE: the rule with the clipping steps / the spike clip (update_rule); the clipped
+// elements are counted into *nclip.
+template <int KIND, int DT, int WB, int NST, bool CLIP, bool SPIKE>
 __attribute__((optimize("no-unswitch-loops")))
 static void update_run(const OptArgs& a, const OptTensor& t, int64_t begin, int64_t len,
                        float* __restrict m, float* __restrict v, uint32_t* mx_m, uint32_t* mx_v,
@@ -88,7 +88,7 @@ static void update_run(const OptArgs& a, const OptTensor& t, int64_t begin, int6
     float x = widen<DT>(p[i]);
     if (WB == kWbKahan) x = x + widen<DT>(comp[i]);
     float s1 = NST >= 1 ? m[i] : 0.0f, s2 = NST >= 2 ? v[i] : 0.0f;
-    const bool c = update_rule<KIND, CLIP>(fs, flags, x, widen<DT>(g[i]), s1, s2, ct);
+    const bool c = update_rule<KIND, CLIP, SPIKE>(fs, flags, x, widen<DT>(g[i]), s1, s2, ct);
     if (CLIP) clipped += c ? 1 : 0;
     if (NST >= 1) m[i] = s1;
     if (NST >= 2) v[i] = s2;
@@ -116,7 +116,7 @@ static void update_run(const OptArgs& a, const OptTensor& t, int64_t begin, int6
 }
 
 // Returns the number of clipped elements of the chunk.
-template <int KIND, int DT, int WB, int NST, int NCODE, bool CLIP>
+template <int KIND, int DT, int WB, int NST, int NCODE, bool CLIP, bool SPIKE>
 static int64_t step_chunk(const OptimCpuArgs& ca, const OptTensor& t, int64_t begin,
                           int64_t len) {
   const OptArgs& a = ca.a;
@@ -125,7 +125,8 @@ static int64_t step_chunk(const OptimCpuArgs& ca, const OptTensor& t, int64_t be
     float* m = NST >= 1 ? (float*)t.s1 + begin : nullptr;
     float* v = NST >= 2 ? (float*)t.s2 + begin : nullptr;
     uint32_t unused1, unused2;
-    update_run<KIND, DT, WB, NST, CLIP>(a, t, begin, len, m, v, &unused1, &unused2, &nclip);
+    update_run<KIND, DT, WB, NST, CLIP, SPIKE>(a, t, begin, len, m, v, &unused1, &unused2,
+                                               &nclip);
     return nclip;
   }
   float mbuf[kOptChunk], vbuf[kOptChunk];
@@ -139,7 +140,7 @@ static int64_t step_chunk(const OptimCpuArgs& ca, const OptTensor& t, int64_t be
     if (NST >= 1) decode_block<NCODE>(c1, b0, blen, a.code1, t.s1_absmax[b], mbuf);
     if (NST >= 2) decode_block<NCODE>(c2, b0, blen, a.code2, t.s2_absmax[b], vbuf);
     uint32_t am1, am2;
-    update_run<KIND, DT, WB, NST, CLIP>(a, t, b0, blen, mbuf, vbuf, &am1, &am2, &nclip);
+    update_run<KIND, DT, WB, NST, CLIP, SPIKE>(a, t, b0, blen, mbuf, vbuf, &am1, &am2, &nclip);
     if (NST >= 1)
       encode_block<NCODE>(mbuf, b0, blen, am1, a.mids1, ca.lut1, (uint8_t*)t.s1,
                           &t.s1_absmax[b], idx_buf);
@@ -155,7 +156,7 @@ struct OptWork {
   int64_t begin;
 };
 
-template <int KIND, int DT, int WB, int NST, int NCODE, bool CLIP>
+template <int KIND, int DT, int WB, int NST, int NCODE, bool CLIP, bool SPIKE>
 static void step_all(const OptimCpuArgs& ca) {
   const OptArgs& a = ca.a;
   std::vector<OptWork> work;
@@ -170,7 +171,7 @@ static void step_all(const OptimCpuArgs& ca) {
     const OptTensor& t = a.tensors[work[w].tensor];
     const int64_t begin = work[w].begin;
     const int64_t len = t.n - begin < kOptChunk ? t.n - begin : kOptChunk;
-    const int64_t nclip = step_chunk<KIND, DT, WB, NST, NCODE, CLIP>(ca, t, begin, len);
+    const int64_t nclip = step_chunk<KIND, DT, WB, NST, NCODE, CLIP, SPIKE>(ca, t, begin, len);
     if (CLIP && t.clipped && nclip) {
 #pragma omp atomic
       *t.clipped += nclip;
@@ -179,10 +180,15 @@ static void step_all(const OptimCpuArgs& ca) {
 }
 
 // Runtime arguments -> template instance, one level at a time.
+// Three instances: plain, clipping without the spike clip, and (Adam only) with it.
 template <int KIND, int DT, int WB, int NST, int NCODE>
 static void by_clip(const OptimCpuArgs& ca) {
-  if (ca.a.s.flags & kAnyClip) step_all<KIND, DT, WB, NST, NCODE, true>(ca);
-  else step_all<KIND, DT, WB, NST, NCODE, false>(ca);
+  const int flags = ca.a.s.flags;
+  if constexpr (KIND == kAdam) {
+    if (flags & kSpikeClip) return step_all<KIND, DT, WB, NST, NCODE, true, true>(ca);
+  }
+  if (flags & kAnyClip) step_all<KIND, DT, WB, NST, NCODE, true, false>(ca);
+  else step_all<KIND, DT, WB, NST, NCODE, false, false>(ca);
 }
 
 template <int KIND, int DT, int WB, int NST>

@@ -23,17 +23,20 @@ struct ClipTensor {
   float s, thr, r, k;
 };
 
-// `clipped` is set when an element-wise step (value clip, AdaClip) changed g.
+// `clipped` is set when an element-wise step (value clip, AdaClip) changed g. Bitwise & and |
+// on the conditions, not && and ||: short-circuit evaluation is control flow, which keeps gcc
+// from vectorizing the CPU loops over elements.
 LOWBIT_HD float clip_transform(float g, int flags, float cv, const ClipTensor& ct,
                                bool& clipped) {
-  const bool hi = (flags & kValueClip) && g > cv, lo = (flags & kValueClip) && g < -cv;
+  const bool vc = (flags & kValueClip) != 0;
+  const bool hi = vc & (g > cv), lo = vc & (g < -cv);
   g = hi ? cv : (lo ? -cv : g);
   g = (flags & kTensorScale) ? mul_rn(g, ct.s) : g;
   const float a = g < 0.0f ? -g : g;
-  const bool over = (flags & kAdaClip) && a > ct.thr;
+  const bool over = ((flags & kAdaClip) != 0) & (a > ct.thr);
   g = over ? mul_rn(g, ct.r) : g;
   g = (flags & kNormScale) ? mul_rn(g, ct.k) : g;
-  clipped = hi || lo || over;
+  clipped = hi | lo | over;
   return g;
 }
 

@@ -89,10 +89,11 @@ LOWBIT_HD float sign_of(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 
 // SGD: momentum_buffer (untouched with kNoMomentum) / unused. All updated in place. The flag
 // branches are written as selects of values computed either way: same results as skipping the
 // operation, and a CPU loop over elements stays branch-free (vectorizes). CLIP = false compiles
-// the rule without the clipping steps (flags & kAnyClip must then be 0): the CPU's plain steps
-// pay nothing for them. ct: the tensor's clip row. Returns whether an element-wise clip (value
-// clip, AdaClip, spike clip) changed the gradient.
-template <int KIND, bool CLIP = true>
+// the rule without the clipping steps (flags & kAnyClip must then be 0) and SPIKE = false without
+// the spike clip (flags & kSpikeClip must be 0): the CPU's plain steps pay nothing for them, and
+// only SPAM's pay for the spike clip's square root. ct: the tensor's clip row. Returns whether an
+// element-wise clip (value clip, AdaClip, spike clip) changed the gradient.
+template <int KIND, bool CLIP = true, bool SPIKE = CLIP>
 LOWBIT_HD bool update_rule(const float* f, int flags, float& p, float g, float& s1, float& s2,
                            const ClipTensor& ct) {
   g = (flags & kMaximize) ? -g : g;
@@ -103,16 +104,16 @@ LOWBIT_HD bool update_rule(const float* f, int flags, float& p, float g, float& 
     s1 = (flags & kReset) ? 0.0f : s1;
     s2 = (flags & kReset) ? 0.0f : s2;
   }
-  const bool decay_now = (flags & kDecay) && !(CLIP && (flags & kDecayAfter));
+  const bool decay_now = ((flags & kDecay) != 0) & !(CLIP && (flags & kDecayAfter));
   if (KIND == kAdam) {
     p = decay_now ? mul_rn(p, f[0]) : p;
     g = (flags & kL2) ? add_rn(g, mul_rn(f[1], p)) : g;
-    if (CLIP) {
+    if (SPIKE) {
       const float lim = mul_rn(f[9], s2_loaded > f[10] ? s2_loaded : f[10]);
-      const bool over = (flags & kSpikeClip) && mul_rn(g, g) > lim;
+      const bool over = ((flags & kSpikeClip) != 0) & (mul_rn(g, g) > lim);
       const float root = sqrt_rn(lim);
       g = over ? (g < 0.0f ? -root : root) : g;
-      clipped = clipped || over;
+      clipped = clipped | over;
     }
     s1 = add_rn(s1, mul_rn(f[2], sub_rn(g, s1)));
     s2 = add_rn(mul_rn(s2, f[3]), mul_rn(f[4], mul_rn(g, g)));
@@ -131,7 +132,7 @@ LOWBIT_HD bool update_rule(const float* f, int flags, float& p, float g, float& 
     s1 = plain ? s1 : b;
     p = sub_rn(p, mul_rn(f[3], plain ? g : d));
   }
-  if (CLIP && KIND != kSgd) p = ((flags & kDecay) && (flags & kDecayAfter)) ? mul_rn(p, f[0]) : p;
+  if (CLIP && KIND != kSgd) p = (flags & kDecay) && (flags & kDecayAfter) ? mul_rn(p, f[0]) : p;
   (void)s2;
   return clipped;
 }
