@@ -252,3 +252,23 @@ def test_clip_state_in_state_dict():
     assert fresh._clip_step == 0 and fresh.state[p2[0]]["adagn_mu"].item() == 0.0
     fresh.step()
     assert math.isfinite(fresh.state[p2[0]]["adagn_mu"].item())
+
+
+def test_telemetry():
+    params = _params()
+    opt = lo.SPAM(params, grad_accu_steps=2, update_proj_gap=5)
+    grads = None
+    for t in range(1, 8):
+        grads = _grads(t, spikes=(7,))
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+    info = opt.last_clip_info
+    assert info["step"] == 7 and info["spike_clip"] and not info["reset"]
+    want = torch.stack([g.double().square().sum() for g in grads])
+    torch.testing.assert_close(info["tensor_norms"], want.sqrt(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(info["grad_norm"], want.sum().sqrt(), rtol=1e-12, atol=0)
+    # step 7 spikes tensor 7 % 4 = 3 (x1000, every element) and one element of tensor 0
+    assert info["clipped"][3] == params[3].numel() and info["clipped"][0] >= 1
+    assert all(isinstance(v, torch.Tensor) for k, v in info.items()
+               if k in ("grad_norm", "tensor_norms", "scale", "clipped"))

@@ -92,8 +92,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._clip_step = 0  # optimizer steps the clip policies have seen (their clock)
         # After each step with clip policies: device tensors (no sync until read) — "step",
         # "grad_norm" (global L2 norm of the finite gradient elements before clipping),
-        # "scale" (per live tensor, the scalar clip factor), "clipped" (per live tensor, elements
-        # an element-wise clip changed), "spike_clip" / "reset" (bools), plus policy extras.
+        # "tensor_norms" and "scale" (per live tensor: its norm before clipping, its scalar clip
+        # factor), "clipped" (per live tensor, elements an element-wise clip changed),
+        # "spike_clip" / "reset" (bools), plus policy extras ("clip_norm", "adagn_norm").
         self.last_clip_info = {}
         # Per group, after each step: {"skipped": bool, "nonfinite_tensors": int, "grad_norm":
         # float (L2 norm of the group's finite gradient elements)}.
@@ -397,7 +398,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         return ctx
 
     def _finish_clip(self, ctx):
-        info = {"step": ctx.step, "grad_norm": ctx.raw[:, 0].sum().sqrt(), "scale": ctx.scale,
+        info = {"step": ctx.step, "grad_norm": ctx.raw[:, 0].sum().sqrt(),
+                "tensor_norms": ctx.raw[:, 0].sqrt(), "scale": ctx.scale,
                 "clipped": ctx.clipped, "spike_clip": bool(ctx.flags & ref.SPIKE_CLIP),
                 "reset": bool(ctx.flags & ref.RESET)}
         info.update(ctx.telemetry)
