@@ -16,8 +16,8 @@ from collections import defaultdict
 import torch
 
 from .. import ops
-from ..clip import policies as clip_policies
 from ..reference import optim as ref
+from ._clipping import ClipSteps
 
 # Group keys that describe how this optimizer stores its state: on load_state_dict they keep the
 # values of the optimizer being loaded into (so loading an 8-bit checkpoint into a 4-bit
@@ -48,14 +48,12 @@ def _check_grad(p: torch.Tensor, g: torch.Tensor, name: str):
                            f"{tuple(p.shape)}")
 
 
-class FusedOptimizer(torch.optim.Optimizer):
+class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
     """Base of the lowbit optimizers. Subclasses set `_kind` and implement `_scalars(group,
     step)` -> (8 fp32 scalars, step_flags kwargs) and `_nstates(group)`."""
 
     _kind = "adam"
     _torch_class = None  # the torch.optim class whose state-dict layout export_state_dict gives
-    _step_size_slot = {"adam": 6, "lion": 5, "sgd": 3}  # the scalar the lr warmup multiplies
-    _decay_after = False  # SPAM applies the decoupled decay after the update
 
     def __init__(self, params, defaults, *, state_bits=32, block_size=None, min_quant_numel=4096,
                  stochastic_rounding=None, kahan=False, seed=None, backend=None,
@@ -84,18 +82,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                         kahan=bool(kahan), seed=int(seed), skipped_steps=0)
         self.backend = backend
         self.nonfinite = nonfinite
-        self.clip = clip_policies.as_policies(clip)
-        for policy in self.clip:
-            if self._kind not in policy.kinds:
-                raise ValueError(f"clip: {type(policy).__name__} needs an Adam-family optimizer "
-                                 f"(it reads the second moment), not {type(self).__name__}")
-        self._clip_step = 0  # optimizer steps the clip policies have seen (their clock)
-        # After each step with clip policies: device tensors (no sync until read) — "step",
-        # "grad_norm" (global L2 norm of the finite gradient elements before clipping),
-        # "tensor_norms" and "scale" (per live tensor: its norm before clipping, its scalar clip
-        # factor), "clipped" (per live tensor, elements an element-wise clip changed),
-        # "spike_clip" / "reset" (bools), plus policy extras ("clip_norm", "adagn_norm").
-        self.last_clip_info = {}
+        self._init_clip(clip)
         # Per group, after each step: {"skipped": bool, "nonfinite_tensors": int, "grad_norm":
         # float (L2 norm of the group's finite gradient elements)}.
         self.last_step_info = []
@@ -147,10 +134,6 @@ class FusedOptimizer(torch.optim.Optimizer):
             state["kahan_comp"] = torch.zeros_like(p)
         state.update(self._fresh_clip_state(p))
         return state
-
-    def _fresh_clip_state(self, p) -> dict:
-        return {name: torch.tensor(value, dtype=torch.float32, device=p.device)
-                for policy in self.clip for name, value in policy.tensor_state.items()}
 
     @staticmethod
     def _check_state(p, state, names, fmt, where):
@@ -371,59 +354,6 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._finish_clip(ctx)
         self.last_step_info = info
         return loss
-
-    def _run_clip_policies(self, plan):
-        """The clip policies over the live tensors of every group that steps (a ClipContext for
-        the kernels), or None without policies."""
-        params = [p for _, live, skip, _ in plan if not skip for _, p, _ in live]
-        if not self.clip or not params:
-            return None
-        device = params[0].device
-        stats = torch.cat([s.to(device) for _, live, skip, s in plan if not skip and live])
-        grads = [p.grad.contiguous() for p in params]
-        t = self._clip_step + 1
-        ctx = clip_policies.ClipContext(grads, stats, t,
-                                        ops.resolve_backend(self.backend, device), device)
-        for name in {n for policy in self.clip for n in policy.tensor_state}:
-            ctx.state[name] = torch.stack([self.state[p][name].to(device) for p in params])
-        for policy in self.clip:
-            policy.apply(ctx)
-        ctx.finish()
-        for name, values in ctx.state.items():  # write the per-tensor policy states back
-            torch._foreach_copy_([self.state[p][name] for p in params], list(values.unbind()))
-        if ctx.restart_bias_correction:
-            torch._foreach_zero_([self.state[p]["step"] for p in params])
-        ctx.clipped = torch.zeros(len(params), dtype=torch.int64, device=device)
-        self._clip_step = t
-        return ctx
-
-    def _finish_clip(self, ctx):
-        info = {"step": ctx.step, "grad_norm": ctx.raw[:, 0].sum().sqrt(),
-                "tensor_norms": ctx.raw[:, 0].sqrt(), "scale": ctx.scale,
-                "clipped": ctx.clipped, "spike_clip": bool(ctx.flags & ref.SPIKE_CLIP),
-                "reset": bool(ctx.flags & ref.RESET)}
-        info.update(ctx.telemetry)
-        self.last_clip_info = info
-
-    def _step_args(self, group, step, ctx, rows, device):
-        """(scalars, flags, clip table rows, clipped counters) of one fused call over the live
-        tensors `rows` of the clip context (None: no clipping)."""
-        if ctx is None:
-            scalars, flag_kw = self._scalars(group, step)
-            return scalars, ref.step_flags(self._kind, scalars, **flag_kw), None, None
-        scalars, flag_kw = self._scalars(group, step, beta1_scale=ctx.beta1_scale)
-        scalars = list(scalars)
-        slot = self._step_size_slot[self._kind]
-        scalars[slot] = ref.f32(scalars[slot] * ctx.lr_scale)
-        floor = ctx.spike_floor if ctx.spike_floor is not None else group.get("eps", 0.0) ** 2
-        scalars = ref.with_clip_scalars(scalars, ctx.value_clip, ctx.spike_threshold, floor)
-        flags = ref.step_flags(self._kind, scalars, **flag_kw) | ctx.flags
-        if self._decay_after:
-            flags |= ref.DECAY_AFTER
-        index = torch.tensor(rows, device=ctx.table.device)
-        table = ctx.table.index_select(0, index).to(device).contiguous()
-        counts = torch.zeros(len(rows), dtype=torch.int64, device=device)
-        return scalars, flags, table, counts
 
     def _step_group(self, group, live, ctx=None, row0=0):
         """The group's fused calls; ctx: the clip policies' context, whose rows row0.. are this
