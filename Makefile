@@ -47,15 +47,18 @@ test-triton-newest:
 test-slow: build
 	TRITON_INTERPRET=1 $(PY) -m pytest -n 2 -q -m slow tests
 
-# The main job. Until the pretraining demo lands: the quantization / stochastic-rounding and
-# optimizer-step benchmark tables on the embedded default input (2**24 fp32 elements).
+# The main job. Until the pretraining demo lands: the quantization / stochastic-rounding,
+# optimizer-step and clipped-step benchmark tables on the embedded default input (2**24 fp32
+# elements).
 demo: build
 	$(PY) bench/run.py --quick
 	$(PY) bench/optim_bench.py --quick
+	$(PY) bench/clip_bench.py --quick
 
 bench: build
 	$(PY) bench/run.py
 	$(PY) bench/optim_bench.py --torchao
+	$(PY) bench/clip_bench.py
 
 clean:
 	rm -rf build $(VENV) $(NEWEST_VENV) python/lowbit/*.so *.egg-info
