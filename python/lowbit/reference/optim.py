@@ -36,12 +36,20 @@ signed: 8-bit "dynamic" / 4-bit "dynamic4"; second state, unsigned: "udynamic" /
 "linear4_nozero"; blocks of 256 / 128) are dequantized before the update; the parameter update
 uses the unquantized new states, which are then quantized with nearest rounding against the
 absmax of the new values (lowbit.reference.quant).
+
+Rank-1 second moment (Adam, 4-bit states, per tensor: v_cols > 0): v is stored as
+"linear4_nozero" codes of the tensor viewed as a [numel // v_cols, v_cols] matrix, scaled by
+min(row maximum, column maximum) instead of a block absmax (lowbit.reference.rank1). The new v is
+computed per element exactly as above; its row and column maxima (which need every new element
+before any code can be written) scale the new codes, while the old codes decode with the old
+maxima. The first moment stays block-wise.
 """
 import math
 import struct
 
 import torch
 
+from . import rank1
 from .quant import dequantize_blockwise, quantize_blockwise
 from .rounding import round_to_format
 from .philox import philox_word_of
@@ -214,24 +222,52 @@ def dequantize_state(codes, absmax, index: int, state_bits: int, shape,
                                 torch.float32)
 
 
+def quantize_state_rank1(x: torch.Tensor, cols: int):
+    """(packed codes, row maxima, column maxima) of a 4-bit second state (fp32 values) viewed as
+    [numel // cols, cols]."""
+    return rank1.quantize(x.reshape(-1).float(), cols, codebooks.codebook(STATE_FORMATS[4][1]))
+
+
+def dequantize_state_rank1(codes, row_max, col_max, shape) -> torch.Tensor:
+    return rank1.dequantize(codes, row_max, col_max, codebooks.codebook(STATE_FORMATS[4][1]),
+                            shape)
+
+
 def fused_step(kind: str, params, grads, state1, absmax1, state2, absmax2, comps, keys,
-               state_bits: int, block_size: int, scalars, flags: int, writeback: str) -> None:
+               state_bits: int, block_size: int, scalars, flags: int, writeback: str,
+               v_cols=(), v_colmax=()) -> None:
     """lowbit.ops.optim_step's contract, one tensor at a time, in place. state1/state2 are fp32
     tensors shaped like the params (state_bits 32) or flat uint8 codes with fp32 absmax per block;
     empty lists where the rule has no such state. comps: kahan compensations (else empty); keys:
     per-tensor stochastic-rounding keys (else ignored); block_size: of the quantized states (0:
-    the format's default)."""
+    the format's default). v_cols (empty: all 0): per tensor, 0 for a block-wise second state, or
+    the column count C of a rank-1 one (Adam, state_bits 4), whose absmax2 entry then holds the
+    row maxima [numel // C] and v_colmax entry the column maxima [C]."""
     nstates = 2 if state2 else (1 if state1 else 0)
+    if any(v_cols) and (kind != "adam" or state_bits != 4 or nstates != 2):
+        raise ValueError("rank-1 second states need Adam with 4-bit states")
     for i, (p, g) in enumerate(zip(params, grads)):
+        cols = v_cols[i] if v_cols else 0
+        if cols:
+            rank1.matrix_shape(p.numel(), cols)  # before anything changes
         x = load_param(p, comps[i] if comps else None, writeback)
         s = [None, None]
         for j, (st, am) in enumerate(((state1, absmax1), (state2, absmax2))[:nstates]):
-            s[j] = st[i].float() if state_bits == 32 else dequantize_state(
-                st[i], am[i], j, state_bits, p.shape, block_size)
+            if state_bits == 32:
+                s[j] = st[i].float()
+            elif j == 1 and cols:
+                s[j] = dequantize_state_rank1(st[i], am[i], v_colmax[i], p.shape)
+            else:
+                s[j] = dequantize_state(st[i], am[i], j, state_bits, p.shape, block_size)
         x, s[0], s[1] = update(kind, x, g, s[0], s[1], scalars, flags)
         for j, (st, am) in enumerate(((state1, absmax1), (state2, absmax2))[:nstates]):
             if state_bits == 32:
                 st[i].copy_(s[j])
+            elif j == 1 and cols:
+                codes, r, c = quantize_state_rank1(s[j], cols)
+                st[i].copy_(codes)
+                am[i].copy_(r)
+                v_colmax[i].copy_(c)
             else:
                 codes, a = quantize_state(s[j], j, state_bits, block_size)
                 st[i].copy_(codes)
