@@ -17,7 +17,9 @@ struct OptCall {
 };
 
 // Lists of the states a rule does not have (and absmax lists for 32-bit states, comps unless
-// kahan, keys unless stochastic) are empty; every other list has one entry per tensor.
+// kahan, keys unless stochastic) are empty; every other list has one entry per tensor. v_cols,
+// s2_colmax and v_scratch (rank-1 second states, optim_args.h) are all empty when every tensor's
+// second state is block-wise; otherwise one entry per tensor (0 / null for block-wise ones).
 inline void optim_call(OptCall& c, int kind, const std::vector<uintptr_t>& p,
                        const std::vector<uintptr_t>& g, const std::vector<int64_t>& numel,
                        const std::vector<uintptr_t>& s1, const std::vector<uintptr_t>& s1_absmax,
@@ -25,7 +27,10 @@ inline void optim_call(OptCall& c, int kind, const std::vector<uintptr_t>& p,
                        const std::vector<uintptr_t>& comp, const std::vector<uint64_t>& keys,
                        int state_bits, int block, uintptr_t code1, uintptr_t mids1,
                        uintptr_t code2, uintptr_t mids2, int ncode, int dtype, int writeback,
-                       const std::vector<double>& scalars, int flags) {
+                       const std::vector<double>& scalars, int flags,
+                       const std::vector<int64_t>& v_cols,
+                       const std::vector<uintptr_t>& s2_colmax,
+                       const std::vector<uintptr_t>& v_scratch) {
   const size_t n = p.size();
   const int nstates = s2.empty() ? (s1.empty() ? 0 : 1) : 2;
   const bool quantized = state_bits != 32;
@@ -44,6 +49,17 @@ inline void optim_call(OptCall& c, int kind, const std::vector<uintptr_t>& p,
     throw std::invalid_argument("optim_step: params must be fp32, bf16 or fp16");
   if ((dtype == kF32) != (writeback == kWbF32))
     throw std::invalid_argument("optim_step: fp32 params take writeback f32, others not");
+  if (!fits(v_cols.size(), false) || s2_colmax.size() != v_cols.size() ||
+      v_scratch.size() != v_cols.size())
+    throw std::invalid_argument("optim_step: rank-1 lists of inconsistent lengths");
+  for (size_t i = 0; i < v_cols.size(); ++i) {
+    if (v_cols[i] == 0) continue;
+    if (kind != kAdam || state_bits != 4 || nstates != 2)
+      throw std::invalid_argument("optim_step: rank-1 second states need Adam with 4-bit states");
+    if (v_cols[i] < 0 || numel[i] % v_cols[i] != 0 || s2_colmax[i] == 0 || v_scratch[i] == 0)
+      throw std::invalid_argument(
+          "optim_step: a rank-1 tensor needs numel divisible by v_cols, column maxima and scratch");
+  }
   auto at = [](const std::vector<uintptr_t>& v, size_t i) {
     return i < v.size() ? reinterpret_cast<void*>(v[i]) : nullptr;
   };
@@ -55,7 +71,10 @@ inline void optim_call(OptCall& c, int kind, const std::vector<uintptr_t>& p,
                              nstates >= 2 ? at(s2, i) : nullptr,
                              quantized && nstates >= 2 ? (float*)at(s2_absmax, i) : nullptr,
                              writeback == kWbKahan ? at(comp, i) : nullptr,
-                             writeback == kWbStochastic ? keys[i] : 0};
+                             writeback == kWbStochastic ? keys[i] : 0,
+                             i < v_cols.size() ? v_cols[i] : 0,
+                             i < v_cols.size() ? (float*)at(s2_colmax, i) : nullptr,
+                             i < v_cols.size() ? (float*)at(v_scratch, i) : nullptr};
     if (numel[i] < 0) throw std::invalid_argument("optim_step: negative element count");
   }
   OptArgs& a = c.args;

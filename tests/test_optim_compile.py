@@ -16,7 +16,8 @@ def test_fused_update_compiles_fullgraph_and_equals_eager():
 
     def update(ps, gs, m, v):
         stats = ops.grad_stats(gs, "cpu")
-        ops.optim_step(ps, gs, m, [], v, [], [], [], "adam", 32, 0, sc, flags, "f32", "cpu")
+        ops.optim_step(ps, gs, m, [], v, [], [], [], "adam", 32, 0, sc, flags, "f32", "cpu", [],
+                       [])
         return stats
 
     def state():

@@ -20,10 +20,10 @@ def stochastic_round(x, out, seed, offset):
 
 
 def optim_step(params, grads, state1, absmax1, state2, absmax2, comps, keys, kind, state_bits,
-               block_size, scalars, flags, writeback):
+               block_size, scalars, flags, writeback, v_cols=(), v_colmax=()):
     from ..reference import optim
     optim.fused_step(kind, params, grads, state1, absmax1, state2, absmax2, comps, keys,
-                     state_bits, block_size, scalars, flags, writeback)
+                     state_bits, block_size, scalars, flags, writeback, v_cols, v_colmax)
 
 
 def grad_stats(grads, out):
