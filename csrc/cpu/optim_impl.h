@@ -118,6 +118,49 @@ static void update_run(const OptArgs& a, const OptTensor& t, int64_t begin, int6
 
 // ---- rank-1 second states ----------------------------------------------------------------------
 
+// Elements per run of unpacked nibbles (a stack buffer of the rank-1 loops).
+static const int kNibbleRun = 1024;
+
+// The 4-bit codes of elements [k0, k0 + len), len <= kNibbleRun, one byte each: the packed bytes
+// holding them are unpacked whole (element 2j of the tensor is byte j's high nibble), so element
+// k0 + j lands at out[(k0 & 1) + j]. Two stores per byte in a plain loop vectorize, and the math
+// loops then read their indices contiguously: gcc cannot vectorize a per-element nibble fetch
+// (a gather of bytes).
+static inline const uint8_t* unpack_nibbles(const uint8_t* codes, int64_t k0, int len,
+                                            uint8_t* __restrict out) {
+  const uint8_t* __restrict bytes = codes + (k0 >> 1);
+  const int nbytes = ((int)(k0 & 1) + len + 1) >> 1;
+#pragma omp simd
+  for (int b = 0; b < nbytes; ++b) {
+    out[2 * b] = (uint8_t)(bytes[b] >> 4);
+    out[2 * b + 1] = (uint8_t)(bytes[b] & 0xF);
+  }
+  return out + (k0 & 1);
+}
+
+// Old v of `len` elements of one row: code[idx[j]] times min(row maximum rb, column maximum
+// cb[j]) on the bit patterns (rank1_scale), as dequant_value. AVX-512: the 16-entry table lookup
+// is one lane permute per 16 values (gcc would gather from memory).
+static inline void decode_run(const uint8_t* __restrict idx, int len, const float* __restrict code,
+                              uint32_t rb, const uint32_t* __restrict cb, float* __restrict out) {
+  int j = 0;
+#if defined(LOWBIT_ISA_AVX512)
+  const __m512 table = _mm512_loadu_ps(code);
+  const __m512i vrb = _mm512_set1_epi32((int)rb);
+  const __m512 qnan = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FC00000));
+  for (; j + 16 <= len; j += 16) {
+    const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(idx + j)));
+    const __m512i scale = _mm512_min_epu32(vrb, _mm512_loadu_si512(cb + j));
+    __m512 v = _mm512_mul_ps(_mm512_permutexvar_ps(c, table), _mm512_castsi512_ps(scale));
+    v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), qnan);
+    _mm512_storeu_ps(out + j, v);
+  }
+#endif
+#pragma omp simd
+  for (int k = j; k < len; ++k)
+    out[k] = dequant_value(code[idx[k]], bits_f32(rb < cb[k] ? rb : cb[k]));
+}
+
 // One rank-1 tensor of the call: its matrix shape, the state's old maxima (as bit patterns, for
 // decoding) and the reciprocals of the new ones (for encoding; rank1_unit_scale).
 struct Rank1Info {
@@ -140,28 +183,33 @@ static void maxima_tile(const OptArgs& a, const OptTensor& t, const Rank1Info& r
   const float* f = a.s.f;
   const float fs[8] = {f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7]};
   const int flags = a.s.flags;
-  const uint8_t* __restrict codes = (const uint8_t*)t.s2;
-  const float* __restrict code = a.code2;
-  const uint32_t* __restrict old_c = ri.old_c;
+  uint8_t nib[kNibbleRun + 2];
+  float old_v[kNibbleRun];
   for (int64_t i = r0; i < r1; ++i) {
-    const int64_t base = i * ri.cols;
-    const P* __restrict g = (const P*)t.g + base;
-    const P* __restrict p = (const P*)t.p + base;
-    const P* __restrict comp = WB == kWbKahan ? (const P*)t.comp + base : nullptr;
     const uint32_t rb = ri.old_r[i];
     uint32_t rmax = 0;
+    for (int64_t j0 = c0; j0 < c1; j0 += kNibbleRun) {
+      const int len = (int)(c1 - j0 < kNibbleRun ? c1 - j0 : kNibbleRun);
+      const int64_t k0 = i * ri.cols + j0;
+      decode_run(unpack_nibbles((const uint8_t*)t.s2, k0, len, nib), len, a.code2, rb,
+                 ri.old_c + j0, old_v);
+      const float* __restrict v_old = old_v;
+      const P* __restrict g = (const P*)t.g + k0;
+      const P* __restrict p = (const P*)t.p + k0;
+      const P* __restrict comp = WB == kWbKahan ? (const P*)t.comp + k0 : nullptr;
+      uint32_t* __restrict cmax = col_dst + j0;
 #pragma omp simd reduction(max : rmax)
-    for (int64_t j = c0; j < c1; ++j) {
-      const uint32_t cb = old_c[j];
-      const float v = dequant_value(code[code_at<16>(codes, base + j)], bits_f32(rb < cb ? rb : cb));
-      float x = 0.0f;
-      if (NEED_P) {
-        x = widen<DT>(p[j]);
-        if (WB == kWbKahan) x = x + widen<DT>(comp[j]);
+      for (int j = 0; j < len; ++j) {
+        const float v = v_old[j];
+        float x = 0.0f;
+        if (NEED_P) {
+          x = widen<DT>(p[j]);
+          if (WB == kWbKahan) x = x + widen<DT>(comp[j]);
+        }
+        const uint32_t b = abs_bits(adam_new_v(fs, flags, x, widen<DT>(g[j]), v));
+        rmax = b > rmax ? b : rmax;
+        cmax[j] = b > cmax[j] ? b : cmax[j];
       }
-      const uint32_t b = abs_bits(adam_new_v(fs, flags, x, widen<DT>(g[j]), v));
-      rmax = b > rmax ? b : rmax;
-      col_dst[j] = b > col_dst[j] ? b : col_dst[j];
     }
     row_dst[i] = rmax > row_dst[i] ? rmax : row_dst[i];
   }
@@ -247,17 +295,21 @@ static void rank1_maxima(const OptArgs& a, std::vector<Rank1Info>& info, std::ve
 // times min(old row maximum, old column maximum).
 static void decode_rank1(const uint8_t* codes, int64_t begin, int64_t len, const float* code,
                          const Rank1Info& ri, float* out) {
+  uint8_t nib[kNibbleRun + 2];
   int64_t row = begin / ri.cols, col = begin - row * ri.cols;
-  for (int64_t i = 0; i < len; ++row, col = 0) {
-    const int64_t seg = len - i < ri.cols - col ? len - i : ri.cols - col;
-    const uint32_t rb = ri.old_r[row];
-    const uint32_t* __restrict cb = ri.old_c + col;
-    float* __restrict o = out + i;
-    const int64_t k0 = begin + i;
-#pragma omp simd
-    for (int64_t j = 0; j < seg; ++j)
-      o[j] = dequant_value(code[code_at<16>(codes, k0 + j)], bits_f32(rb < cb[j] ? rb : cb[j]));
+  for (int64_t i = 0; i < len;) {
+    // one run within one row and one unpacked buffer
+    const int64_t in_row = ri.cols - col;
+    int seg = (int)(len - i < in_row ? len - i : in_row);
+    seg = seg < kNibbleRun ? seg : kNibbleRun;
+    decode_run(unpack_nibbles(codes, begin + i, seg, nib), seg, code, ri.old_r[row],
+               ri.old_c + col, out + i);
     i += seg;
+    col += seg;
+    if (col == ri.cols) {
+      col = 0;
+      ++row;
+    }
   }
 }
 
