@@ -40,7 +40,7 @@ def _same(a, b):
     return torch.equal(_bits(a), _bits(b))
 
 
-# --- the reference quantizer ---------------------------------------------------------------------
+# --- the reference quantizer ----------------------------------------------------------------------
 
 def _positive_floats(n, gen):
     """Random bit patterns over every positive fp32: subnormals, normals and +inf."""
@@ -99,7 +99,7 @@ def test_reference_quantizer_rules():
     assert (back[3] == 0).all() and (back[:, 5] == 0).all()
 
 
-# --- kernels against the reference ---------------------------------------------------------------
+# --- kernels against the reference ----------------------------------------------------------------
 
 def _make(shapes, dtype, writeback, seed=0):
     """Params and the op's lists (state1, absmax1, state2, absmax2, comps), v_cols, v_colmax."""
@@ -251,7 +251,7 @@ def test_op_rejects_bad_rank1_arguments(backend):
                        ref.step_flags("lion", lion), "f32", backend, [10], [torch.zeros(10)])
 
 
-# --- the optimizer -------------------------------------------------------------------------------
+# --- the optimizer --------------------------------------------------------------------------------
 
 class _Params(torch.nn.Module):
     """Parameters of the shapes under test and a loss that uses every element."""
@@ -457,7 +457,7 @@ def test_bad_arguments_and_mismatched_states_raise():
     assert torch.equal(b.ps[0], p0)
 
 
-# --- quality ---------------------------------------------------------------------------------------
+# --- quality --------------------------------------------------------------------------------------
 
 def test_rank1_v_tracks_fp32_v_at_least_as_well_as_block_wise_with_row_outliers():
     # A noisy quadratic on a 256 x 96 matrix whose rows have curvature / noise scales spread over

@@ -457,9 +457,13 @@ unsigned stride_grid(int64_t work) {
   return (unsigned)(nb < kOptMaxBlocks ? (nb > 0 ? nb : 1) : kOptMaxBlocks);
 }
 
+// The longest scratch of the chunk (R + C floats): the grid-stride extent of zero / store.
 int64_t scratch_floats(const Rank1Chunk& c) {
   int64_t most = 0;
-  for (int t = 0; t < c.count; ++t) most = c.rows[t] + c.cols[t] > most ? c.rows[t] + c.cols[t] : most;
+  for (int t = 0; t < c.count; ++t) {
+    const int64_t size = c.rows[t] + c.cols[t];
+    most = size > most ? size : most;
+  }
   return most;
 }
 
