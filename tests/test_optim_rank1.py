@@ -17,9 +17,10 @@ from conftest import kernel_backend_params
 
 V_CODE = codebooks.codebook("linear4_nozero")
 
-# parameter shape -> columns of its rank-1 view (0: the optimizer keeps block-wise v)
-SHAPES = {(37, 129): 129, (1000, 67): 67, (5, 3, 33): 99, (5000,): 0, (1, 5000): 0,
-          (4100, 1): 0}
+# parameter shape -> columns of its rank-1 view (0: the optimizer keeps block-wise v). Odd row
+# lengths start rows on either nibble; (3, 4099) has rows longer than any quantization block.
+SHAPES = {(37, 129): 129, (1000, 67): 67, (5, 3, 33): 99, (3, 4099): 4099, (5000,): 0,
+          (1, 5000): 0, (4100, 1): 0}
 
 # name -> (scalars(step), flag kwargs)
 RULES = {
@@ -101,14 +102,14 @@ def test_reference_quantizer_rules():
 
 # --- kernels against the reference ----------------------------------------------------------------
 
-def _make(shapes, dtype, writeback, seed=0):
+def _make(shapes, dtype, writeback, seed=0, block=0):
     """Params and the op's lists (state1, absmax1, state2, absmax2, comps), v_cols, v_colmax."""
     torch.manual_seed(seed)
     params = [(torch.randn(s) * 0.1).to(dtype) for s in shapes]
     lists, v_cols, v_colmax = [[], [], [], []], [], []
     for p in params:
         cols = SHAPES.get(tuple(p.shape), p.numel() // p.shape[0] if p.dim() > 1 else 0)
-        codes, absmax = ref.quantize_state(torch.zeros(p.numel()), 0, 4)
+        codes, absmax = ref.quantize_state(torch.zeros(p.numel()), 0, 4, block)
         lists[0].append(codes)
         lists[1].append(absmax)
         if cols:
@@ -117,7 +118,7 @@ def _make(shapes, dtype, writeback, seed=0):
             lists[3].append(rmax)
             v_colmax.append(cmax)
         else:
-            codes, absmax = ref.quantize_state(torch.zeros(p.numel()), 1, 4)
+            codes, absmax = ref.quantize_state(torch.zeros(p.numel()), 1, 4, block)
             lists[2].append(codes)
             lists[3].append(absmax)
             v_colmax.append(torch.empty(0))
@@ -130,11 +131,11 @@ def _clone(xs):
     return [x.clone() for x in xs]
 
 
-def _run(backend, shapes, dtype, writeback, rule, steps=3, grads_fn=None, seed=0):
+def _run(backend, shapes, dtype, writeback, rule, steps=3, grads_fn=None, seed=0, block=0):
     """`steps` fused steps on `backend` and on the reference from the same start; everything
     compared bit for bit after each. Returns the backend's (params, lists, v_cols, v_colmax)."""
     scalars, kw = RULES[rule]
-    params, lists, v_cols, v_colmax = _make(shapes, dtype, writeback, seed)
+    params, lists, v_cols, v_colmax = _make(shapes, dtype, writeback, seed, block)
     twins, twin_lists, twin_colmax = _clone(params), [_clone(x) for x in lists], _clone(v_colmax)
     gen = torch.Generator().manual_seed(seed + 1)
     for step in range(1, steps + 1):
@@ -147,9 +148,9 @@ def _run(backend, shapes, dtype, writeback, rule, steps=3, grads_fn=None, seed=0
                 if writeback == "stochastic" else [])
         sc = scalars(step)
         flags = ref.step_flags("adam", sc, **kw)
-        ops.optim_step(params, grads, *lists, keys, "adam", 4, 0, sc, flags, writeback, backend,
-                       v_cols, v_colmax)
-        ops.optim_step(twins, grads, *twin_lists, keys, "adam", 4, 0, sc, flags, writeback,
+        ops.optim_step(params, grads, *lists, keys, "adam", 4, block, sc, flags, writeback,
+                       backend, v_cols, v_colmax)
+        ops.optim_step(twins, grads, *twin_lists, keys, "adam", 4, block, sc, flags, writeback,
                        "reference", v_cols, twin_colmax)
         for a, b in zip(params, twins):
             assert _same(a, b), ("param", step)
@@ -182,6 +183,14 @@ def test_kernels_equal_reference_low_precision_params(backend, dtype, writeback,
     # coupled decay makes the prepass read the parameter (and the kahan compensation)
     shapes = [(37, 129), (5, 3, 33), (5000,), (1, 5000)]
     _run(backend, shapes, dtype, writeback, rule)
+
+
+@pytest.mark.parametrize("backend", kernel_backend_params())
+@pytest.mark.parametrize("block", [32, 4096])
+def test_other_block_sizes(backend, block):
+    # m's block size sets the step's work units, which rank-1 rows cross at any offset
+    _run(backend, [(37, 129), (3, 4099), (5000,)], torch.float32, "f32", "adam_l2", steps=2,
+         block=block)
 
 
 @pytest.mark.parametrize("backend", kernel_backend_params())
