@@ -18,7 +18,9 @@ struct OptCall {
 
 // Lists of the states a rule does not have (and absmax lists for 32-bit states, comps unless
 // kahan, keys unless stochastic) are empty; every other list has one entry per tensor.
-// clip_table: fp32 [n, 4] rows (ClipTensor) or 0; clipped: int64 [n] counters or 0.
+// clip_table: fp32 [n, 4] rows (ClipTensor) or 0; clipped: int64 [n] counters or 0. v_cols,
+// s2_colmax and v_scratch (rank-1 second states, optim_args.h) are all empty when every tensor's
+// second state is block-wise; otherwise one entry per tensor (0 / null for block-wise ones).
 inline void optim_call(OptCall& c, int kind, const std::vector<uintptr_t>& p,
                        const std::vector<uintptr_t>& g, const std::vector<int64_t>& numel,
                        const std::vector<uintptr_t>& s1, const std::vector<uintptr_t>& s1_absmax,
@@ -27,7 +29,9 @@ inline void optim_call(OptCall& c, int kind, const std::vector<uintptr_t>& p,
                        int state_bits, int block, uintptr_t code1, uintptr_t mids1,
                        uintptr_t code2, uintptr_t mids2, int ncode, int dtype, int writeback,
                        const std::vector<double>& scalars, int flags, uintptr_t clip_table,
-                       uintptr_t clipped) {
+                       uintptr_t clipped, const std::vector<int64_t>& v_cols,
+                       const std::vector<uintptr_t>& s2_colmax,
+                       const std::vector<uintptr_t>& v_scratch) {
   const size_t n = p.size();
   const int nstates = s2.empty() ? (s1.empty() ? 0 : 1) : 2;
   const bool quantized = state_bits != 32;
@@ -50,6 +54,21 @@ inline void optim_call(OptCall& c, int kind, const std::vector<uintptr_t>& p,
     throw std::invalid_argument("optim_step: params must be fp32, bf16 or fp16");
   if ((dtype == kF32) != (writeback == kWbF32))
     throw std::invalid_argument("optim_step: fp32 params take writeback f32, others not");
+  if (!fits(v_cols.size(), false) || s2_colmax.size() != v_cols.size() ||
+      v_scratch.size() != v_cols.size())
+    throw std::invalid_argument("optim_step: rank-1 lists of inconsistent lengths");
+  for (size_t i = 0; i < v_cols.size(); ++i) {
+    if (v_cols[i] == 0) continue;
+    if (kind != kAdam || state_bits != 4 || nstates != 2)
+      throw std::invalid_argument("optim_step: rank-1 second states need Adam with 4-bit states");
+    // the rank-1 prepass computes the new v without the clipping steps (adam_new_v)
+    if (flags & kAnyClip)
+      throw std::invalid_argument(
+          "optim_step: rank-1 second states do not support the clip flags yet");
+    if (v_cols[i] < 0 || numel[i] % v_cols[i] != 0 || s2_colmax[i] == 0 || v_scratch[i] == 0)
+      throw std::invalid_argument(
+          "optim_step: a rank-1 tensor needs numel divisible by v_cols, column maxima and scratch");
+  }
   auto at = [](const std::vector<uintptr_t>& v, size_t i) {
     return i < v.size() ? reinterpret_cast<void*>(v[i]) : nullptr;
   };
@@ -64,7 +83,10 @@ inline void optim_call(OptCall& c, int kind, const std::vector<uintptr_t>& p,
                              writeback == kWbStochastic ? keys[i] : 0,
                              clip_table ? reinterpret_cast<const ClipTensor*>(clip_table) + i
                                         : nullptr,
-                             clipped ? reinterpret_cast<int64_t*>(clipped) + i : nullptr};
+                             clipped ? reinterpret_cast<int64_t*>(clipped) + i : nullptr,
+                             i < v_cols.size() ? v_cols[i] : 0,
+                             i < v_cols.size() ? (float*)at(s2_colmax, i) : nullptr,
+                             i < v_cols.size() ? (float*)at(v_scratch, i) : nullptr};
     if (numel[i] < 0) throw std::invalid_argument("optim_step: negative element count");
   }
   OptArgs& a = c.args;

@@ -272,3 +272,8 @@ def test_telemetry():
     assert info["clipped"][3] == params[3].numel() and info["clipped"][0] >= 1
     assert all(isinstance(v, torch.Tensor) for k, v in info.items()
                if k in ("grad_norm", "tensor_norms", "scale", "clipped"))
+
+
+def test_rank1_second_moments_refuse_clipping():
+    with pytest.raises(ValueError, match="rank1"):
+        lo.AdamW4bit(_params(), clip=clip.NormClip(1.0), second_moment_norm="rank1")

@@ -30,6 +30,19 @@ for dt in (torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2
     a = lowbit.stochastic_round(x, dt, seed=5, offset=11, backend="cpu")
     b = lowbit.stochastic_round(x, dt, seed=5, offset=11, backend="reference")
     assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), dt
+# the rank-1 second moment's prepass and step (odd row lengths: rows start on either nibble)
+import lowbit.optim as lo
+def rank1_run(backend):
+    torch.manual_seed(1)
+    ps = [torch.nn.Parameter(torch.randn(s)) for s in ((37, 129), (1100, 5))]
+    opt = lo.Adam4bit(ps, weight_decay=0.1, second_moment_norm="rank1", backend=backend)
+    for _ in range(3):
+        for p in ps:
+            p.grad = torch.randn(p.shape)
+        opt.step()
+    return [t for p in ps for t in (p, *opt.state[p].values())]
+for a, b in zip(rank1_run("cpu"), rank1_run("reference")):
+    assert torch.equal(a, b)
 print("ok")
 """
 

@@ -44,6 +44,15 @@ def test_block_reduce_every_thread_gets_the_result(nthreads):
     assert set(out[2::3]) == {nthreads}   # second reduction reusing the same scratch
 
 
+@pytest.mark.parametrize("nthreads, nblocks", [(32, 1), (256, 3), (1024, 2)])
+def test_atomic_max_on_shared_and_global_memory(nthreads, nblocks):
+    out = sim.sim_selftest_atomic_max(nthreads, nblocks)
+    assert out[:nblocks] == [nthreads] * nblocks          # each block's shared maximum
+    assert out[nblocks] == nthreads + 10000 * (nblocks - 1)  # over every block
+    # atomicMax returns the previous value: with more than one thread some call sees a larger one
+    assert out[nblocks + 1] == (nblocks if nthreads > 1 else 0)
+
+
 @pytest.mark.parametrize("which, message", [
     (0, "divergent barrier"),
     (1, r"__syncthreads\(\) at .* never arrive"),

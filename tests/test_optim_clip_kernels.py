@@ -62,9 +62,9 @@ def _run(backend, case, state_bits, dtype, writeback, sizes=SIZES, steps=4):
         # (at step 1, v = 0: the floor decides the clip)
         table = _clip_table(len(sizes), step)
         ops.optim_step(params, grads, *states, keys, kind, state_bits, 0, sc, flags, writeback,
-                       backend, table, counts)
+                       backend, [], [], table, counts)
         ops.optim_step(twins, grads, *twin_states, keys, kind, state_bits, 0, sc, flags,
-                       writeback, "reference", table, twin_counts)
+                       writeback, "reference", [], [], table, twin_counts)
         for a, b in zip(params, twins):
             assert _same(a, b), (case, step)
         for got, want in zip(states, twin_states):

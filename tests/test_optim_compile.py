@@ -16,7 +16,8 @@ def test_fused_update_compiles_fullgraph_and_equals_eager():
 
     def update(ps, gs, m, v):
         stats = ops.grad_stats(gs, "cpu")
-        ops.optim_step(ps, gs, m, [], v, [], [], [], "adam", 32, 0, sc, flags, "f32", "cpu")
+        ops.optim_step(ps, gs, m, [], v, [], [], [], "adam", 32, 0, sc, flags, "f32", "cpu", [],
+                       [])
         return stats
 
     def state():
@@ -29,6 +30,34 @@ def test_fused_update_compiles_fullgraph_and_equals_eager():
     sc_ = torch.compile(update, fullgraph=True, backend="eager")(pc, grads, mc, vc)
     assert torch.equal(se, sc_)
     for a, b in zip(pe + me + ve, pc + mc + vc):
+        assert torch.equal(a, b)
+
+
+def test_rank1_update_compiles_fullgraph_and_equals_eager():
+    # the rank-1 lists (v_cols, and v_colmax, mutated in place like absmax2) through dynamo
+    torch._dynamo.reset()
+    params = [torch.randn(37, 129), torch.randn(5000)]
+    grads = [torch.randn_like(p) for p in params]
+    sc = ref.adam_scalars(1e-3, 0.9, 0.999, 1e-8, 1e-2, 1)
+    flags = ref.step_flags("adam", sc)
+
+    def update(ps, gs, states, v_colmax):
+        ops.optim_step(ps, gs, *states, [], [], "adam", 4, 0, sc, flags, "f32", "cpu", [129, 0],
+                       v_colmax)
+
+    def state():
+        m = [ref.quantize_state(torch.zeros(p.numel()), 0, 4) for p in params]
+        v0 = ref.quantize_state_rank1(torch.zeros(params[0].numel()), 129)
+        v1 = ref.quantize_state(torch.zeros(params[1].numel()), 1, 4)
+        states = [[x[0] for x in m], [x[1] for x in m], [v0[0], v1[0]], [v0[1], v1[1]]]
+        return [p.clone() for p in params], states, [v0[2], torch.empty(0)]
+
+    pe, se, ce = state()
+    update(pe, grads, se, ce)
+    pc, sc_, cc = state()
+    torch.compile(update, fullgraph=True, backend="eager")(pc, grads, sc_, cc)
+    assert ce[0].abs().sum() > 0
+    for a, b in zip(pe + sum(se, []) + ce, pc + sum(sc_, []) + cc):
         assert torch.equal(a, b)
 
 

@@ -79,9 +79,9 @@ def _run(backend, rule, state_bits, dtype, writeback, sizes=SIZES, steps=4, seed
         sc = scalars(step)
         flags = ref.step_flags(kind, sc, first_step=step == 1, **kw)
         ops.optim_step(params, grads, *states, keys, kind, state_bits, block, sc, flags,
-                       writeback, backend)
+                       writeback, backend, [], [])
         ops.optim_step(twins, grads, *twin_states, keys, kind, state_bits, block, sc, flags,
-                       writeback, "reference")
+                       writeback, "reference", [], [])
         for a, b in zip(params, twins):
             assert _same(a, b), (rule, step)
         for got, want in zip(states, twin_states):

@@ -31,6 +31,7 @@ def _variants():
     """(label, kernel name, signature, constexprs, options) for each kernel variant to compile.
 
     Runtime ints are typed as the wrappers' int64 path (n > 2**31, large seeds and offsets)."""
+    from lowbit.reference import clip as clip_ref
     from lowbit.reference import optim as ref
     from lowbit.triton_kernels._common import FORMATS, KINDS
 
@@ -86,7 +87,17 @@ def _variants():
         ("sgd", 0, 32, SMALL, torch.float16, "kahan", ref.NO_MOMENTUM),
         ("adam", 2, 4, (128, 16), torch.bfloat16, "stochastic", ref.DECAY),
     ]
-    for kind, nstates, bits, (block, rows), dtype, writeback, flags in optim:
+    # (the last two again with rank-1 second states: per-element scales from row/column maxima)
+    rank1 = {len(optim) - 1, len(optim) - 6}
+    optim += [optim[i] for i in sorted(rank1)]
+    # and two with every clipping step (lowbit.clip): 8-bit Adam with the spike clip (its square
+    # root), and Lion
+    clipping = ref.CLIP_FLAGS | ref.SPIKE_CLIP
+    clipped = [("adam", 2, 8, SMALL, torch.bfloat16, "stochastic", ref.DECAY | clipping),
+               ("lion", 1, 32, SMALL, torch.float32, "f32", ref.DECAY | ref.CLIP_FLAGS)]
+    first_clipped = len(optim)
+    optim += clipped
+    for number, (kind, nstates, bits, (block, rows), dtype, writeback, flags) in enumerate(optim):
         sig = {"work_ptr": "*i64", "tab_ptr": "*i64", "sc_ptr": "*fp32", "code1_ptr": "*fp32",
                "mids1_ptr": "*fp32", "code2_ptr": "*fp32", "mids2_ptr": "*fp32"}
         fmt = FORMATS.get(dtype, (0, 0, 0, 0, 0, 0, False))[1:]
@@ -99,10 +110,31 @@ def _variants():
                      **{name: bool(flags & bit) for name, bit in (
                          ("MAXIMIZE", ref.MAXIMIZE), ("DECAY", ref.DECAY), ("L2", ref.L2),
                          ("NESTEROV", ref.NESTEROV), ("FIRST_STEP", ref.FIRST_STEP),
-                         ("NO_MOMENTUM", ref.NO_MOMENTUM))})
+                         ("NO_MOMENTUM", ref.NO_MOMENTUM))},
+                     RANK1=first_clipped - len(rank1) <= number < first_clipped,
+                     **{name: bool(flags & bit) for name, bit in (
+                         ("VALUE_CLIP", clip_ref.VALUE_CLIP),
+                         ("TENSOR_SCALE", clip_ref.TENSOR_SCALE),
+                         ("ADA_CLIP", clip_ref.ADA_CLIP), ("NORM_SCALE", clip_ref.NORM_SCALE),
+                         ("SPIKE_CLIP", ref.SPIKE_CLIP), ("RESET", ref.RESET),
+                         ("DECAY_AFTER", ref.DECAY_AFTER))},
+                     HAS_CLIP_ROW=bool(flags & (clip_ref.TENSOR_SCALE | clip_ref.ADA_CLIP
+                                                | clip_ref.NORM_SCALE)),
+                     COUNT=number >= first_clipped)
         out.append((f"optim {kind} state_bits={bits} {dtype} {writeback} flags={flags} "
-                    f"block={block} rows={rows}", "optim._optim_kernel", sig, const,
-                    kind == "adam" or bits != 32))
+                    f"block={block} rows={rows} rank1={const['RANK1']}", "optim._optim_kernel",
+                    sig, const, kind == "adam" or bits != 32))
+    # the rank-1 prepass (no division: it only decodes, computes v and takes maxima)
+    for dtype, writeback, flags, (tr, tc) in (
+            (torch.float32, "f32", ref.DECAY, (2, 64)),
+            (torch.bfloat16, "kahan", ref.L2 | ref.MAXIMIZE, (2, 64)),
+            (torch.bfloat16, "stochastic", ref.DECAY, (8, 256))):
+        sig = {"work_ptr": "*i64", "tab_ptr": "*i64", "sc_ptr": "*fp32", "code2_ptr": "*fp32"}
+        const = dict(P_KIND=KINDS[dtype], WRITEBACK=ref.WRITEBACK[writeback],
+                     NEED_P=bool(flags & ref.L2), MAXIMIZE=bool(flags & ref.MAXIMIZE),
+                     DECAY=bool(flags & ref.DECAY), L2=bool(flags & ref.L2), TR=tr, TC=tc)
+        out.append((f"rank1 maxima {dtype} {writeback} flags={flags} tile={tr}x{tc}",
+                    "optim._rank1_maxima_kernel", sig, const, False))
     return out
 
 
@@ -132,7 +164,7 @@ def _worker(cc: int) -> None:
             "div_rn": ptx.count("div.rn.f32"), "div_full": ptx.count("div.full.f32"),
             "div_approx": ptx.count("div.approx"), "fma": ptx.count("fma.rn.f32"),
             # only Adam takes a square root
-            "sqrt": name.startswith("optim.") and const["KIND"] == 0,
+            "sqrt": name == "optim._optim_kernel" and const["KIND"] == 0,
             "sqrt_rn": ptx.count("sqrt.rn.f32"),
             "sqrt_approx": ptx.count("sqrt.approx"),
             "target": f".target sm_{cc}" in ptx}), flush=True)

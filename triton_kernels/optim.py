@@ -3,7 +3,8 @@ lowbit.reference.optim.fused_step; per-element math: csrc/include/lowbit/optim_m
 
 One launch per call updates every tensor of a parameter group: the host builds a pointer table
 (int64 addresses of param, grad, state1, absmax1, state2, absmax2, kahan compensation, the
-stochastic-rounding key and the element count of each tensor) and a work table of (tensor, first
+stochastic-rounding key and the element count of each tensor, its rank-1 fields, its clip row and
+its clipped-element counter) and a work table of (tensor, first
 block) items; program w loads item w, casts the addresses back to typed pointers and updates ROWS
 consecutive blocks of that tensor as a [ROWS, BLOCK] tile. Checked: the int64 -> pointer cast
 works under TRITON_INTERPRET=1 and compiles for sm_80/sm_90 (tests/test_triton_aot.py).
@@ -17,6 +18,13 @@ requantized against the absmax of the new values with nearest rounding, exactly 
 triton_kernels/quant.py does. The rule and its flags (maximize, decay, L2, Nesterov, first step,
 no momentum) are constexprs decided on the host, so "p * 1" and "g + 0 * p" are never evaluated
 (they are not identities for -0, inf and NaN) and each variant carries only its own ops.
+
+Rank-1 second states (4-bit Adam, per tensor v_cols = C > 0; lowbit/rank1.h) scale each element
+of the [numel // C, C] view by min(row maximum, column maximum) of the NEW v. A call with such
+tensors first runs _rank1_maxima_kernel over them (tiles of the matrix; the new v of every
+element, whose |bits| go into zeroed scratch with tl.atomic_max per row and column, exact for
+non-negative floats), then the step (RANK1: old codes decoded with the state's maxima, new codes
+against the scratch's), then copies the new maxima into the state.
 """
 import torch
 import triton
@@ -40,9 +48,39 @@ def _sign(c):
 
 
 @triton.jit
+def _negate(g, MAXIMIZE: tl.constexpr):
+    if MAXIMIZE:
+        g = _neg(g)
+    return g
+
+
+@triton.jit
 def _neg(x):
     # flip the sign bit: Triton's -x is 0 - x, which gives +0 for x = +0
     return (x.to(tl.uint32, bitcast=True) ^ 0x80000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _adam_decay(x, g, sc_ptr, DECAY: tl.constexpr, L2: tl.constexpr):
+    """adam_decay of optim_math.h: decoupled decay of x, then the L2 term (of the decayed x)."""
+    if DECAY:
+        x = x * tl.load(sc_ptr + 0)
+    if L2:
+        g = g + tl.load(sc_ptr + 1) * x
+    return x, g
+
+
+@triton.jit
+def _adam_second_moment(s2, g, sc_ptr):
+    return s2 * tl.load(sc_ptr + 3) + tl.load(sc_ptr + 4) * (g * g)
+
+
+@triton.jit
+def _adam_new_v(x, g, s2, sc_ptr, MAXIMIZE: tl.constexpr, DECAY: tl.constexpr,
+                L2: tl.constexpr):
+    """adam_new_v of optim_math.h: the new second moment alone (the rank-1 prepass)."""
+    x, g = _adam_decay(x, _negate(g, MAXIMIZE), sc_ptr, DECAY, L2)
+    return _adam_second_moment(s2, g, sc_ptr)
 
 
 @triton.jit
@@ -75,9 +113,8 @@ def _update(x, g, s1, s2, sc_ptr, ct_ptr, KIND: tl.constexpr, MAXIMIZE: tl.const
             TENSOR_SCALE: tl.constexpr, ADA_CLIP: tl.constexpr, NORM_SCALE: tl.constexpr,
             SPIKE_CLIP: tl.constexpr, RESET: tl.constexpr, DECAY_AFTER: tl.constexpr):
     """update_rule of optim_math.h: the new (x, s1, s2) and the clipped mask. Scalars
-    sc_ptr[0..9] as there; ct_ptr: the tensor's clip row."""
-    if MAXIMIZE:
-        g = _neg(g)
+    sc_ptr[0..10] as there; ct_ptr: the tensor's clip row."""
+    g = _negate(g, MAXIMIZE)
     g, clipped = _clip_transform(g, ct_ptr, sc_ptr, VALUE_CLIP, TENSOR_SCALE, ADA_CLIP,
                                  NORM_SCALE)
     s2_loaded = s2
@@ -97,7 +134,7 @@ def _update(x, g, s1, s2, sc_ptr, ct_ptr, KIND: tl.constexpr, MAXIMIZE: tl.const
             g = tl.where(over, tl.where(g < 0.0, _neg(root), root), g)
             clipped = clipped | over
         s1 = s1 + tl.load(sc_ptr + 2) * (g - s1)
-        s2 = s2 * tl.load(sc_ptr + 3) + tl.load(sc_ptr + 4) * (g * g)
+        s2 = _adam_second_moment(s2, g, sc_ptr)
         d = tl.math.sqrt_rn(s2) + tl.load(sc_ptr + 5)
         x = x - tl.load(sc_ptr + 6) * tl.math.div_rn(s1, d)
     elif KIND == 1:  # Lion: decay, b1, a1, b2, a2, lr
@@ -160,15 +197,22 @@ def _store_param(x, p_ptr, comp_ptr, idx, msk, key, P_KIND: tl.constexpr, WRITEB
 
 
 @triton.jit
-def _load_state(addr, abs_addr, code_ptr, rows, row_ok, idx, msk, bidx, m_e,
-                STATE_BITS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """The fp32 values of one state over the tile (dequantized for 8/4 bits)."""
+def _load_state(addr, abs_addr, code_ptr, rows, row_ok, idx, msk, bidx, m_e, r1_scale, is_r1,
+                STATE_BITS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                RANK1: tl.constexpr):
+    """The fp32 values of one state over the tile (dequantized for 8/4 bits). RANK1: where is_r1
+    (the tensor's second state is rank-1), each element's scale is r1_scale instead of its
+    block's absmax (whose array then holds row maxima, so it is not read)."""
     if STATE_BITS == 32:
         return tl.load(addr.to(tl.pointer_type(tl.float32)) + idx, mask=msk, other=0.0)
     else:
         codes_ptr = addr.to(tl.pointer_type(tl.uint8))
+        if RANK1:
+            row_ok = tl.where(is_r1, False, row_ok)
         am = tl.load(abs_addr.to(tl.pointer_type(tl.float32)) + rows, mask=row_ok,
                      other=0.0)[:, None]
+        if RANK1:
+            am = tl.where(is_r1, r1_scale, am)
         if STATE_BITS == 8:
             c = tl.load(codes_ptr + idx, mask=msk, other=0).to(tl.int32)
         else:
@@ -182,24 +226,63 @@ def _load_state(addr, abs_addr, code_ptr, rows, row_ok, idx, msk, bidx, m_e,
 
 @triton.jit
 def _store_state(s, addr, abs_addr, code_ptr, mids_ptr, rows, row_ok, idx, msk, bidx, m_e,
-                 STATE_BITS: tl.constexpr, NCODE: tl.constexpr, ROWS: tl.constexpr,
-                 BLOCK: tl.constexpr):
+                 r1_inv, is_r1, STATE_BITS: tl.constexpr, NCODE: tl.constexpr,
+                 ROWS: tl.constexpr, BLOCK: tl.constexpr, RANK1: tl.constexpr):
     """Store one state's new fp32 values: as is, or requantized per block (absmax of the new
-    values over the valid elements, NaN winning, as quant.h; nearest codes)."""
+    values over the valid elements, NaN winning, as quant.h; nearest codes). RANK1: where is_r1,
+    each element is scaled by r1_inv (the unit scale of its new rank-1 maxima) and no absmax is
+    written (the host moves the new maxima into the state after the step)."""
     if STATE_BITS == 32:
         tl.store(addr.to(tl.pointer_type(tl.float32)) + idx, s, mask=msk)
     else:
         codes_ptr = addr.to(tl.pointer_type(tl.uint8))
         bits = tl.where(msk, s.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 0)
         am = tl.max(bits, axis=1).to(tl.float32, bitcast=True)
+        inv = _unit_scale(am)[:, None]
+        if RANK1:
+            row_ok = tl.where(is_r1, False, row_ok)
+            inv = tl.where(is_r1, r1_inv, inv)
         tl.store(abs_addr.to(tl.pointer_type(tl.float32)) + rows, am, mask=row_ok)
-        c = code_index(s * _unit_scale(am)[:, None], code_ptr, mids_ptr, NCODE, False, 0)
+        c = code_index(s * inv, code_ptr, mids_ptr, NCODE, False, 0)
         if STATE_BITS == 8:
             tl.store(codes_ptr + idx, c.to(tl.uint8), mask=msk)
         else:
             # back to (even, odd) pairs; an odd tail leaves its low nibble 0
             c_e, c_o = tl.split(tl.reshape(tl.where(msk, c, 0), (ROWS, BLOCK // 2, 2)))
             tl.store(codes_ptr + bidx, ((c_e << 4) | c_o).to(tl.uint8), mask=m_e)
+
+
+# Pointer table row (int64 each): p, g, s1, s1_absmax, s2, s2_absmax, comp, key, n, then the
+# rank-1 fields v_cols (0: block-wise), column maxima, scratch (R new row maxima, C new column
+# maxima; both addresses are s2_absmax's for block-wise tensors, never read through), then the
+# tensor's clip row (s, thr, r, k) and its int64 clipped-element counter (0 when unused).
+TAB_COLS = tl.constexpr(14)
+
+
+@triton.jit
+def _as_bits_ptr(addr):
+    return addr.to(tl.pointer_type(tl.int32))
+
+
+@triton.jit
+def _rank1_scales(row, n, idx, msk):
+    """(is_r1, old scales, unit scales of the new maxima) of the tile's elements, from the table
+    row of a tensor whose second state may be rank-1: per element min(row max, col max) on the
+    bit patterns (rank1_scale), the old from the state, the new from the scratch."""
+    vcols = tl.load(row + 9)
+    is_r1 = vcols > 0
+    cols = tl.where(is_r1, vcols, 1)
+    nrows = n // cols
+    r = idx // cols
+    c = idx - r * cols
+    m = msk & is_r1
+    old_r = _as_bits_ptr(tl.load(row + 5))
+    old_c = _as_bits_ptr(tl.load(row + 10))
+    fresh = _as_bits_ptr(tl.load(row + 11))
+    old = tl.minimum(tl.load(old_r + r, mask=m, other=0), tl.load(old_c + c, mask=m, other=0))
+    new = tl.minimum(tl.load(fresh + r, mask=m, other=0),
+                     tl.load(fresh + nrows + c, mask=m, other=0))
+    return is_r1, old.to(tl.float32, bitcast=True), _unit_scale(new.to(tl.float32, bitcast=True))
 
 
 @triton.jit
@@ -210,16 +293,14 @@ def _optim_kernel(work_ptr, tab_ptr, sc_ptr, code1_ptr, mids1_ptr, code2_ptr, mi
                   EMIN: tl.constexpr, MAX_FINITE: tl.constexpr, OVERFLOW: tl.constexpr,
                   NAN: tl.constexpr, NAN_KEEPS_SIGN: tl.constexpr, MAXIMIZE: tl.constexpr,
                   DECAY: tl.constexpr, L2: tl.constexpr, NESTEROV: tl.constexpr,
-                  FIRST_STEP: tl.constexpr, NO_MOMENTUM: tl.constexpr, VALUE_CLIP: tl.constexpr,
-                  TENSOR_SCALE: tl.constexpr, ADA_CLIP: tl.constexpr, NORM_SCALE: tl.constexpr,
-                  SPIKE_CLIP: tl.constexpr, RESET: tl.constexpr, DECAY_AFTER: tl.constexpr,
-                  HAS_CLIP_ROW: tl.constexpr, COUNT: tl.constexpr):
+                  FIRST_STEP: tl.constexpr, NO_MOMENTUM: tl.constexpr, RANK1: tl.constexpr,
+                  VALUE_CLIP: tl.constexpr, TENSOR_SCALE: tl.constexpr, ADA_CLIP: tl.constexpr,
+                  NORM_SCALE: tl.constexpr, SPIKE_CLIP: tl.constexpr, RESET: tl.constexpr,
+                  DECAY_AFTER: tl.constexpr, HAS_CLIP_ROW: tl.constexpr, COUNT: tl.constexpr):
     w = tl.program_id(0).to(tl.int64)
     t = tl.load(work_ptr + 2 * w)
     b0 = tl.load(work_ptr + 2 * w + 1)
-    # pointer table row: p, g, s1, s1_absmax, s2, s2_absmax, comp, key, n, clip row, clipped
-    # counter (int64 each)
-    row = tab_ptr + t * 11
+    row = tab_ptr + t * TAB_COLS
     p_ptr = _as_param_ptr(tl.load(row + 0), P_KIND)
     g_ptr = _as_param_ptr(tl.load(row + 1), P_KIND)
     n = tl.load(row + 8)
@@ -241,35 +322,83 @@ def _optim_kernel(work_ptr, tab_ptr, sc_ptr, code1_ptr, mids1_ptr, code2_ptr, mi
     g = load_as_f32(g_ptr, idx, msk, P_KIND)
     s1 = 0.0  # placeholders for the states a rule does not have
     s2 = 0.0
+    is_r1 = False  # and for the rank-1 fields of calls without rank-1 tensors
+    r1_old = 0.0
+    r1_inv = 0.0
+    if RANK1:
+        is_r1, r1_old, r1_inv = _rank1_scales(row, n, idx, msk)
     if NSTATES >= 1:
         s1_addr = tl.load(row + 2)
         s1_abs = tl.load(row + 3)
-        s1 = _load_state(s1_addr, s1_abs, code1_ptr, rows, row_ok, idx, msk, bidx, m_e,
-                         STATE_BITS, ROWS, BLOCK)
+        s1 = _load_state(s1_addr, s1_abs, code1_ptr, rows, row_ok, idx, msk, bidx, m_e, 0.0,
+                         False, STATE_BITS, ROWS, BLOCK, False)
     if NSTATES >= 2:
         s2_addr = tl.load(row + 4)
         s2_abs = tl.load(row + 5)
-        s2 = _load_state(s2_addr, s2_abs, code2_ptr, rows, row_ok, idx, msk, bidx, m_e,
-                         STATE_BITS, ROWS, BLOCK)
+        s2 = _load_state(s2_addr, s2_abs, code2_ptr, rows, row_ok, idx, msk, bidx, m_e, r1_old,
+                         is_r1, STATE_BITS, ROWS, BLOCK, RANK1)
 
     ct_ptr = sc_ptr  # placeholder: read only with the per-tensor clip flags
     if HAS_CLIP_ROW:
-        ct_ptr = tl.load(row + 9).to(tl.pointer_type(tl.float32))
+        ct_ptr = tl.load(row + 12).to(tl.pointer_type(tl.float32))
     x, s1, s2, clipped = _update(x, g, s1, s2, sc_ptr, ct_ptr, KIND, MAXIMIZE, DECAY, L2,
                                  NESTEROV, FIRST_STEP, NO_MOMENTUM, VALUE_CLIP, TENSOR_SCALE,
                                  ADA_CLIP, NORM_SCALE, SPIKE_CLIP, RESET, DECAY_AFTER)
     if COUNT:
         count = tl.sum(tl.sum((clipped & msk).to(tl.int64), axis=1), axis=0)
-        tl.atomic_add(tl.load(row + 10).to(tl.pointer_type(tl.int64)), count)
+        tl.atomic_add(tl.load(row + 13).to(tl.pointer_type(tl.int64)), count)
 
     _store_param(x, p_ptr, comp_ptr, idx, msk, tl.load(row + 7), P_KIND, WRITEBACK, MBITS, EMIN,
                  MAX_FINITE, OVERFLOW, NAN, NAN_KEEPS_SIGN)
     if NSTATES >= 1:
         _store_state(s1, s1_addr, s1_abs, code1_ptr, mids1_ptr, rows, row_ok, idx, msk, bidx,
-                     m_e, STATE_BITS, NCODE, ROWS, BLOCK)
+                     m_e, 0.0, False, STATE_BITS, NCODE, ROWS, BLOCK, False)
     if NSTATES >= 2:
         _store_state(s2, s2_addr, s2_abs, code2_ptr, mids2_ptr, rows, row_ok, idx, msk, bidx,
-                     m_e, STATE_BITS, NCODE, ROWS, BLOCK)
+                     m_e, r1_inv, is_r1, STATE_BITS, NCODE, ROWS, BLOCK, RANK1)
+
+
+@triton.jit
+def _rank1_maxima_kernel(work_ptr, tab_ptr, sc_ptr, code2_ptr, P_KIND: tl.constexpr,
+                         WRITEBACK: tl.constexpr, NEED_P: tl.constexpr, MAXIMIZE: tl.constexpr,
+                         DECAY: tl.constexpr, L2: tl.constexpr, TR: tl.constexpr,
+                         TC: tl.constexpr):
+    """The rank-1 prepass: program w takes work item (tensor, row tile, column tile) and the
+    [TR, TC] tile of that tensor's matrix there; the new v of each element (old code decoded with
+    the state's maxima, then _adam_new_v), and the tile's maxima of |bits| per row and per column
+    into the zeroed scratch by atomic max (non-negative int32 patterns: the float max, exact and
+    order-free). NEED_P: L2 decay reads the parameter (and the compensation for kahan)."""
+    w = tl.program_id(0).to(tl.int64)
+    t = tl.load(work_ptr + 3 * w)
+    rows = tl.load(work_ptr + 3 * w + 1) * TR + tl.arange(0, TR).to(tl.int64)
+    cols = tl.load(work_ptr + 3 * w + 2) * TC + tl.arange(0, TC).to(tl.int64)
+    row = tab_ptr + t * TAB_COLS
+    n = tl.load(row + 8)
+    ncols = tl.load(row + 9)
+    nrows = n // ncols
+    row_ok = rows < nrows
+    col_ok = cols < ncols
+    msk = row_ok[:, None] & col_ok[None, :]
+    k = rows[:, None] * ncols + cols[None, :]
+    codes = tl.load(row + 4).to(tl.pointer_type(tl.uint8))
+    byte = tl.load(codes + (k >> 1), mask=msk, other=0).to(tl.int32)
+    nib = tl.where((k & 1) == 1, byte & 0xF, byte >> 4)     # element 2j: high nibble
+    old_r = tl.load(_as_bits_ptr(tl.load(row + 5)) + rows, mask=row_ok, other=0)
+    old_c = tl.load(_as_bits_ptr(tl.load(row + 10)) + cols, mask=col_ok, other=0)
+    scale = tl.minimum(old_r[:, None], old_c[None, :]).to(tl.float32, bitcast=True)
+    v = _scale_back(tl.load(code2_ptr + nib), scale)
+    x = 0.0
+    if NEED_P:
+        p_ptr = _as_param_ptr(tl.load(row + 0), P_KIND)
+        x = load_as_f32(p_ptr, k, msk, P_KIND)
+        if WRITEBACK == 3:
+            x = x + load_as_f32(_as_param_ptr(tl.load(row + 6), P_KIND), k, msk, P_KIND)
+    g = load_as_f32(_as_param_ptr(tl.load(row + 1), P_KIND), k, msk, P_KIND)
+    v = _adam_new_v(x, g, v, sc_ptr, MAXIMIZE, DECAY, L2)
+    bits = tl.where(msk, v.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 0)
+    fresh = _as_bits_ptr(tl.load(row + 11))
+    tl.atomic_max(fresh + rows, tl.max(bits, axis=1), mask=row_ok)
+    tl.atomic_max(fresh + nrows + cols, tl.max(bits, axis=0), mask=col_ok)
 
 
 def _rows_per_item(nblocks: list, block: int) -> int:
@@ -283,6 +412,19 @@ def _rows_per_item(nblocks: list, block: int) -> int:
                and rows * 2 * block <= INTERP_MAX_TILE):
             rows *= 2
     return rows
+
+
+def _rank1_tile(shapes) -> tuple:
+    """(TR, TC) of the prepass tiles for matrices of these (R, C): TC columns (a power of two
+    covering the widest row, at most 256 on a GPU / 4096 in the interpreter), TR rows for a tile
+    of ~2K elements on a GPU, or as many as fit INTERP_MAX_TILE under the interpreter (whose cost
+    is per program and per op)."""
+    widest = max(c for _, c in shapes)
+    tallest = max(r for r, _ in shapes)
+    tc = min(triton.next_power_of_2(widest), 4096 if interpreting() else 256)
+    budget = INTERP_MAX_TILE if interpreting() else 2048
+    tr = max(1, min(budget // tc, triton.next_power_of_2(tallest)))
+    return tr, tc
 
 
 _tables_cache = {}
@@ -301,8 +443,28 @@ def _tables(state_bits: int, device):
     return _tables_cache[key]
 
 
+def _check_rank1(params, absmax2, v_cols, v_colmax, kind, state_bits, nstates):
+    """The rank-1 lists' rules (as csrc/optim_lists.h checks them)."""
+    if not v_cols:
+        return
+    if len(v_cols) != len(params) or len(v_colmax) != len(params):
+        raise ValueError(f"v_cols and v_colmax need {len(params)} entries (or none), got "
+                         f"{len(v_cols)} and {len(v_colmax)}")
+    for i, (p, cols) in enumerate(zip(params, v_cols)):
+        if not cols:
+            continue
+        if kind != "adam" or state_bits != 4 or nstates != 2:
+            raise ValueError("rank-1 second states need Adam with 4-bit states")
+        n = p.numel()
+        if cols < 0 or n % cols:
+            raise ValueError(f"tensor {i}: {n} elements are not rows of v_cols={cols}")
+        for name, t, want in (("absmax2", absmax2[i], n // cols), ("v_colmax", v_colmax[i], cols)):
+            if t.numel() != want or t.dtype != torch.float32 or not t.is_contiguous():
+                raise ValueError(f"tensor {i}: {name} must be {want} contiguous fp32 maxima")
+
+
 def _check(params, grads, state1, absmax1, state2, absmax2, comps, keys, kind, state_bits,
-           block, scalars, flags, writeback) -> int:
+           block, scalars, flags, writeback, v_cols=(), v_colmax=()) -> int:
     """The contract's argument rules (as csrc/optim_lists.h checks them); returns nstates."""
     if kind not in ref.KINDS:
         raise ValueError(f"kind must be one of {', '.join(ref.KINDS)}, got {kind!r}")
@@ -344,20 +506,23 @@ def _check(params, grads, state1, absmax1, state2, absmax2, comps, keys, kind, s
     for i, p in enumerate(params):
         n = p.numel()
         sizes = [(grads[i], n)] + ([(comps[i], n)] if writeback == "kahan" else [])
-        for st, am in ((state1, absmax1), (state2, absmax2))[:nstates]:
+        for j, (st, am) in enumerate(((state1, absmax1), (state2, absmax2))[:nstates]):
             sizes.append((st[i], (n + 1) // 2 if state_bits == 4 else n))
-            if quantized:
+            if quantized and not (j == 1 and v_cols and v_cols[i]):
                 sizes.append((am[i], triton.cdiv(n, block)))
         if any(t.numel() != want for t, want in sizes):
             raise ValueError(f"tensor {i}: a grad, state, absmax or comp has the wrong size "
                              f"for {n} elements")
+    _check_rank1(params, absmax2, v_cols, v_colmax, kind, state_bits, nstates)
     return nstates
 
 
 def optim_step(params, grads, state1, absmax1, state2, absmax2, comps, keys, kind, state_bits,
-               block_size, scalars, flags, writeback, clip=None, clipped=None) -> None:
+               block_size, scalars, flags, writeback, v_cols=(), v_colmax=(), clip=None,
+               clipped=None) -> None:
     """One fused optimizer step over all tensors (lowbit.ops.optim_step's contract,
-    lowbit.reference.optim.fused_step): everything is written in place, in a single launch."""
+    lowbit.reference.optim.fused_step): everything is written in place, in a single launch (three
+    with rank-1 second states: the prepass, the step, and the copy of the new maxima)."""
     if not params:
         return
     per_tensor = flags & (clip_ref.TENSOR_SCALE | clip_ref.ADA_CLIP | clip_ref.NORM_SCALE)
@@ -365,7 +530,7 @@ def optim_step(params, grads, state1, absmax1, state2, absmax2, comps, keys, kin
         raise ValueError("the per-tensor clip flags need the clip table")
     block = (block_size or ref.STATE_FORMATS[state_bits][2]) if state_bits != 32 else 1
     nstates = _check(params, grads, state1, absmax1, state2, absmax2, comps, keys, kind,
-                     state_bits, block, scalars, flags, writeback)
+                     state_bits, block, scalars, flags, writeback, v_cols, v_colmax)
     device = params[0].device
     quantized = state_bits != 32 and nstates > 0
     if quantized:
@@ -379,15 +544,29 @@ def optim_step(params, grads, state1, absmax1, state2, absmax2, comps, keys, kin
     def addr(lst, i, used):
         return lst[i].data_ptr() if used else 0
 
-    tab, nblocks = [], []
+    # rank-1 tensors: (table row, R, C, offset of their R + C new maxima in the zeroed scratch,
+    # index in params)
+    v_cols = [int(c) for c in v_cols] if v_cols and any(v_cols) else [0] * len(params)
+    rank1, scratch = [], None
+    if any(v_cols):
+        scratch = torch.zeros(sum(p.numel() // c + c for p, c in zip(params, v_cols) if c),
+                              dtype=torch.float32, device=device)
+    tab, nblocks, off = [], [], 0
     for i, p in enumerate(params):
         n = p.numel()
         if n == 0:
             continue
+        s2_abs = addr(absmax2, i, quantized and nstates >= 2)
+        cols, colmax, fresh = v_cols[i], s2_abs, s2_abs
+        if cols:
+            colmax, fresh = v_colmax[i].data_ptr(), scratch.data_ptr() + 4 * off
+            rank1.append((len(tab), n // cols, cols, off, i))
+            off += n // cols + cols
         tab.append([p.data_ptr(), grads[i].data_ptr(),
                     addr(state1, i, nstates >= 1), addr(absmax1, i, quantized),
-                    addr(state2, i, nstates >= 2), addr(absmax2, i, quantized and nstates >= 2),
+                    addr(state2, i, nstates >= 2), s2_abs,
                     addr(comps, i, kahan), int(keys[i]) if stochastic else 0, n,
+                    cols, colmax, fresh,
                     clip[i].data_ptr() if clip is not None else 0,
                     clipped[i].data_ptr() if clipped is not None else 0])
         nblocks.append(triton.cdiv(n, block))
@@ -403,6 +582,8 @@ def optim_step(params, grads, state1, absmax1, state2, absmax2, comps, keys, kin
     fmt = FORMATS[params[0].dtype][1:] if p_kind else (0, 0, 0, 0, 0, False)
     mbits, emin, max_finite, overflow, nan, nan_sign = fmt
     num_warps = 8 if rows * block >= 4096 else 4
+    if rank1:
+        _rank1_prepass(rank1, tab_t, sc_t, code_tabs[2], p_kind, writeback, flags)
     with quiet_fp_warnings():
         _optim_kernel[(len(work),)](
             work_t, tab_t, sc_t, *code_tabs, KIND=ref.KINDS[kind], NSTATES=nstates,
@@ -412,9 +593,28 @@ def optim_step(params, grads, state1, absmax1, state2, absmax2, comps, keys, kin
             MAXIMIZE=bool(flags & ref.MAXIMIZE), DECAY=bool(flags & ref.DECAY),
             L2=bool(flags & ref.L2), NESTEROV=bool(flags & ref.NESTEROV),
             FIRST_STEP=bool(flags & ref.FIRST_STEP), NO_MOMENTUM=bool(flags & ref.NO_MOMENTUM),
-            VALUE_CLIP=bool(flags & clip_ref.VALUE_CLIP),
+            RANK1=bool(rank1), VALUE_CLIP=bool(flags & clip_ref.VALUE_CLIP),
             TENSOR_SCALE=bool(flags & clip_ref.TENSOR_SCALE),
             ADA_CLIP=bool(flags & clip_ref.ADA_CLIP), NORM_SCALE=bool(flags & clip_ref.NORM_SCALE),
             SPIKE_CLIP=bool(flags & ref.SPIKE_CLIP), RESET=bool(flags & ref.RESET),
             DECAY_AFTER=bool(flags & ref.DECAY_AFTER), HAS_CLIP_ROW=bool(per_tensor),
             COUNT=clipped is not None, num_warps=num_warps, **LAUNCH_OPTS)
+    # the step decoded with the old maxima to the end: now the new ones replace them
+    for _, nrows, cols, off, i in rank1:
+        absmax2[i].copy_(scratch[off:off + nrows])
+        v_colmax[i].copy_(scratch[off + nrows:off + nrows + cols])
+
+
+def _rank1_prepass(rank1, tab_t, sc_t, code2, p_kind, writeback, flags) -> None:
+    """The new row / column maxima of every rank-1 tensor into its zeroed scratch (one launch
+    over the tiles of all of them)."""
+    tr, tc = _rank1_tile([(r, c) for _, r, c, _, _ in rank1])
+    work = [(t, a, b) for t, r, c, _, _ in rank1
+            for a in range(triton.cdiv(r, tr)) for b in range(triton.cdiv(c, tc))]
+    work_t = torch.tensor(work, dtype=torch.int64, device=tab_t.device)
+    with quiet_fp_warnings():
+        _rank1_maxima_kernel[(len(work),)](
+            work_t, tab_t, sc_t, code2, P_KIND=p_kind, WRITEBACK=ref.WRITEBACK[writeback],
+            NEED_P=bool(flags & ref.L2), MAXIMIZE=bool(flags & ref.MAXIMIZE),
+            DECAY=bool(flags & ref.DECAY), L2=bool(flags & ref.L2), TR=tr, TC=tc,
+            num_warps=8 if tr * tc >= 4096 else 4, **LAUNCH_OPTS)

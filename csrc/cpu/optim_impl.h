@@ -8,10 +8,18 @@
 // buffers, run the per-element rule (lowbit/optim_math.h) over the block, requantize. Grad,
 // param and states are read once and written once. The loops are templates over the rule, the
 // param dtype, the write-back and the state layout, so each compiles branch-free.
+//
+// Rank-1 second states (lowbit/rank1.h) need the row and column maxima of the new v before any
+// of its codes can be written, so such a call first runs a prepass over those tensors that
+// computes the new v (reading grad, old codes and maxima, and the param only with L2 decay) and
+// keeps only its maxima; the step then decodes with the old maxima and encodes with the new.
+#include <string.h>
+
 #include <type_traits>
 #include <vector>
 
 #include "lowbit/optim_math.h"
+#include "lowbit/rank1.h"
 
 namespace lowbit {
 namespace cpu {
@@ -115,10 +123,229 @@ static void update_run(const OptArgs& a, const OptTensor& t, int64_t begin, int6
   *nclip += clipped;
 }
 
+// ---- rank-1 second states ----------------------------------------------------------------------
+
+// Elements per run of unpacked nibbles (a stack buffer of the rank-1 loops).
+static const int kNibbleRun = 1024;
+
+// The 4-bit codes of elements [k0, k0 + len), len <= kNibbleRun, one byte each: the packed bytes
+// holding them are unpacked whole (element 2j of the tensor is byte j's high nibble), so element
+// k0 + j lands at out[(k0 & 1) + j]. Two stores per byte in a plain loop vectorize, and the math
+// loops then read their indices contiguously: gcc cannot vectorize a per-element nibble fetch
+// (a gather of bytes).
+static inline const uint8_t* unpack_nibbles(const uint8_t* codes, int64_t k0, int len,
+                                            uint8_t* __restrict out) {
+  const uint8_t* __restrict bytes = codes + (k0 >> 1);
+  const int nbytes = ((int)(k0 & 1) + len + 1) >> 1;
+#pragma omp simd
+  for (int b = 0; b < nbytes; ++b) {
+    out[2 * b] = (uint8_t)(bytes[b] >> 4);
+    out[2 * b + 1] = (uint8_t)(bytes[b] & 0xF);
+  }
+  return out + (k0 & 1);
+}
+
+// Old v of `len` elements of one row: code[idx[j]] times min(row maximum rb, column maximum
+// cb[j]) on the bit patterns (rank1_scale), as dequant_value. AVX-512: the 16-entry table lookup
+// is one lane permute per 16 values (gcc would gather from memory).
+static inline void decode_run(const uint8_t* __restrict idx, int len, const float* __restrict code,
+                              uint32_t rb, const uint32_t* __restrict cb, float* __restrict out) {
+  int j = 0;
+#if defined(LOWBIT_ISA_AVX512)
+  const __m512 table = _mm512_loadu_ps(code);
+  const __m512i vrb = _mm512_set1_epi32((int)rb);
+  const __m512 qnan = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FC00000));
+  for (; j + 16 <= len; j += 16) {
+    const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(idx + j)));
+    const __m512i scale = _mm512_min_epu32(vrb, _mm512_loadu_si512(cb + j));
+    __m512 v = _mm512_mul_ps(_mm512_permutexvar_ps(c, table), _mm512_castsi512_ps(scale));
+    v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), qnan);
+    _mm512_storeu_ps(out + j, v);
+  }
+#endif
+#pragma omp simd
+  for (int k = j; k < len; ++k)
+    out[k] = dequant_value(code[idx[k]], bits_f32(rb < cb[k] ? rb : cb[k]));
+}
+
+// One rank-1 tensor of the call: its matrix shape, the state's old maxima (as bit patterns, for
+// decoding) and the reciprocals of the new ones (for encoding; rank1_unit_scale).
+struct Rank1Info {
+  int64_t rows, cols;
+  const uint32_t* old_r;
+  const uint32_t* old_c;
+  const float* inv_r;
+  const float* inv_c;
+};
+
+// The new maxima of one tile, rows [r0, r1) x columns [c0, c1), max-merged into row_dst[i] and
+// col_dst[j]: the new v of each element (adam_new_v, the step's own arithmetic) from the old code
+// decoded with the old maxima. NEED_P: coupled (L2) decay reads the parameter.
+template <int DT, int WB, bool NEED_P>
+__attribute__((optimize("no-unswitch-loops")))
+static void maxima_tile(const OptArgs& a, const OptTensor& t, const Rank1Info& ri, int64_t r0,
+                        int64_t r1, int64_t c0, int64_t c1, uint32_t* __restrict row_dst,
+                        uint32_t* __restrict col_dst) {
+  using P = ParamT<DT>;
+  const float* f = a.s.f;
+  const float fs[8] = {f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7]};
+  const int flags = a.s.flags;
+  uint8_t nib[kNibbleRun + 2];
+  float old_v[kNibbleRun];
+  for (int64_t i = r0; i < r1; ++i) {
+    const uint32_t rb = ri.old_r[i];
+    uint32_t rmax = 0;
+    for (int64_t j0 = c0; j0 < c1; j0 += kNibbleRun) {
+      const int len = (int)(c1 - j0 < kNibbleRun ? c1 - j0 : kNibbleRun);
+      const int64_t k0 = i * ri.cols + j0;
+      decode_run(unpack_nibbles((const uint8_t*)t.s2, k0, len, nib), len, a.code2, rb,
+                 ri.old_c + j0, old_v);
+      const float* __restrict v_old = old_v;
+      const P* __restrict g = (const P*)t.g + k0;
+      const P* __restrict p = (const P*)t.p + k0;
+      const P* __restrict comp = WB == kWbKahan ? (const P*)t.comp + k0 : nullptr;
+      uint32_t* __restrict cmax = col_dst + j0;
+#pragma omp simd reduction(max : rmax)
+      for (int j = 0; j < len; ++j) {
+        const float v = v_old[j];
+        float x = 0.0f;
+        if (NEED_P) {
+          x = widen<DT>(p[j]);
+          if (WB == kWbKahan) x = x + widen<DT>(comp[j]);
+        }
+        const uint32_t b = abs_bits(adam_new_v(fs, flags, x, widen<DT>(g[j]), v));
+        rmax = b > rmax ? b : rmax;
+        cmax[j] = b > cmax[j] ? b : cmax[j];
+      }
+    }
+    row_dst[i] = rmax > row_dst[i] ? rmax : row_dst[i];
+  }
+}
+
+// Elements per prepass tile (whole rows of a tall matrix, whole columns of a wide one).
+static const int64_t kRank1Tile = 1 << 15;
+
+struct Rank1Tile {
+  int tensor;
+  int64_t r0, r1, c0, c1;
+};
+
+// The prepass over every rank-1 tensor: their new maxima in v_scratch (R row maxima, then C
+// column maxima), their reciprocals in `inv` (same layout), and `info` filled in. Tiles of a tall
+// matrix (R >= C) are bands of whole rows, so each row maximum is one tile's; the column maxima
+// collect in one buffer per thread, merged at the end. A wide matrix is tiled by bands of whole
+// columns the other way round. Per-thread buffers thus hold min(R, C) <= sqrt(n) values per
+// tensor; nothing is atomic and the result does not depend on the schedule (max is exact).
+template <int DT, int WB, bool NEED_P>
+static void rank1_maxima(const OptArgs& a, std::vector<Rank1Info>& info, std::vector<float>& inv) {
+  std::vector<Rank1Tile> tiles;
+  std::vector<int64_t> local_off(a.ntensors, 0), inv_off(a.ntensors, 0);
+  int64_t local_total = 0, inv_total = 0, total = 0;
+  for (int ti = 0; ti < a.ntensors; ++ti) {
+    const OptTensor& t = a.tensors[ti];
+    if (t.v_cols == 0) continue;
+    const int64_t R = t.n / t.v_cols, C = t.v_cols;
+    info[ti] = Rank1Info{R, C, (const uint32_t*)t.s2_absmax, (const uint32_t*)t.s2_colmax,
+                         nullptr, nullptr};
+    uint32_t* fresh = (uint32_t*)t.v_scratch;
+    memset(fresh, 0, sizeof(uint32_t) * (R + C));  // 0 is the identity of a max of |bits|
+    if (R >= C) {
+      const int64_t h = C >= kRank1Tile ? 1 : kRank1Tile / C;
+      for (int64_t r = 0; r < R; r += h) tiles.push_back({ti, r, r + h < R ? r + h : R, 0, C});
+    } else {
+      const int64_t w = R >= kRank1Tile / 64 ? 64 : kRank1Tile / R;
+      for (int64_t c = 0; c < C; c += w) tiles.push_back({ti, 0, R, c, c + w < C ? c + w : C});
+    }
+    local_off[ti] = local_total;
+    local_total += R < C ? R : C;
+    inv_off[ti] = inv_total;
+    inv_total += R + C;
+    total += t.n;
+  }
+  const int nthreads = total >= kParallelMin ? omp_get_max_threads() : 1;
+  std::vector<uint32_t> local((size_t)nthreads * local_total, 0u);
+  const int64_t ntiles = (int64_t)tiles.size();
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t k = 0; k < ntiles; ++k) {
+    const Rank1Tile& tile = tiles[k];
+    const OptTensor& t = a.tensors[tile.tensor];
+    const Rank1Info& ri = info[tile.tensor];
+    uint32_t* fresh_r = (uint32_t*)t.v_scratch;
+    uint32_t* fresh_c = fresh_r + ri.rows;
+    uint32_t* mine = local.data() + (size_t)omp_get_thread_num() * local_total +
+                     local_off[tile.tensor];
+    if (ri.rows >= ri.cols)
+      maxima_tile<DT, WB, NEED_P>(a, t, ri, tile.r0, tile.r1, tile.c0, tile.c1, fresh_r, mine);
+    else
+      maxima_tile<DT, WB, NEED_P>(a, t, ri, tile.r0, tile.r1, tile.c0, tile.c1, mine, fresh_c);
+  }
+  inv.assign(inv_total, 0.0f);
+  for (int ti = 0; ti < a.ntensors; ++ti) {
+    const OptTensor& t = a.tensors[ti];
+    if (t.v_cols == 0) continue;
+    Rank1Info& ri = info[ti];
+    uint32_t* fresh = (uint32_t*)t.v_scratch;
+    uint32_t* merged = fresh + (ri.rows >= ri.cols ? ri.rows : 0);
+    const int64_t m = ri.rows < ri.cols ? ri.rows : ri.cols;
+    for (int th = 0; th < nthreads; ++th) {
+      const uint32_t* part = local.data() + (size_t)th * local_total + local_off[ti];
+      for (int64_t x = 0; x < m; ++x) merged[x] = part[x] > merged[x] ? part[x] : merged[x];
+    }
+    float* inv_t = inv.data() + inv_off[ti];
+    for (int64_t x = 0; x < ri.rows + ri.cols; ++x) inv_t[x] = unit_scale(bits_f32(fresh[x]));
+    ri.inv_r = inv_t;
+    ri.inv_c = inv_t + ri.rows;
+  }
+}
+
+// Old v of elements [begin, begin+len) of a rank-1 tensor, row segment by row segment: each code
+// times min(old row maximum, old column maximum).
+static void decode_rank1(const uint8_t* codes, int64_t begin, int64_t len, const float* code,
+                         const Rank1Info& ri, float* out) {
+  uint8_t nib[kNibbleRun + 2];
+  int64_t row = begin / ri.cols, col = begin - row * ri.cols;
+  for (int64_t i = 0; i < len;) {
+    // one run within one row and one unpacked buffer
+    const int64_t in_row = ri.cols - col;
+    int seg = (int)(len - i < in_row ? len - i : in_row);
+    seg = seg < kNibbleRun ? seg : kNibbleRun;
+    decode_run(unpack_nibbles(codes, begin + i, seg, nib), seg, code, ri.old_r[row],
+               ri.old_c + col, out + i);
+    i += seg;
+    col += seg;
+    if (col == ri.cols) {
+      col = 0;
+      ++row;
+    }
+  }
+}
+
+// New codes of the rank-1 block [begin, begin+len) (begin even: the block starts a byte): y = v
+// times the larger of the row's and the column's reciprocal (rank1.h), then the block path's
+// nearest search with multiplier 1 (y * 1 == y exactly, NaN included).
+static void encode_rank1(const float* vals, int64_t begin, int64_t len, const Rank1Info& ri,
+                         const float* mids, const NearestLut& lut, uint8_t* codes, float* ybuf,
+                         uint8_t* idx_buf) {
+  int64_t row = begin / ri.cols, col = begin - row * ri.cols;
+  for (int64_t i = 0; i < len; ++row, col = 0) {
+    const int64_t seg = len - i < ri.cols - col ? len - i : ri.cols - col;
+    const float inv_r = ri.inv_r[row];
+    const float* __restrict inv_c = ri.inv_c + col;
+    const float* __restrict v = vals + i;
+    float* __restrict y = ybuf + i;
+#pragma omp simd
+    for (int64_t j = 0; j < seg; ++j) y[j] = scale_to_unit(v[j], rank1_unit_scale(inv_r, inv_c[j]));
+    i += seg;
+  }
+  encode_nearest<kF32>(ybuf, 0, len, 1.0f, 16, mids, lut, codes + begin / 2, false, idx_buf);
+}
+
+// ---- the step ----------------------------------------------------------------------------------
+
 // Returns the number of clipped elements of the chunk.
 template <int KIND, int DT, int WB, int NST, int NCODE, bool CLIP, bool SPIKE>
-static int64_t step_chunk(const OptimCpuArgs& ca, const OptTensor& t, int64_t begin,
-                          int64_t len) {
+static int64_t step_chunk(const OptimCpuArgs& ca, const OptTensor& t, const Rank1Info* r1,
+                          int64_t begin, int64_t len) {
   const OptArgs& a = ca.a;
   int64_t nclip = 0;
   if (NCODE == 0) {  // fp32 states (or none): update in place
@@ -131,6 +358,8 @@ static int64_t step_chunk(const OptimCpuArgs& ca, const OptTensor& t, int64_t be
   }
   float mbuf[kOptChunk], vbuf[kOptChunk];
   uint8_t idx_buf[kOptChunk];
+  // rank-1 second state: only 4-bit Adam states have one (optim_call checks)
+  const bool rank1 = NST >= 2 && NCODE == 16 && r1 != nullptr;
   const int64_t block = a.block;
   for (int64_t b0 = begin; b0 < begin + len; b0 += block) {
     const int64_t blen = begin + len - b0 < block ? begin + len - b0 : block;
@@ -138,13 +367,16 @@ static int64_t step_chunk(const OptimCpuArgs& ca, const OptTensor& t, int64_t be
     const uint8_t* c1 = (const uint8_t*)t.s1;
     const uint8_t* c2 = (const uint8_t*)t.s2;
     if (NST >= 1) decode_block<NCODE>(c1, b0, blen, a.code1, t.s1_absmax[b], mbuf);
-    if (NST >= 2) decode_block<NCODE>(c2, b0, blen, a.code2, t.s2_absmax[b], vbuf);
+    if (NST >= 2 && rank1) decode_rank1(c2, b0, blen, a.code2, *r1, vbuf);
+    else if (NST >= 2) decode_block<NCODE>(c2, b0, blen, a.code2, t.s2_absmax[b], vbuf);
     uint32_t am1, am2;
     update_run<KIND, DT, WB, NST, CLIP, SPIKE>(a, t, b0, blen, mbuf, vbuf, &am1, &am2, &nclip);
     if (NST >= 1)
       encode_block<NCODE>(mbuf, b0, blen, am1, a.mids1, ca.lut1, (uint8_t*)t.s1,
                           &t.s1_absmax[b], idx_buf);
-    if (NST >= 2)
+    if (NST >= 2 && rank1)  // (mbuf is free again: its codes are written)
+      encode_rank1(vbuf, b0, blen, *r1, a.mids2, ca.lut2, (uint8_t*)t.s2, mbuf, idx_buf);
+    else if (NST >= 2)
       encode_block<NCODE>(vbuf, b0, blen, am2, a.mids2, ca.lut2, (uint8_t*)t.s2,
                           &t.s2_absmax[b], idx_buf);
   }
@@ -157,7 +389,7 @@ struct OptWork {
 };
 
 template <int KIND, int DT, int WB, int NST, int NCODE, bool CLIP, bool SPIKE>
-static void step_all(const OptimCpuArgs& ca) {
+static void step_all(const OptimCpuArgs& ca, const std::vector<Rank1Info>& r1) {
   const OptArgs& a = ca.a;
   std::vector<OptWork> work;
   int64_t total = 0;
@@ -171,7 +403,8 @@ static void step_all(const OptimCpuArgs& ca) {
     const OptTensor& t = a.tensors[work[w].tensor];
     const int64_t begin = work[w].begin;
     const int64_t len = t.n - begin < kOptChunk ? t.n - begin : kOptChunk;
-    const int64_t nclip = step_chunk<KIND, DT, WB, NST, NCODE, CLIP, SPIKE>(ca, t, begin, len);
+    const Rank1Info* ri = t.v_cols ? &r1[work[w].tensor] : nullptr;
+    const int64_t nclip = step_chunk<KIND, DT, WB, NST, NCODE, CLIP, SPIKE>(ca, t, ri, begin, len);
     if (CLIP && t.clipped && nclip) {
 #pragma omp atomic
       *t.clipped += nclip;
@@ -179,16 +412,51 @@ static void step_all(const OptimCpuArgs& ca) {
   }
 }
 
+// The rank-1 prepass instance for the call's dtype, write-back and decay (see rank1_maxima).
+template <int DT, int WB>
+static void rank1_prepass(const OptArgs& a, std::vector<Rank1Info>& info,
+                          std::vector<float>& inv) {
+  const bool kahan = WB == kWbKahan;
+  if (a.s.flags & kL2) rank1_maxima<DT, kahan ? kWbKahan : kWbNearest, true>(a, info, inv);
+  else rank1_maxima<DT, kWbNearest, false>(a, info, inv);
+}
+
+// The step over every tensor; with rank-1 tensors, their prepass before it and the new maxima
+// moved into the states after it (the step decodes with the old ones to the very end).
+template <int KIND, int DT, int WB, int NST, int NCODE, bool CLIP, bool SPIKE>
+static void step_with_rank1(const OptimCpuArgs& ca) {
+  const OptArgs& a = ca.a;
+  bool any = false;
+  for (int ti = 0; ti < a.ntensors; ++ti) any = any || a.tensors[ti].v_cols != 0;
+  std::vector<Rank1Info> info(any ? a.ntensors : 0);
+  std::vector<float> inv;
+  if (KIND == kAdam && NCODE == 16 && any) rank1_prepass<DT, WB>(a, info, inv);
+  step_all<KIND, DT, WB, NST, NCODE, CLIP, SPIKE>(ca, info);
+  for (int ti = 0; any && ti < a.ntensors; ++ti) {
+    const OptTensor& t = a.tensors[ti];
+    if (t.v_cols == 0) continue;
+    const int64_t R = t.n / t.v_cols, C = t.v_cols;
+    memcpy(t.s2_absmax, t.v_scratch, sizeof(float) * R);
+    memcpy(t.s2_colmax, t.v_scratch + R, sizeof(float) * C);
+  }
+}
+
 // Runtime arguments -> template instance, one level at a time.
+template <int KIND, int DT, int WB, int NST, int NCODE, bool CLIP, bool SPIKE>
+static void run_layout(const OptimCpuArgs& ca) {
+  if (NCODE == 16) step_with_rank1<KIND, DT, WB, NST, NCODE, CLIP, SPIKE>(ca);
+  else step_all<KIND, DT, WB, NST, NCODE, CLIP, SPIKE>(ca, {});
+}
+
 // Three instances: plain, clipping without the spike clip, and (Adam only) with it.
 template <int KIND, int DT, int WB, int NST, int NCODE>
 static void by_clip(const OptimCpuArgs& ca) {
   const int flags = ca.a.s.flags;
   if constexpr (KIND == kAdam) {
-    if (flags & kSpikeClip) return step_all<KIND, DT, WB, NST, NCODE, true, true>(ca);
+    if (flags & kSpikeClip) return run_layout<KIND, DT, WB, NST, NCODE, true, true>(ca);
   }
-  if (flags & kAnyClip) step_all<KIND, DT, WB, NST, NCODE, true, false>(ca);
-  else step_all<KIND, DT, WB, NST, NCODE, false, false>(ca);
+  if (flags & kAnyClip) run_layout<KIND, DT, WB, NST, NCODE, true, false>(ca);
+  else run_layout<KIND, DT, WB, NST, NCODE, false, false>(ca);
 }
 
 template <int KIND, int DT, int WB, int NST>

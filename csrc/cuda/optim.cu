@@ -18,10 +18,19 @@
 // lifetime would have to outlast the asynchronous launch; parameters are copied by the launch
 // itself, so the host array can go away as soon as the launch is enqueued. In the simulator the
 // same struct is simply copied.
+//
+// Rank-1 second states (4-bit Adam, lowbit/rank1.h) scale each element by the smaller of its row
+// and column maximum of the NEW v, which needs every new element before any code is written. A
+// call with such tensors therefore runs, on the same stream: a zero fill of the per-tensor
+// scratch, a prepass that computes every new v (the step's own arithmetic, adam_new_v) and
+// atomicMax-es its bit pattern into the row and column maxima (exact for non-negative floats),
+// the step (old codes decoded with the state's old maxima, new codes against the scratch's new
+// ones), and a copy of the new maxima into the state.
 #include "cuda/launchers.h"
 #include "cuda/primitives.cuh"
 #include "lowbit/optim_math.h"
 #include "lowbit/quant.h"
+#include "lowbit/rank1.h"
 
 namespace lowbit {
 namespace cuda {
@@ -56,6 +65,9 @@ struct OptChunk {
   int64_t* clipped[kChunkTensors];        // clipped-element counters in device memory, or null
   int64_t n[kChunkTensors];
   int64_t block_start[kChunkTensors + 1];
+  int64_t v_cols[kChunkTensors];   // rank-1 second state: columns (0: block-wise)
+  float* s2_colmax[kChunkTensors];  // rank-1: old column maxima (s2_absmax: old row maxima)
+  float* v_scratch[kChunkTensors];  // rank-1: new row maxima, then new column maxima
   int count;
 };
 
@@ -146,20 +158,21 @@ __device__ __forceinline__ int load_code(const uint8_t* codes, int64_t k) {
   return codes[k];
 }
 
-// Quantize the new values (E per thread, element t + j * blockDim.x of the block) against `am`,
-// the block's new absmax. 4-bit: element 2j goes in the high nibble; since blockDim.x is a
-// multiple of 32, an element and its odd neighbour sit in adjacent lanes of one warp, so the even
-// lane fetches the neighbour's index with a shuffle and writes the byte (odd tail: low nibble 0).
-// Every thread runs every iteration (the shuffle needs the full warp); only stores are predicated.
+// Quantize the new values (E per thread, element t + j * blockDim.x of the block), each times its
+// unit scale inv[j] (1 / the block's new absmax, or the rank-1 one of its element). 4-bit:
+// element 2j goes in the high nibble; since blockDim.x is a multiple of 32, an element and its
+// odd neighbour sit in adjacent lanes of one warp, so the even lane fetches the neighbour's index
+// with a shuffle and writes the byte (odd tail: low nibble 0). Every thread runs every iteration
+// (the shuffle needs the full warp); only stores are predicated.
 template <int NC, int E>
-__device__ __forceinline__ void requantize(const float (&vals)[E], float am, const float* s_mids,
-                                           int64_t begin, int len, uint8_t* __restrict__ codes) {
+__device__ __forceinline__ void requantize(const float (&vals)[E], const float (&inv)[E],
+                                           const float* s_mids, int64_t begin, int len,
+                                           uint8_t* __restrict__ codes) {
   const int t = threadIdx.x, nt = blockDim.x;
-  const float inv = unit_scale(am);
 LOWBIT_UNROLL
   for (int j = 0; j < E; ++j) {
     const int i = t + j * nt;
-    const int idx = nearest_index(scale_to_unit(vals[j], inv), s_mids, NC - 1);
+    const int idx = nearest_index(scale_to_unit(vals[j], inv[j]), s_mids, NC - 1);
     if (NC == 16) {
       const int next = __shfl_down_sync(kFullMask, idx, 1);
       if (i < len && (i & 1) == 0)
@@ -205,6 +218,8 @@ template <int KIND, int DT, int WB, int NST, int NC, int E>
 __global__ void __launch_bounds__(kOptThreads)
 stepq_kernel(const OptChunk c, const StateTables q, const StepScalars ss) {
   static_assert(NST == 1 || NST == 2, "quantized kernel needs one or two states");
+  // only the 4-bit Adam instances can meet a rank-1 second state (optim_call checks)
+  constexpr bool kRank1 = KIND == kAdam && NST == 2 && NC == 16;
   using Red = AbsmaxReduce<NST>;
   constexpr int NC2 = NST >= 2 ? NC : 1;
   __shared__ float s_code1[NC], s_mids1[NC], s_code2[NC2], s_mids2[NC2];
@@ -239,11 +254,26 @@ stepq_kernel(const OptChunk c, const StateTables q, const StepScalars ss) {
     }
   }
   const float am1 = c.s1_absmax[ti][b];
-  const float am2 = NST >= 2 ? c.s2_absmax[ti][b] : 0.0f;
+  // Rank-1 second state: its matrix shape, the block's first (row, col), the old maxima (in the
+  // state) and the new ones (in the scratch, from the prepass).
+  const int64_t cols = kRank1 ? c.v_cols[ti] : 0;
+  const float am2 = NST >= 2 && cols == 0 ? c.s2_absmax[ti][b] : 0.0f;
+  int64_t row0 = 0, col0 = 0;
+  const float *old_r = nullptr, *old_c = nullptr, *new_r = nullptr, *new_c = nullptr;
+  if constexpr (kRank1) {  // (other instances would divide by a constant 0)
+    if (cols) {
+      row0 = begin / cols;
+      col0 = begin - row0 * cols;
+      old_r = c.s2_absmax[ti];
+      old_c = c.s2_colmax[ti];
+      new_r = c.v_scratch[ti];
+      new_c = new_r + n / cols;
+    }
+  }
   __syncthreads();
 
   const ClipTensor ct = clip_row(c, ti);
-  float v1[E], v2[E];
+  float v1[E], v2[E], inv2[E];
   uint32_t mx1 = 0, mx2 = 0;
   int64_t clipped = 0;
 LOWBIT_UNROLL
@@ -251,10 +281,22 @@ LOWBIT_UNROLL
     const int i = t + j * nt;
     v1[j] = 0.0f;
     v2[j] = 0.0f;
+    inv2[j] = 0.0f;
     if (i < len) {
       const int64_t k = begin + i;
       v1[j] = dequant_value(s_code1[load_code<NC>(c1, k)], am1);
-      if constexpr (NST >= 2) v2[j] = dequant_value(s_code2[load_code<NC>(c2, k)], am2);
+      if constexpr (NST >= 2) {
+        float scale2 = am2;
+        if constexpr (kRank1) {
+          if (cols) {
+            int64_t row, col;
+            rank1_locate(row0, col0, i, cols, row, col);
+            scale2 = rank1_scale(old_r[row], old_c[col]);
+            inv2[j] = unit_scale(rank1_scale(new_r[row], new_c[col]));
+          }
+        }
+        v2[j] = dequant_value(s_code2[load_code<NC>(c2, k)], scale2);
+      }
       clipped += step_element<KIND, DT, WB>(s, ct, p, g, comp, key, k, v1[j], v2[j]) ? 1 : 0;
       mx1 = MaxU32()(mx1, abs_bits(v1[j]));
       if (NST >= 2) mx2 = MaxU32()(mx2, abs_bits(v2[j]));
@@ -269,11 +311,117 @@ LOWBIT_UNROLL
   const float new_am2 = bits_f32(Red::second(both));
   if (t == 0) {
     c.s1_absmax[ti][b] = new_am1;
-    if (NST >= 2) c.s2_absmax[ti][b] = new_am2;
+    // (a rank-1 state's s2_absmax holds row maxima, replaced after the step)
+    if (NST >= 2 && cols == 0) c.s2_absmax[ti][b] = new_am2;
   }
-  requantize<NC, E>(v1, new_am1, s_mids1, begin, len, c1);
-  if constexpr (NST >= 2) requantize<NC, E>(v2, new_am2, s_mids2, begin, len, c2);
+  float inv1[E];
+LOWBIT_UNROLL
+  for (int j = 0; j < E; ++j) {
+    inv1[j] = unit_scale(new_am1);
+    if (cols == 0) inv2[j] = unit_scale(new_am2);
+  }
+  requantize<NC, E>(v1, inv1, s_mids1, begin, len, c1);
+  if constexpr (NST >= 2) requantize<NC, E>(v2, inv2, s_mids2, begin, len, c2);
   count_clipped(c, ti, clipped);
+}
+
+// ---- rank-1 second states ----------------------------------------------------------------------
+
+constexpr int kR1Threads = 256;  // columns of a prepass tile, one per thread
+constexpr int kR1Rows = 16;      // rows of a prepass tile
+
+// Up to kChunkTensors rank-1 tensors of the step (only those). tile_start[t] = first CUDA block of
+// tensor t in the prepass grid, whose tiles are kR1Rows x kR1Threads, row-major over col_tiles[t]
+// tiles per band of rows.
+struct Rank1Chunk {
+  void* p[kChunkTensors];
+  const void* g[kChunkTensors];
+  void* comp[kChunkTensors];
+  const void* codes[kChunkTensors];
+  float* row_max[kChunkTensors];   // the state's maxima: read by the prepass, replaced at the end
+  float* col_max[kChunkTensors];
+  float* fresh[kChunkTensors];     // v_scratch: new row maxima, then new column maxima
+  int64_t rows[kChunkTensors];
+  int64_t cols[kChunkTensors];
+  int64_t col_tiles[kChunkTensors];
+  int64_t tile_start[kChunkTensors + 1];
+  int count;
+};
+
+static_assert(sizeof(Rank1Chunk) + sizeof(StateTables) + sizeof(StepScalars) <= kMaxParamBytes,
+              "rank-1 prepass parameters exceed 4 KB: lower kChunkTensors");
+
+// fresh = 0, the identity of a max over |bits|.
+__global__ void __launch_bounds__(kOptThreads) rank1_zero_kernel(const Rank1Chunk c) {
+  for (int t = 0; t < c.count; ++t) {
+    const int64_t n = c.rows[t] + c.cols[t];
+    for (int64_t i = global_thread(); i < n; i += grid_stride()) c.fresh[t][i] = 0.0f;
+  }
+}
+
+// The new maxima into the state, once the step has decoded every old code with the old ones.
+__global__ void __launch_bounds__(kOptThreads) rank1_store_kernel(const Rank1Chunk c) {
+  for (int t = 0; t < c.count; ++t) {
+    const int64_t R = c.rows[t], n = R + c.cols[t];
+    for (int64_t i = global_thread(); i < n; i += grid_stride()) {
+      if (i < R) c.row_max[t][i] = c.fresh[t][i];
+      else c.col_max[t][i - R] = c.fresh[t][i];
+    }
+  }
+}
+
+// The prepass: one CUDA block per tile of kR1Rows rows x kR1Threads columns; thread t owns column
+// j of the tile. For each row it computes the new v of its element (the old code decoded with the
+// old maxima, then adam_new_v), keeps the column's running maximum in a register, and the warp's
+// maximum of the row goes to shared memory with an atomicMax; at the end one global atomicMax per
+// row and per column of the tile. All maxima are of |bits| (non-negative patterns), where an
+// unsigned integer max is the float max, exact and order-free. NEED_P: L2 decay reads p.
+template <int DT, int WB, bool NEED_P>
+__global__ void __launch_bounds__(kR1Threads)
+rank1_maxima_kernel(const Rank1Chunk c, const StateTables q, const StepScalars ss) {
+  __shared__ float s_code[16];
+  __shared__ uint32_t s_row[kR1Rows];
+  const int t = threadIdx.x;
+  const Scalars s = scalars_of(ss);
+  if (t < 16) s_code[t] = q.code2[t];
+  if (t < kR1Rows) s_row[t] = 0u;
+
+  const int64_t gb = blockIdx.x;
+  int ti = 0;
+  while (ti + 1 < c.count && c.tile_start[ti + 1] <= gb) ++ti;
+  const int64_t tile = gb - c.tile_start[ti];
+  const int64_t R = c.rows[ti], C = c.cols[ti];
+  const int64_t r0 = tile / c.col_tiles[ti] * kR1Rows;
+  const int64_t j = tile % c.col_tiles[ti] * kR1Threads + t;
+  const bool col_ok = j < C;
+  const float old_c = col_ok ? c.col_max[ti][j] : 0.0f;
+  const uint8_t* __restrict__ codes = (const uint8_t*)c.codes[ti];
+  const void* __restrict__ g = c.g[ti];
+  const void* __restrict__ p = c.p[ti];
+  const void* __restrict__ comp = c.comp[ti];
+  const float* __restrict__ old_r = c.row_max[ti];
+  __syncthreads();
+
+  // the same row count for every thread of the block: the warp reductions need whole warps
+  const int nrows = R - r0 < kR1Rows ? (int)(R - r0) : kR1Rows;
+  uint32_t col_bits = 0u;
+  for (int rr = 0; rr < nrows; ++rr) {
+    const int64_t i = r0 + rr;
+    uint32_t bits = 0u;
+    if (col_ok) {
+      const int64_t k = i * C + j;
+      const float v = dequant_value(s_code[load_code<16>(codes, k)], rank1_scale(old_r[i], old_c));
+      const float x = NEED_P ? load_param(p, comp, DT, WB, k) : 0.0f;
+      bits = abs_bits(adam_new_v(s.f, s.flags, x, load_f32(g, DT, k), v));
+    }
+    col_bits = MaxU32()(col_bits, bits);
+    const uint32_t row_bits = warp_allreduce(bits, MaxU32());
+    if (t % kWarpSize == 0 && row_bits != 0u) atomicMax(&s_row[rr], row_bits);
+  }
+  __syncthreads();
+  uint32_t* fresh = (uint32_t*)c.fresh[ti];
+  if (t < nrows && s_row[t] != 0u) atomicMax(&fresh[r0 + t], s_row[t]);
+  if (col_ok && col_bits != 0u) atomicMax(&fresh[R + j], col_bits);
 }
 
 // ---- host side ---------------------------------------------------------------------------------
@@ -297,11 +445,91 @@ int64_t fill_chunk(OptChunk& c, const OptArgs& a, int first, bool quantized) {
     c.clip[j] = x.clip;
     c.clipped[j] = x.clipped;
     c.n[j] = x.n;
+    c.v_cols[j] = x.v_cols;
+    c.s2_colmax[j] = x.s2_colmax;
+    c.v_scratch[j] = x.v_scratch;
     c.block_start[j] = total;
     total += quantized ? (x.n + a.block - 1) / a.block : x.n;
   }
   c.block_start[c.count] = total;
   return total;
+}
+
+// The rank-1 tensors of the step from index *next on, up to kChunkTensors of them, into c;
+// returns the prepass grid size (tiles).
+int64_t fill_rank1_chunk(Rank1Chunk& c, const OptArgs& a, int* next) {
+  c = Rank1Chunk{};
+  int64_t total = 0;
+  for (; *next < a.ntensors && c.count < kChunkTensors; ++*next) {
+    const OptTensor& x = a.tensors[*next];
+    if (x.v_cols == 0) continue;
+    const int j = c.count++;
+    c.p[j] = x.p; c.g[j] = x.g; c.comp[j] = x.comp; c.codes[j] = x.s2;
+    c.row_max[j] = x.s2_absmax; c.col_max[j] = x.s2_colmax; c.fresh[j] = x.v_scratch;
+    c.rows[j] = x.n / x.v_cols;
+    c.cols[j] = x.v_cols;
+    c.col_tiles[j] = (x.v_cols + kR1Threads - 1) / kR1Threads;
+    c.tile_start[j] = total;
+    total += (c.rows[j] + kR1Rows - 1) / kR1Rows * c.col_tiles[j];
+  }
+  c.tile_start[c.count] = total;
+  return total;
+}
+
+// Grid of a grid-stride launch over `work` elements.
+unsigned stride_grid(int64_t work) {
+  const int64_t nb = (work + kOptThreads - 1) / kOptThreads;
+  return (unsigned)(nb < kOptMaxBlocks ? (nb > 0 ? nb : 1) : kOptMaxBlocks);
+}
+
+// The longest scratch of the chunk (R + C floats): the grid-stride extent of zero / store.
+int64_t scratch_floats(const Rank1Chunk& c) {
+  int64_t most = 0;
+  for (int t = 0; t < c.count; ++t) {
+    const int64_t size = c.rows[t] + c.cols[t];
+    most = size > most ? size : most;
+  }
+  return most;
+}
+
+// Zero fill and prepass for every rank-1 tensor of the step, chunk by chunk.
+template <int DT, int WB>
+cudaError_t rank1_prepass(const OptArgs& a, cudaStream_t stream) {
+  const StateTables q{a.code1, a.mids1, a.code2, a.mids2, a.block};
+  for (int next = 0; next < a.ntensors;) {
+    Rank1Chunk c;
+    const int64_t tiles = fill_rank1_chunk(c, a, &next);
+    if (c.count == 0) break;
+    if (tiles > 0x7FFFFFFF) return cudaErrorInvalidValue;  // gridDim.x limit
+    if (tiles == 0) continue;  // only empty tensors: nothing to scale
+    auto zero = rank1_zero_kernel;
+    LOWBIT_LAUNCH(zero, dim3(stride_grid(scratch_floats(c))), dim3(kOptThreads), 0, stream, c);
+    // the parameter only matters with coupled decay, and the compensation only with kahan
+    if (a.s.flags & kL2) {
+      auto kernel = rank1_maxima_kernel<DT, WB == kWbKahan ? kWbKahan : kWbNearest, true>;
+      LOWBIT_LAUNCH(kernel, dim3((unsigned)tiles), dim3(kR1Threads), 0, stream, c, q, a.s);
+    } else {
+      auto kernel = rank1_maxima_kernel<DT, kWbNearest, false>;
+      LOWBIT_LAUNCH(kernel, dim3((unsigned)tiles), dim3(kR1Threads), 0, stream, c, q, a.s);
+    }
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+// After the step: the new maxima into the states.
+cudaError_t rank1_store(const OptArgs& a, cudaStream_t stream) {
+  for (int next = 0; next < a.ntensors;) {
+    Rank1Chunk c;
+    fill_rank1_chunk(c, a, &next);
+    if (c.count == 0) break;
+    auto store = rank1_store_kernel;
+    LOWBIT_LAUNCH(store, dim3(stride_grid(scratch_floats(c))), dim3(kOptThreads), 0, stream, c);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
 }
 
 template <int KIND, int DT, int WB, int NST, int NC, int E>
@@ -329,6 +557,11 @@ void dispatch_q(const OptChunk& c, const StateTables& q, const StepScalars& s, i
 template <int KIND, int DT, int WB, int NST, int NC>
 cudaError_t run(const OptArgs& a, cudaStream_t stream) {
   const StateTables q{a.code1, a.mids1, a.code2, a.mids2, a.block};
+  constexpr bool kRank1 = KIND == kAdam && NST == 2 && NC == 16;
+  if constexpr (kRank1) {
+    const cudaError_t err = rank1_prepass<DT, WB>(a, stream);
+    if (err != cudaSuccess) return err;
+  }
   for (int first = 0; first < a.ntensors; first += kChunkTensors) {
     OptChunk c;
     const int64_t total = fill_chunk(c, a, first, NC != 0);
@@ -345,6 +578,7 @@ cudaError_t run(const OptArgs& a, cudaStream_t stream) {
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
+  if constexpr (kRank1) return rank1_store(a, stream);
   return cudaSuccess;
 }
 
@@ -404,8 +638,15 @@ bool valid_args(const OptArgs& a) {
   } else if (a.state_bits != 32 && a.state_bits != 8 && a.state_bits != 4) {
     return false;
   }
-  for (int i = 0; i < a.ntensors; ++i)
-    if (a.tensors[i].n < 0) return false;
+  for (int i = 0; i < a.ntensors; ++i) {
+    const OptTensor& t = a.tensors[i];
+    if (t.n < 0 || t.v_cols < 0) return false;
+    // rank-1 second states: 4-bit Adam, a whole number of rows, maxima and scratch given
+    if (t.v_cols > 0 &&
+        (kind != kAdam || a.state_bits != 4 || a.ncode != 16 || a.nstates != 2 ||
+         t.n % t.v_cols != 0 || t.s2_colmax == nullptr || t.v_scratch == nullptr))
+      return false;
+  }
   return true;
 }
 

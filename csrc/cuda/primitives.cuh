@@ -5,7 +5,9 @@
 //   storage       static __shared__ arrays (no dynamic shared memory)
 //   sync          __syncthreads(), __shfl_xor_sync, __shfl_down_sync (full-warp masks)
 //   launch        LOWBIT_LAUNCH (below), cudaGetLastError
-//   atomics       atomicAdd on unsigned long long (rare event counters)
+//   atomics       atomicAdd on unsigned long long (rare event counters); atomicMax(unsigned
+//                 int*, unsigned int) on global and shared memory (maxima of non-negative floats
+//                 across threads and blocks, on their bit patterns)
 // No other atomics, no cooperative groups, no dynamic parallelism, no textures.
 #pragma once
 #include <stdint.h>

@@ -72,11 +72,13 @@ void py_optim_step(int kind, const std::vector<uintptr_t>& p, const std::vector<
                    const std::vector<uint64_t>& keys, int state_bits, int block, uintptr_t code1,
                    uintptr_t mids1, uintptr_t code2, uintptr_t mids2, int ncode, int dtype,
                    int writeback, const std::vector<double>& scalars, int flags,
-                   uintptr_t clip_table, uintptr_t clipped) {
+                   uintptr_t clip_table, uintptr_t clipped,
+                   const std::vector<int64_t>& v_cols, const std::vector<uintptr_t>& s2_colmax,
+                   const std::vector<uintptr_t>& v_scratch) {
   lowbit::OptCall call;
   lowbit::optim_call(call, kind, p, g, numel, s1, s1_absmax, s2, s2_absmax, comp, keys,
                      state_bits, block, code1, mids1, code2, mids2, ncode, dtype, writeback,
-                     scalars, flags, clip_table, clipped);
+                     scalars, flags, clip_table, clipped, v_cols, s2_colmax, v_scratch);
   cudaError_t err;
   {
     py::gil_scoped_release release;
@@ -118,6 +120,31 @@ __global__ void block_reduce_kernel(int64_t* out) {
   out[3 * t] = (int64_t)sum;
   out[3 * t + 1] = mx;
   out[3 * t + 2] = mx2;
+}
+
+// atomicMax on shared memory (every thread of the block, values a permutation of 1..n) and on
+// global memory (every thread of every block; block b adds b * 10000): out[b] = the block's
+// shared maximum, out[nblocks] = the global maximum, out[nblocks + 1] = how many calls returned
+// an old value above the value they tried to store (the others raised the maximum or tied).
+__global__ void atomic_max_kernel(int64_t* out, unsigned int* global_max, int nblocks) {
+  __shared__ unsigned int s_max;
+  __shared__ unsigned int s_lower;
+  const unsigned t = threadIdx.x, n = blockDim.x;
+  if (t == 0) {
+    s_max = 0u;
+    s_lower = 0u;
+  }
+  __syncthreads();
+  const unsigned mine = (t * 37u) % n + 1u;
+  const unsigned old = atomicMax(&s_max, mine);
+  if (old > mine) atomicMax(&s_lower, old);  // (any nonzero value marks "seen")
+  (void)atomicMax(global_max, mine + 10000u * blockIdx.x);
+  __syncthreads();
+  if (t == 0) {
+    out[blockIdx.x] = s_max;
+    out[nblocks + 1] += s_lower ? 1 : 0;
+  }
+  if (blockIdx.x == (unsigned)nblocks - 1 && t == 0) out[nblocks] = *global_max;
 }
 
 // Deliberate misuse; each must raise a RuntimeError naming the problem, never hang.
@@ -165,6 +192,14 @@ std::vector<int64_t> selftest_block_reduce(int nthreads) {
   return out;
 }
 
+std::vector<int64_t> selftest_atomic_max(int nthreads, int nblocks) {
+  std::vector<int64_t> out((size_t)nblocks + 2, 0);
+  unsigned int global_max = 0u;
+  auto k = atomic_max_kernel;
+  LOWBIT_LAUNCH(k, dim3(nblocks), dim3(nthreads), 0, nullptr, out.data(), &global_max, nblocks);
+  return out;
+}
+
 void selftest_misuse(int which) {
   auto k = misuse_kernel;
   LOWBIT_LAUNCH(k, dim3(1), dim3(64), 0, nullptr, which);
@@ -185,6 +220,10 @@ PYBIND11_MODULE(_C_sim, m) {
         "per-thread result of __shfl_{kind}_sync(full, 100 + t, arg, width)");
   m.def("sim_selftest_block_reduce", &selftest_block_reduce, py::arg("nthreads"),
         "per thread: block sum of t, block max of (37 t) % n, block max of n - t");
+  m.def("sim_selftest_atomic_max", &selftest_atomic_max, py::arg("nthreads"),
+        py::arg("nblocks"),
+        "per block: shared atomicMax of a permutation of 1..n; then the global atomicMax over "
+        "all blocks (block b adds b * 10000); then how many blocks saw an old value above theirs");
   m.def("sim_selftest_misuse", &selftest_misuse, py::arg("which"),
         "0 divergent barrier, 1 early exit before a barrier, 2 mismatched shuffle masks, "
         "3 lane missing from a shuffle; each raises RuntimeError");

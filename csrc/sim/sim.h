@@ -13,9 +13,13 @@
 // that some threads never reach (they exited, or wait elsewhere), two different __syncthreads()
 // sites, or lanes of a warp disagreeing about a shuffle's mask or call site.
 //
+// Atomics: atomicMax on unsigned int and atomicAdd on unsigned long long (what the kernels use).
+// Fibers never preempt each other and blocks run one after another, so a plain read-modify-write
+// is atomic here; add others the same way if a kernel needs them.
+//
 // Limits, on purpose (the kernels do not need more): one shuffle group per warp at a time (no
-// disjoint sub-warp masks), no dynamic shared memory, one atomic (atomicAdd on 64-bit counters:
-// fibers never preempt each other, so a plain read-modify-write is atomic), streams are ignored (launches are synchronous). __CUDA_ARCH__ stays undefined, so shared
+// disjoint sub-warp masks), no dynamic shared memory, streams are ignored (launches are
+// synchronous). __CUDA_ARCH__ stays undefined, so shared
 // __host__ __device__ helpers take their host branches, which compute identical results.
 //
 // Cost: a context switch is ~10 instructions (hand-written on x86-64; ucontext elsewhere, or with
@@ -421,10 +425,17 @@ inline T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = warp
                                                      "__shfl_down_sync", file, line));
 }
 
-// Fibers switch only at barriers and shuffles, so a plain read-modify-write cannot interleave.
+// A read-modify-write between two synchronization points cannot be interleaved with another
+// fiber's (see the model above), so these are atomic for global and shared memory alike.
 inline unsigned long long atomicAdd(unsigned long long* address, unsigned long long val) {
   const unsigned long long old = *address;
   *address = old + val;
+  return old;
+}
+
+inline unsigned int atomicMax(unsigned int* address, unsigned int val) {
+  const unsigned int old = *address;
+  if (val > old) *address = val;
   return old;
 }
 

@@ -11,6 +11,11 @@ namespace lowbit {
 // One parameter tensor of the step. States are fp32 arrays shaped like p (state_bits 32) or flat
 // uint8 codes (8-bit: one per element; 4-bit: element 2j in the high nibble of byte j) with one
 // fp32 absmax per block. Unused pointers are null.
+//
+// Rank-1 second state (Adam, 4-bit; lowbit/rank1.h): v_cols = C > 0 views the tensor as
+// [R = n / C, C]; s2_absmax then holds the R row maxima and s2_colmax the C column maxima, both
+// replaced by those of the new v. v_scratch is R + C floats of working memory (device memory for
+// CUDA; contents ignored on entry) where the step gathers the new maxima before it writes codes.
 struct OptTensor {
   void* p;            // param, OptArgs::dtype
   const void* g;      // grad, same dtype
@@ -18,11 +23,14 @@ struct OptTensor {
   void* s1;           // first state (Adam/Lion exp_avg, SGD momentum_buffer)
   float* s1_absmax;
   void* s2;           // second state (Adam exp_avg_sq)
-  float* s2_absmax;
+  float* s2_absmax;   // per block, or per row (rank-1)
   void* comp;         // kahan compensation, OptArgs::dtype
   uint64_t key;       // stochastic-rounding Philox key of this tensor at this step
   const ClipTensor* clip;  // this tensor's clip row (device memory for CUDA), or null
   int64_t* clipped;   // += elements whose gradient an element-wise clip changed, or null
+  int64_t v_cols;     // 0: block-wise second state; C: rank-1
+  float* s2_colmax;   // rank-1: C column maxima
+  float* v_scratch;   // rank-1: R + C floats
 };
 
 struct OptArgs {

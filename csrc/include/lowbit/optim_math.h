@@ -84,6 +84,27 @@ LOWBIT_HD float sqrt_rn(float a) {
 // torch.sign: +-1, and the argument itself for +-0 and NaN.
 LOWBIT_HD float sign_of(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : x); }
 
+// Adam's first operations on the parameter and the gradient (already negated for kMaximize):
+// decoupled decay of p, then the coupled L2 term added to g, which uses the decayed p.
+LOWBIT_HD void adam_decay(const float* f, int flags, float& p, float& g) {
+  p = (flags & kDecay) ? mul_rn(p, f[0]) : p;
+  g = (flags & kL2) ? add_rn(g, mul_rn(f[1], p)) : g;
+}
+
+// Adam's new second moment from the old one and the (decayed, maximize-negated) gradient.
+LOWBIT_HD float adam_second_moment(const float* f, float s2, float g) {
+  return add_rn(mul_rn(s2, f[3]), mul_rn(f[4], mul_rn(g, g)));
+}
+
+// The new second moment update_rule<kAdam> computes for element (p, g, s2), without the rest of
+// the step: the rank-1 prepass needs the row and column maxima of every new v before the step
+// can quantize any of them. p matters only with kL2 (callers may pass 0 otherwise).
+LOWBIT_HD float adam_new_v(const float* f, int flags, float p, float g, float s2) {
+  g = (flags & kMaximize) ? -g : g;
+  adam_decay(f, flags, p, g);
+  return adam_second_moment(f, s2, g);
+}
+
 // One element of one step, rule KIND. p: the fp32 parameter (kahan: value + compensation);
 // s1/s2: the dequantized (or fp32) states — Adam: exp_avg / exp_avg_sq; Lion: exp_avg / unused;
 // SGD: momentum_buffer (untouched with kNoMomentum) / unused. All updated in place. The flag
@@ -116,7 +137,7 @@ LOWBIT_HD bool update_rule(const float* f, int flags, float& p, float g, float& 
       clipped = clipped | over;
     }
     s1 = add_rn(s1, mul_rn(f[2], sub_rn(g, s1)));
-    s2 = add_rn(mul_rn(s2, f[3]), mul_rn(f[4], mul_rn(g, g)));
+    s2 = adam_second_moment(f, s2, g);
     const float d = add_rn(sqrt_rn(s2), f[5]);
     p = sub_rn(p, mul_rn(f[6], div_rn(s1, d)));
   } else if (KIND == kLion) {

@@ -36,7 +36,8 @@ class NativeBackend:
                                      DTYPE_CODE[out.dtype], seed, offset, *self._stream(x))
 
     def optim_step(self, params, grads, state1, absmax1, state2, absmax2, comps, keys, kind,
-                   state_bits, block_size, scalars, flags, writeback, clip=None, clipped=None):
+                   state_bits, block_size, scalars, flags, writeback, v_cols=(), v_colmax=(),
+                   clip=None, clipped=None):
         from ..reference import optim as ref
         ptrs = lambda ts: [t.data_ptr() for t in ts]  # noqa: E731
         block, ncode = 0, 0
@@ -45,12 +46,15 @@ class NativeBackend:
         if state_bits != 32:
             block = block_size or ref.STATE_FORMATS[state_bits][2]
             ncode = tables[0].numel()
+        # (scratch stays referenced until the module returns)
+        v_cols, colmax_ptrs, scratch_ptrs, scratch = _rank1_lists(params, v_cols, v_colmax)
         self.module.optim_step(
             ref.KINDS[kind], ptrs(params), ptrs(grads), [p.numel() for p in params],
             ptrs(state1), ptrs(absmax1), ptrs(state2), ptrs(absmax2), ptrs(comps), list(keys),
             state_bits, block, *[t.data_ptr() for t in tables], ncode, DTYPE_CODE[params[0].dtype],
             ref.WRITEBACK[writeback], list(scalars), flags,
             0 if clip is None else clip.data_ptr(), 0 if clipped is None else clipped.data_ptr(),
+            v_cols, colmax_ptrs, scratch_ptrs,
             *self._stream(params[0]))
 
     def grad_stats(self, grads, out, xform=None, cv=0.0, flags=0):
@@ -69,6 +73,26 @@ class NativeBackend:
                                    part.data_ptr())
             if part is not out:
                 out[idx] = part
+
+
+def _rank1_lists(params, v_cols, v_colmax):
+    """(v_cols, column-maxima pointers, scratch pointers, scratch) for the module: empty lists
+    when no tensor has a rank-1 second state; else one entry each, with R + C floats of scratch
+    per rank-1 tensor carved from one buffer on the params' device. (Freeing the buffer while CUDA
+    kernels that use it are still queued is safe: torch's caching allocator reuses the memory
+    only for later work on the same stream, the one the kernels run on.)"""
+    v_cols = [int(c) for c in v_cols]
+    if not any(v_cols):
+        return [], [], [], None
+    sizes = [p.numel() // c + c if c else 0 for p, c in zip(params, v_cols)]
+    device = params[0].device
+    scratch = torch.empty(sum(sizes), dtype=torch.float32, device=device)
+    base, offsets, off = scratch.data_ptr(), [], 0
+    for size in sizes:
+        offsets.append(base + 4 * off if size else 0)
+        off += size
+    colmax = [t.data_ptr() if c else 0 for t, c in zip(v_colmax, v_cols)]
+    return v_cols, colmax, offsets, scratch
 
 
 @functools.lru_cache(maxsize=None)

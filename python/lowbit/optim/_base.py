@@ -6,7 +6,9 @@ State per parameter: "step" (a float32 0-dim tensor, as torch keeps it); each of
 (lowbit.reference.optim.STATE_NAMES: Adam exp_avg / exp_avg_sq, Lion exp_avg, SGD
 momentum_buffer) either as an fp32 tensor shaped like the parameter (32-bit states: torch's names
 and layout) or as "<name>_codes" (flat uint8) plus "<name>_absmax" (fp32 per block) for 8/4-bit
-ones; and "kahan_comp" (the parameter's dtype) with kahan=True on bf16/fp16 parameters.
+ones; and "kahan_comp" (the parameter's dtype) with kahan=True on bf16/fp16 parameters. A rank-1
+second moment (Adam family, second_moment_norm="rank1") keeps "<name>_row_max" (fp32 [R]) and
+"<name>_col_max" (fp32 [C]) instead of "<name>_absmax".
 Parameters with fewer than `min_quant_numel` elements keep 32-bit states (bitsandbytes' rule; the
 decision uses the parameter's full size). Everything is a plain tensor, so state_dict()
 checkpoints load with torch.load(..., weights_only=True).
@@ -22,7 +24,16 @@ from ._clipping import ClipSteps
 # Group keys that describe how this optimizer stores its state: on load_state_dict they keep the
 # values of the optimizer being loaded into (so loading an 8-bit checkpoint into a 4-bit
 # optimizer converts the states), while hyperparameters (lr, betas, seed, ...) are restored.
-_CONFIG_KEYS = ("state_bits", "block_size", "min_quant_numel", "stochastic_rounding", "kahan")
+_CONFIG_KEYS = ("state_bits", "block_size", "min_quant_numel", "stochastic_rounding", "kahan",
+                "second_moment_norm")
+# Values of config keys for state dicts saved before the key existed: how they stored states.
+_LEGACY_CONFIG = {"second_moment_norm": "block"}
+
+
+def _scale_keys(name: str, cols: int) -> tuple:
+    """State keys of the scales of quantized state `name`: one absmax per block, or (cols > 0) the
+    row and column maxima of a rank-1 state."""
+    return (name + "_row_max", name + "_col_max") if cols else (name + "_absmax",)
 
 
 def _check_grad(p: torch.Tensor, g: torch.Tensor, name: str):
@@ -87,6 +98,10 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
         # float (L2 norm of the group's finite gradient elements)}.
         self.last_step_info = []
         super().__init__(params, defaults)
+        if self.clip and any(g.get("second_moment_norm") == "rank1" for g in self.param_groups):
+            raise ValueError("clip= policies do not support second_moment_norm='rank1' yet (the "
+                             "rank-1 maxima pass computes v without the clipping steps); use "
+                             "second_moment_norm='block'")
 
     # --- rule-specific (subclasses) ---------------------------------------------------------
 
@@ -99,17 +114,39 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
     def _state_names(self, group):
         return ref.STATE_NAMES[self._kind][:self._nstates(group)]
 
-    # --- state formats ----------------------------------------------------------------------
-    # A format is (state_bits, block_size): (32, 0) for fp32 states. It is a function of the
-    # parameter's size and its group's settings, so a state dict needs no format tags: the
-    # saved groups say how their states were stored.
+    def _v_cols(self, p, group, bits: int) -> int:
+        """Columns of the rank-1 view of p's second state; 0 when it is block-wise (the default,
+        and the only format of rules other than the Adam family)."""
+        return 0
 
-    @staticmethod
-    def _format_for(p, group) -> tuple:
+    # --- state formats ----------------------------------------------------------------------
+    # A format is (state_bits, block_size, v_cols): (32, 0, 0) for fp32 states; v_cols > 0 when
+    # the second state is rank-1 over the [numel // v_cols, v_cols] view. It is a function of the
+    # parameter's shape and its group's settings, so a state dict needs no format tags: the saved
+    # groups say how their states were stored. (2-tuples (bits, block) are accepted as block-wise.)
+
+    def _format_for(self, p, group) -> tuple:
         bits = 32 if p.numel() < group["min_quant_numel"] else group["state_bits"]
         if bits == 32:
-            return 32, 0
-        return bits, group.get("block_size") or ref.STATE_FORMATS[bits][2]
+            return 32, 0, 0
+        return (bits, group.get("block_size") or ref.STATE_FORMATS[bits][2],
+                self._v_cols(p, group, bits))
+
+    @staticmethod
+    def _unpack(fmt) -> tuple:
+        return tuple(fmt) if len(fmt) == 3 else (*fmt, 0)
+
+    @staticmethod
+    def _quantize_into(state, name, j, values, fmt, device):
+        """Quantized state `name` (index j: 0 first, 1 second) of fp32 `values` into `state`."""
+        bits, block, cols = FusedOptimizer._unpack(fmt)
+        if j == 1 and cols:
+            codes, *scales = ref.quantize_state_rank1(values.cpu(), cols)
+        else:
+            codes, *scales = ref.quantize_state(values.cpu(), j, bits, block)
+        state[name + "_codes"] = codes.to(device)
+        for key, scale in zip(_scale_keys(name, cols if j == 1 else 0), scales):
+            state[key] = scale.to(device)
 
     @staticmethod
     def _writeback(p, group) -> str:
@@ -121,15 +158,13 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
 
     def _fresh_state(self, p, group) -> dict:
         state = {"step": torch.tensor(0.0, dtype=torch.float32)}
-        bits, block = self._format_for(p, group)
+        fmt = self._format_for(p, group)
         for j, name in enumerate(self._state_names(group)):
-            if bits == 32:
+            if fmt[0] == 32:
                 state[name] = torch.zeros_like(p, dtype=torch.float32,
                                                memory_format=torch.contiguous_format)
             else:
-                codes, absmax = ref.quantize_state(torch.zeros(p.numel()), j, bits, block)
-                state[name + "_codes"] = codes.to(p.device)
-                state[name + "_absmax"] = absmax.to(p.device)
+                self._quantize_into(state, name, j, torch.zeros(p.numel()), fmt, p.device)
         if self._writeback(p, group) == "kahan":
             state["kahan_comp"] = torch.zeros_like(p)
         state.update(self._fresh_clip_state(p))
@@ -139,8 +174,11 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
     def _check_state(p, state, names, fmt, where):
         """The state holds `fmt` tensors that fit p: a state dict from another parameter layout
         (or optimizer) fails here with a clear error instead of corrupting memory."""
-        n, (bits, block) = p.numel(), fmt
-        for name in names:
+        n, (bits, block, cols) = p.numel(), FusedOptimizer._unpack(fmt)
+        for j, name in enumerate(names):
+            if j == 1 and cols:
+                FusedOptimizer._check_rank1_state(p, state, name, cols, where)
+                continue
             if bits == 32:
                 t = state.get(name)
                 if t is None:
@@ -163,22 +201,49 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
                                    f"elements in blocks of {block}. Was the state dict saved "
                                    "for another model?")
 
+    @staticmethod
+    def _check_rank1_state(p, state, name, cols, where):
+        rows = p.numel() // cols
+        c, r, k = (state.get(name + suffix) for suffix in ("_codes", "_row_max", "_col_max"))
+        if c is None or r is None or k is None:
+            raise RuntimeError(f"{where}: 4-bit rank-1 state {name!r} needs {name}_codes, "
+                               f"{name}_row_max and {name}_col_max. Was the state dict saved by "
+                               "another optimizer or with other settings?")
+        if (c.numel() != (p.numel() + 1) // 2 or c.dtype != torch.uint8
+                or r.numel() != rows or r.dtype != torch.float32
+                or k.numel() != cols or k.dtype != torch.float32):
+            raise RuntimeError(f"{where}: 4-bit rank-1 state {name!r} ({c.numel()} codes, "
+                               f"{r.numel()} row maxima, {k.numel()} column maxima) does not fit "
+                               f"a parameter of shape {tuple(p.shape)} viewed as ({rows}, {cols}) "
+                               f"(codes {(p.numel() + 1) // 2}). Was the state dict saved for "
+                               "another model?")
+
+    @staticmethod
+    def _state_format(fmt, j) -> tuple:
+        """The format of state j alone: only the second state can be rank-1."""
+        bits, block, cols = FusedOptimizer._unpack(fmt)
+        return bits, block, cols if j == 1 else 0
+
+    @staticmethod
+    def _state_fp32(p, state, name, j, fmt) -> torch.Tensor:
+        bits, block, cols = FusedOptimizer._state_format(fmt, j)
+        if bits == 32:
+            return state[name].float()
+        if cols:
+            return ref.dequantize_state_rank1(
+                state[name + "_codes"].cpu(), state[name + "_row_max"].cpu(),
+                state[name + "_col_max"].cpu(), p.shape).to(p.device)
+        return ref.dequantize_state(state[name + "_codes"].cpu(), state[name + "_absmax"].cpu(),
+                                    j, bits, p.shape, block).to(p.device)
+
     def _moments_fp32(self, p, state, names, fmt):
         """The rule's states as fp32 tensors shaped like p."""
-        bits, block = fmt
-        out = []
-        for j, name in enumerate(names):
-            if bits == 32:
-                out.append(state[name].float())
-            else:
-                out.append(ref.dequantize_state(state[name + "_codes"].cpu(),
-                                                state[name + "_absmax"].cpu(), j, bits, p.shape,
-                                                block).to(p.device))
-        return out
+        return [self._state_fp32(p, state, name, j, fmt) for j, name in enumerate(names)]
 
     def _adopt_state(self, p, state, group, saved_group, where) -> dict:
         """A loaded state converted to this optimizer's format for p (state_bits, block_size,
-        kahan); untouched when it already is, so a resumed run continues bit for bit.
+        second_moment_norm, kahan); each state tensor untouched when it already is (so a resumed
+        run continues bit for bit, and switching v to rank-1 leaves m's codes as they were).
         `saved_group` describes how the state was stored."""
         if not state:
             return state
@@ -195,20 +260,20 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
                 state[name] = state[name].float()
             if name + "_codes" in state:
                 state[name + "_codes"] = state[name + "_codes"].to(torch.uint8)
-        src = (32, 0) if all(n in state for n in names) else self._format_for(p, saved_group)
+        src = (32, 0, 0) if all(n in state for n in names) else self._format_for(p, saved_group)
         self._check_state(p, state, names, src, where)
         want = self._format_for(p, group)
-        if src != want:
-            values = self._moments_fp32(p, state, names, src)
-            for j, name in enumerate(names):
-                for k in (name, name + "_codes", name + "_absmax"):
-                    state.pop(k, None)
-                if want[0] == 32:
-                    state[name] = values[j].contiguous()
-                else:
-                    codes, absmax = ref.quantize_state(values[j].cpu(), j, *want)
-                    state[name + "_codes"] = codes.to(p.device)
-                    state[name + "_absmax"] = absmax.to(p.device)
+        for j, name in enumerate(names):
+            if self._state_format(src, j) == self._state_format(want, j):
+                continue
+            value = self._state_fp32(p, state, name, j, src)
+            for k in (name, name + "_codes", name + "_absmax", name + "_row_max",
+                      name + "_col_max"):
+                state.pop(k, None)
+            if want[0] == 32:
+                state[name] = value.contiguous()
+            else:
+                self._quantize_into(state, name, j, value, want, p.device)
         comp = state.pop("kahan_comp", None)
         if self._writeback(p, group) == "kahan":
             ok = comp is not None and comp.shape == p.shape and comp.dtype == p.dtype
@@ -254,7 +319,8 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
             # copies: the caller's dict (possibly loaded into another optimizer too) stays apart
             moved = {k: (v.to(p.device, copy=True) if isinstance(v, torch.Tensor) else v)
                      for k, v in st.items()}
-            saved_group = {**g, **{k: v for k, v in sg.items() if k != "params"}}
+            saved_group = {**g, **_LEGACY_CONFIG,
+                           **{k: v for k, v in sg.items() if k != "params"}}
             new_state[p] = self._adopt_state(p, moved, merged[id(g)], saved_group,
                                              f"state of parameter {pid}")
         clip_step = int(state_dict.get("clip", {}).get("step", 0))
@@ -359,35 +425,43 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
         """The group's fused calls; ctx: the clip policies' context, whose rows row0.. are this
         group's live tensors."""
         names = self._state_names(group)
-        buckets = {}  # one fused call per (format, step, device, dtype, write-back)
+        # one fused call per (state bits and block, step, device, dtype, write-back): rank-1 and
+        # block-wise second states share it (v_cols says which is which)
+        buckets = {}
         # the step counts in one host read (an .item() per parameter adds up with many tensors)
         steps = torch.stack([self.state[p]["step"] for _, p, _ in live]).tolist()
         for i, ((pid, p, where), step) in enumerate(zip(live, steps)):
             step = int(step) + 1
-            key = (self._format_for(p, group), step, p.device, p.dtype, self._writeback(p, group))
-            buckets.setdefault(key, []).append((pid, p, row0 + i))
+            bits, block, cols = self._format_for(p, group)
+            key = ((bits, block), step, p.device, p.dtype, self._writeback(p, group))
+            buckets.setdefault(key, []).append((pid, p, cols, row0 + i))
         for ((bits, block), step, device, dtype, wb), items in buckets.items():
-            ps = [p for _, p, _ in items]
+            ps = [p for _, p, _, _ in items]
+            v_cols = [cols for _, _, cols, _ in items] if any(c for _, _, c, _ in items) else []
             states = [[], [], [], []]
             for j, name in enumerate(names):
-                for p in ps:
+                for p, (_, _, cols, _) in zip(ps, items):
                     st = self.state[p]
                     if bits == 32:
                         states[2 * j].append(st[name])
                     else:
                         states[2 * j].append(st[name + "_codes"])
-                        states[2 * j + 1].append(st[name + "_absmax"])
+                        states[2 * j + 1].append(st[_scale_keys(name, cols if j else 0)[0]])
+            # column maxima of the rank-1 states (a never-read empty tensor for the others)
+            unused = torch.empty(0, device=device) if v_cols else None
+            v_colmax = [self.state[p][names[1] + "_col_max"] if cols else unused
+                        for p, cols in zip(ps, v_cols)]
             comps = [self.state[p]["kahan_comp"] for p in ps] if wb == "kahan" else []
-            keys = ([ref.sr_key(group["seed"], pid, step) for pid, _, _ in items]
+            keys = ([ref.sr_key(group["seed"], pid, step) for pid, _, _, _ in items]
                     if wb == "stochastic" else [])
             scalars, flags, table, counts = self._step_args(group, step, ctx,
-                                                            [r for _, _, r in items], device)
+                                                            [r for _, _, _, r in items], device)
             backend = ops.resolve_backend(self.backend, device)
             ops.optim_step_eager([p.data for p in ps], [p.grad.contiguous() for p in ps], *states,
                                  comps, keys, self._kind, bits, block, scalars, flags, wb,
-                                 backend, table, counts)
+                                 backend, v_cols, v_colmax, table, counts)
             if counts is not None:
-                ctx.clipped.index_add_(0, torch.tensor([r for _, _, r in items],
+                ctx.clipped.index_add_(0, torch.tensor([r for _, _, _, r in items],
                                                        device=ctx.clipped.device),
                                        counts.to(ctx.clipped.device))
             # as an in-place torch op on the parameters would (torch.optim's updates do this too)

@@ -46,12 +46,20 @@ signed: 8-bit "dynamic" / 4-bit "dynamic4"; second state, unsigned: "udynamic" /
 "linear4_nozero"; blocks of 256 / 128) are dequantized before the update; the parameter update
 uses the unquantized new states, which are then quantized with nearest rounding against the
 absmax of the new values (lowbit.reference.quant).
+
+Rank-1 second moment (Adam, 4-bit states, per tensor: v_cols > 0): v is stored as
+"linear4_nozero" codes of the tensor viewed as a [numel // v_cols, v_cols] matrix, scaled by
+min(row maximum, column maximum) instead of a block absmax (lowbit.reference.rank1). The new v is
+computed per element exactly as above; its row and column maxima (which need every new element
+before any code can be written) scale the new codes, while the old codes decode with the old
+maxima. The first moment stays block-wise.
 """
 import math
 import struct
 
 import torch
 
+from . import rank1
 from .quant import dequantize_blockwise, quantize_blockwise
 from .rounding import round_to_format
 from .philox import philox_word_of
@@ -66,6 +74,7 @@ MAXIMIZE, DECAY, L2, NESTEROV, FIRST_STEP, NO_MOMENTUM = 1, 2, 4, 8, 16, 32
 # The clipping bits (lowbit.clip): the gradient transform's (reference.clip: VALUE_CLIP 64,
 # TENSOR_SCALE 128, ADA_CLIP 256, NORM_SCALE 512), then these.
 SPIKE_CLIP, RESET, DECAY_AFTER = 1024, 2048, 4096
+CLIP_FLAGS = clip.TRANSFORM_FLAGS | SPIKE_CLIP | RESET | DECAY_AFTER  # every clipping bit
 # Scalars per step: the rule's 8 (below), then the value-clip bound, SPAM's threshold theta and
 # the floor of v in its spike test.
 NSCALARS = 11
@@ -259,26 +268,52 @@ def dequantize_state(codes, absmax, index: int, state_bits: int, shape,
                                 torch.float32)
 
 
+def quantize_state_rank1(x: torch.Tensor, cols: int):
+    """(packed codes, row maxima, column maxima) of a 4-bit second state (fp32 values) viewed as
+    [numel // cols, cols]."""
+    return rank1.quantize(x.reshape(-1).float(), cols, codebooks.codebook(STATE_FORMATS[4][1]))
+
+
+def dequantize_state_rank1(codes, row_max, col_max, shape) -> torch.Tensor:
+    return rank1.dequantize(codes, row_max, col_max, codebooks.codebook(STATE_FORMATS[4][1]),
+                            shape)
+
+
 def fused_step(kind: str, params, grads, state1, absmax1, state2, absmax2, comps, keys,
                state_bits: int, block_size: int, scalars, flags: int, writeback: str,
-               clip_table=None, clipped=None) -> None:
+               v_cols=(), v_colmax=(), clip_table=None, clipped=None) -> None:
     """lowbit.ops.optim_step's contract, one tensor at a time, in place. state1/state2 are fp32
     tensors shaped like the params (state_bits 32) or flat uint8 codes with fp32 absmax per block;
     empty lists where the rule has no such state. comps: kahan compensations (else empty); keys:
     per-tensor stochastic-rounding keys (else ignored); block_size: of the quantized states (0:
-    the format's default); scalars: NSCALARS; clip_table: fp32 [n, 4] clip rows (s, thr, r, k) or
-    None; clipped: int64 [n] counters of the elements an element-wise clip changed, or None."""
+    the format's default). v_cols (empty: all 0): per tensor, 0 for a block-wise second state, or
+    the column count C of a rank-1 one (Adam, state_bits 4), whose absmax2 entry then holds the
+    row maxima [numel // C] and v_colmax entry the column maxima [C]. scalars: NSCALARS;
+    clip_table: fp32 [n, 4] clip rows (s, thr, r, k) or None; clipped: int64 [n] counters of the
+    elements an element-wise clip changed, or None."""
     if len(scalars) != NSCALARS:
         raise ValueError(f"expected {NSCALARS} scalars (with_clip_scalars), got {len(scalars)}")
     if flags & (clip.TENSOR_SCALE | clip.ADA_CLIP | clip.NORM_SCALE) and clip_table is None:
         raise ValueError("the per-tensor clip flags need the clip table (clip_table)")
+    if any(v_cols) and flags & CLIP_FLAGS:
+        # the backends' rank-1 prepass computes the new v without the clipping steps
+        raise ValueError("rank-1 second states do not support the clip flags yet")
     nstates = 2 if state2 else (1 if state1 else 0)
+    if any(v_cols) and (kind != "adam" or state_bits != 4 or nstates != 2):
+        raise ValueError("rank-1 second states need Adam with 4-bit states")
     for i, (p, g) in enumerate(zip(params, grads)):
+        cols = v_cols[i] if v_cols else 0
+        if cols:
+            rank1.matrix_shape(p.numel(), cols)  # before anything changes
         x = load_param(p, comps[i] if comps else None, writeback)
         s = [None, None]
         for j, (st, am) in enumerate(((state1, absmax1), (state2, absmax2))[:nstates]):
-            s[j] = st[i].float() if state_bits == 32 else dequantize_state(
-                st[i], am[i], j, state_bits, p.shape, block_size)
+            if state_bits == 32:
+                s[j] = st[i].float()
+            elif j == 1 and cols:
+                s[j] = dequantize_state_rank1(st[i], am[i], v_colmax[i], p.shape)
+            else:
+                s[j] = dequantize_state(st[i], am[i], j, state_bits, p.shape, block_size)
         ct = NO_CLIP if clip_table is None else tuple(clip_table[i].tolist())
         x, s[0], s[1], changed = update(kind, x, g, s[0], s[1], scalars, flags, ct)
         if clipped is not None:
@@ -286,6 +321,11 @@ def fused_step(kind: str, params, grads, state1, absmax1, state2, absmax2, comps
         for j, (st, am) in enumerate(((state1, absmax1), (state2, absmax2))[:nstates]):
             if state_bits == 32:
                 st[i].copy_(s[j])
+            elif j == 1 and cols:
+                codes, r, c = quantize_state_rank1(s[j], cols)
+                st[i].copy_(codes)
+                am[i].copy_(r)
+                v_colmax[i].copy_(c)
             else:
                 codes, a = quantize_state(s[j], j, state_bits, block_size)
                 st[i].copy_(codes)
