@@ -47,7 +47,8 @@ def test_launch_without_device_raises_runtime_error():
     state = torch.zeros(64)
     with pytest.raises(RuntimeError, match=r"lowbit CUDA optim_step.*cudaError"):
         _ext.C_CUDA.optim_step(2, [x.data_ptr()], [grad.data_ptr()], [64], [state.data_ptr()], [],
-                               [], [], [], [], 32, 0, 0, 0, 0, 0, 0, 0, 0, [0.0] * 8, 0, 0, 0)
+                               [], [], [], [], 32, 0, 0, 0, 0, 0, 0, 0, 0, [0.0] * 11, 0, 0, 0,
+                               0, 0)
 
 
 def _cuobjdump():

@@ -31,6 +31,7 @@ def _variants():
     """(label, kernel name, signature, constexprs, options) for each kernel variant to compile.
 
     Runtime ints are typed as the wrappers' int64 path (n > 2**31, large seeds and offsets)."""
+    from lowbit.reference import clip as clip_ref
     from lowbit.reference import optim as ref
     from lowbit.triton_kernels._common import FORMATS, KINDS
 
@@ -85,7 +86,14 @@ def _variants():
         ("sgd", 1, 4, SMALL, torch.bfloat16, "nearest", ref.L2 | ref.NESTEROV),
         ("sgd", 0, 32, SMALL, torch.float16, "kahan", ref.NO_MOMENTUM),
         ("adam", 2, 4, (128, 16), torch.bfloat16, "stochastic", ref.DECAY),
+        # the clipping policies' part: every transform step, spike clip, reset, SPAM's decay
+        # order, the per-tensor clip row and the clipped-element counter
+        ("adam", 2, 8, SMALL, torch.bfloat16, "stochastic",
+         ref.DECAY | clip_ref.TRANSFORM_FLAGS | ref.SPIKE_CLIP | ref.RESET | ref.DECAY_AFTER),
+        ("sgd", 1, 32, SMALL, torch.float32, "f32", clip_ref.VALUE_CLIP | clip_ref.NORM_SCALE),
     ]
+    per_tensor = clip_ref.TENSOR_SCALE | clip_ref.ADA_CLIP | clip_ref.NORM_SCALE
+    counted = clip_ref.VALUE_CLIP | clip_ref.ADA_CLIP | ref.SPIKE_CLIP
     for kind, nstates, bits, (block, rows), dtype, writeback, flags in optim:
         sig = {"work_ptr": "*i64", "tab_ptr": "*i64", "sc_ptr": "*fp32", "code1_ptr": "*fp32",
                "mids1_ptr": "*fp32", "code2_ptr": "*fp32", "mids2_ptr": "*fp32"}
@@ -99,7 +107,12 @@ def _variants():
                      **{name: bool(flags & bit) for name, bit in (
                          ("MAXIMIZE", ref.MAXIMIZE), ("DECAY", ref.DECAY), ("L2", ref.L2),
                          ("NESTEROV", ref.NESTEROV), ("FIRST_STEP", ref.FIRST_STEP),
-                         ("NO_MOMENTUM", ref.NO_MOMENTUM))})
+                         ("NO_MOMENTUM", ref.NO_MOMENTUM), ("VALUE_CLIP", clip_ref.VALUE_CLIP),
+                         ("TENSOR_SCALE", clip_ref.TENSOR_SCALE),
+                         ("ADA_CLIP", clip_ref.ADA_CLIP), ("NORM_SCALE", clip_ref.NORM_SCALE),
+                         ("SPIKE_CLIP", ref.SPIKE_CLIP), ("RESET", ref.RESET),
+                         ("DECAY_AFTER", ref.DECAY_AFTER))},
+                     HAS_CLIP_ROW=bool(flags & per_tensor), COUNT=bool(flags & counted))
         out.append((f"optim {kind} state_bits={bits} {dtype} {writeback} flags={flags} "
                     f"block={block} rows={rows}", "optim._optim_kernel", sig, const,
                     kind == "adam" or bits != 32))
