@@ -21,8 +21,8 @@ TARGETS = ((80, "sm_80"), (90, "sm_90"))
 # Small tiles keep the compile fast (Triton unrolls the per-thread elements: a 2048-element tile
 # takes 1.5-4 s to compile, 128 elements 0.1-0.4 s); the instruction mix checked here does not
 # depend on the tile size. One variant per kernel family is also built at the tile the wrappers
-# launch on a GPU (2048 quantization elements, 1024 rounding elements), to catch size-dependent
-# failures.
+# launch on a GPU (2048 quantization elements, 1024 rounding elements, 4096 statistics elements),
+# to catch size-dependent failures. The statistics kernel must also square in float64.
 SMALL = (64, 2)
 GPU_TILE = (256, 8)
 
@@ -34,6 +34,7 @@ def _variants():
     from lowbit.reference import clip as clip_ref
     from lowbit.reference import optim as ref
     from lowbit.triton_kernels._common import FORMATS, KINDS
+    from lowbit.triton_kernels.stats import GPU_TILE as STATS_GPU_TILE
 
     import torch
 
@@ -116,6 +117,24 @@ def _variants():
         out.append((f"optim {kind} state_bits={bits} {dtype} {writeback} flags={flags} "
                     f"block={block} rows={rows}", "optim._optim_kernel", sig, const,
                     kind == "adam" or bits != 32))
+    # statistics pass: every grad dtype without the transform, the full transform on bf16 (at the
+    # GPU tile too), and the combine; squares and sums in float64, no division
+    small = SMALL[0] * SMALL[1]
+    stats = [(0, 0, small), (1, 0, small), (2, 0, small), (1, clip_ref.TRANSFORM_FLAGS, small),
+             (0, clip_ref.VALUE_CLIP, small), (1, clip_ref.TRANSFORM_FLAGS, STATS_GPU_TILE)]
+    for kind, flags, tile in stats:
+        sig = {"work_ptr": "*i64", "tab_ptr": "*i64", "cv_ptr": "*fp32", "psum_ptr": "*fp64",
+               "pcnt_ptr": "*i64", "pmax_ptr": "*i32"}
+        const = dict(TILE=tile, G_KIND=kind,
+                     **{name: bool(flags & bit) for name, bit in (
+                         ("VALUE_CLIP", clip_ref.VALUE_CLIP),
+                         ("TENSOR_SCALE", clip_ref.TENSOR_SCALE),
+                         ("ADA_CLIP", clip_ref.ADA_CLIP), ("NORM_SCALE", clip_ref.NORM_SCALE))})
+        out.append((f"grad_stats kind={kind} flags={flags} tile={tile}",
+                    "stats._stats_kernel", sig, const, False))
+    sig = {"first_ptr": "*i64", "psum_ptr": "*fp64", "pcnt_ptr": "*i64", "pmax_ptr": "*i32",
+           "out_ptr": "*fp64"}
+    out.append(("grad_stats combine", "stats._combine_kernel", sig, {"BLOCK": 128}, False))
     return out
 
 
@@ -148,6 +167,9 @@ def _worker(cc: int) -> None:
             "sqrt": name.startswith("optim.") and const["KIND"] == 0,
             "sqrt_rn": ptx.count("sqrt.rn.f32"),
             "sqrt_approx": ptx.count("sqrt.approx"),
+            # the statistics pass squares in float64 (exact), never in fp32
+            "f64_square": name == "stats._stats_kernel",
+            "mul_f64": ptx.count("mul.rn.f64") + ptx.count("fma.rn.f64"),
             "target": f".target sm_{cc}" in ptx}), flush=True)
 
 
@@ -185,6 +207,8 @@ def test_triton_kernels_compile_for_sm80_and_sm90(tmp_path):
                 problems.append(f"{where}: approximate division in the PTX")
             if r["sqrt"] and r["sqrt_rn"] == 0:
                 problems.append(f"{where}: no sqrt.rn.f32 (the Adam denominator is IEEE sqrt)")
+            if r["f64_square"] and r["mul_f64"] == 0:
+                problems.append(f"{where}: no float64 product (squares must be exact)")
             if r["sqrt_approx"]:
                 problems.append(f"{where}: approximate square root in the PTX")
             if r["fma"]:
