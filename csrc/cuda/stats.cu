@@ -32,9 +32,9 @@ constexpr int kStatsPerThread = 32;   // elements per thread of a work item
 constexpr int64_t kStatsItem = (int64_t)kStatsThreads * kStatsPerThread;  // elements per block
 constexpr int kStatsParamBytes = 4096;  // classic kernel-parameter limit
 
-// One work item's (or, in the workspace of the combine, one tensor's) partial statistics. The
-// two counts of a work item fit in 32 bits each (kStatsItem elements), so the block reduction
-// carries them packed in one 64-bit word; partials keep them apart for the per-tensor sums.
+// One work item's partial statistics (a 32-byte workspace slot). The two counts of a work item
+// fit in 32 bits each (kStatsItem elements), so the block reduction carries them packed in one
+// 64-bit word; partials keep them apart, since a tensor's totals may exceed 32 bits.
 struct StatsPart {
   double sumsq;
   uint64_t bad;       // inf/NaN elements of the raw gradient
