@@ -11,6 +11,7 @@
 
 #include "cpu/cpu_kernels.h"
 #include "optim_lists.h"
+#include "stats_lists.h"
 
 namespace py = pybind11;
 using namespace lowbit::cpu;
@@ -101,19 +102,15 @@ void py_optim_step(int kind, const std::vector<uintptr_t>& p, const std::vector<
   lowbit::cpu::optim_step(a);
 }
 
-// Per-tensor statistics (StatsArgs) of tensors of one dtype into `out` (float64, 4 per tensor),
-// after the clip transform when flags != 0 (xform: fp32 [ntensors, 4] = s, thr, r, k per tensor).
+// Per-tensor statistics (lowbit/stats_args.h) of tensors of one dtype into `out` (float64, 4 per
+// tensor), after the clip transform when flags != 0 (xform: fp32 [ntensors, 4] = s, thr, r, k per
+// tensor).
 void py_grad_stats(const std::vector<uintptr_t>& g, const std::vector<int64_t>& numel, int dtype,
                    uintptr_t xform, double cv, int flags, uintptr_t out) {
-  if (g.size() != numel.size()) throw std::invalid_argument("grad_stats: list lengths differ");
-  if (flags != 0 && xform == 0 && (flags & ~lowbit::kValueClip) != 0)
-    throw std::invalid_argument("grad_stats: the transform flags need the per-tensor table");
-  std::vector<const void*> ptrs(g.size());
-  for (size_t i = 0; i < g.size(); ++i) ptrs[i] = ptr<const void>(g[i]);
-  StatsArgs a{ptrs.data(), numel.data(), (int)g.size(), dtype,
-              ptr<const lowbit::ClipTensor>(xform), (float)cv, flags, ptr<double>(out)};
+  lowbit::StatsCall call;
+  lowbit::stats_call(call, g, numel, dtype, xform, cv, flags, out);
   py::gil_scoped_release release;
-  lowbit::cpu::grad_stats(a);
+  lowbit::cpu::grad_stats(call.args);
 }
 
 }  // namespace

@@ -13,6 +13,7 @@
 
 #include "cuda/launchers.h"
 #include "optim_lists.h"
+#include "stats_lists.h"
 
 namespace py = pybind11;
 
@@ -128,6 +129,31 @@ void py_optim_step(int kind, const std::vector<uintptr_t>& p, const std::vector<
   check("optim_step launch", err);
 }
 
+// Bytes of device workspace grad_stats needs for tensors of these element counts.
+size_t py_grad_stats_workspace(const std::vector<int64_t>& numel) {
+  return lowbit::cuda::grad_stats_workspace(numel.data(), (int)numel.size());
+}
+
+// Per-tensor statistics: lowbit._C's grad_stats (csrc/bindings.cpp) plus a device workspace of
+// py_grad_stats_workspace(numel) bytes and (device, stream). Everything but the two lists is
+// device memory; the workspace must live until the launches on `stream` complete (a torch
+// allocation on that stream, freed after this returns, does).
+void py_grad_stats(const std::vector<uintptr_t>& g, const std::vector<int64_t>& numel, int dtype,
+                   uintptr_t xform, double cv, int flags, uintptr_t out, uintptr_t workspace,
+                   size_t workspace_bytes, int device, uintptr_t stream) {
+  lowbit::StatsCall call;
+  lowbit::stats_call(call, g, numel, dtype, xform, cv, flags, out);
+  cudaError_t err;
+  {
+    py::gil_scoped_release release;
+    err = set_device(device);
+    if (err == cudaSuccess)
+      err = lowbit::cuda::grad_stats(call.args, ptr<void>(workspace), workspace_bytes,
+                                     reinterpret_cast<cudaStream_t>(stream));
+  }
+  check("grad_stats launch", err);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C_cuda, m) {
@@ -140,4 +166,8 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def("dequantize_blockwise", &py_dequantize_blockwise);
   m.def("stochastic_round", &py_stochastic_round);
   m.def("optim_step", &py_optim_step, "fused multi-tensor optimizer step (Adam, Lion, SGD)");
+  m.def("grad_stats_workspace", &py_grad_stats_workspace,
+        "device workspace bytes grad_stats needs for tensors of these sizes");
+  m.def("grad_stats", &py_grad_stats,
+        "per-tensor sum of squares, non-finite count, max |g|, NaN count");
 }

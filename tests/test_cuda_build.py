@@ -49,6 +49,20 @@ def test_launch_without_device_raises_runtime_error():
         _ext.C_CUDA.optim_step(2, [x.data_ptr()], [grad.data_ptr()], [64], [state.data_ptr()], [],
                                [], [], [], [], 32, 0, 0, 0, 0, 0, 0, 0, 0, [0.0] * 11, 0, 0, 0,
                                [], [], [], 0, 0)
+    stats = torch.zeros(1, 4, dtype=torch.float64)
+    need = _ext.C_CUDA.grad_stats_workspace([64])
+    workspace = torch.empty(max(1, need // 8), dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"lowbit CUDA grad_stats.*cudaError"):
+        _ext.C_CUDA.grad_stats([grad.data_ptr()], [64], 0, 0, 0.0, 0, stats.data_ptr(),
+                               workspace.data_ptr(), need, 0, 0)
+
+
+def test_grad_stats_workspace_is_the_sims():
+    # the same stats.cu computes it in both modules; native.py sizes the buffer from it
+    if _ext.C_SIM is None:
+        pytest.skip("lowbit._C_sim was not built (LOWBIT_SIM=1)")
+    sizes = [0, 1, 8192, 8193, 10**9]
+    assert _ext.C_CUDA.grad_stats_workspace(sizes) == _ext.C_SIM.grad_stats_workspace(sizes) > 0
 
 
 def _cuobjdump():

@@ -21,8 +21,8 @@ TARGETS = ((80, "sm_80"), (90, "sm_90"))
 # Small tiles keep the compile fast (Triton unrolls the per-thread elements: a 2048-element tile
 # takes 1.5-4 s to compile, 128 elements 0.1-0.4 s); the instruction mix checked here does not
 # depend on the tile size. One variant per kernel family is also built at the tile the wrappers
-# launch on a GPU (2048 quantization elements, 1024 rounding elements), to catch size-dependent
-# failures.
+# launch on a GPU (2048 quantization elements, 1024 rounding elements, 4096 statistics elements),
+# to catch size-dependent failures. The statistics kernel must also square in float64.
 SMALL = (64, 2)
 GPU_TILE = (256, 8)
 
@@ -34,6 +34,7 @@ def _variants():
     from lowbit.reference import clip as clip_ref
     from lowbit.reference import optim as ref
     from lowbit.triton_kernels._common import FORMATS, KINDS
+    from lowbit.triton_kernels.stats import GPU_TILE as STATS_GPU_TILE
 
     import torch
 
@@ -90,11 +91,12 @@ def _variants():
     # (the last two again with rank-1 second states: per-element scales from row/column maxima)
     rank1 = {len(optim) - 1, len(optim) - 6}
     optim += [optim[i] for i in sorted(rank1)]
-    # and two with every clipping step (lowbit.clip): 8-bit Adam with the spike clip (its square
-    # root), and Lion
-    clipping = ref.CLIP_FLAGS | ref.SPIKE_CLIP
-    clipped = [("adam", 2, 8, SMALL, torch.bfloat16, "stochastic", ref.DECAY | clipping),
-               ("lion", 1, 32, SMALL, torch.float32, "f32", ref.DECAY | ref.CLIP_FLAGS)]
+    # and the clipping policies' part (lowbit.clip): every transform step, spike clip (its square
+    # root), reset, SPAM's decay order, the per-tensor clip row and the clipped-element counter
+    clipped = [("adam", 2, 8, SMALL, torch.bfloat16, "stochastic", ref.DECAY | ref.CLIP_FLAGS),
+               ("lion", 1, 32, SMALL, torch.float32, "f32", ref.DECAY | ref.CLIP_FLAGS),
+               ("sgd", 1, 32, SMALL, torch.float32, "f32",
+                clip_ref.VALUE_CLIP | clip_ref.NORM_SCALE)]
     first_clipped = len(optim)
     optim += clipped
     for number, (kind, nstates, bits, (block, rows), dtype, writeback, flags) in enumerate(optim):
@@ -135,6 +137,24 @@ def _variants():
                      DECAY=bool(flags & ref.DECAY), L2=bool(flags & ref.L2), TR=tr, TC=tc)
         out.append((f"rank1 maxima {dtype} {writeback} flags={flags} tile={tr}x{tc}",
                     "optim._rank1_maxima_kernel", sig, const, False))
+    # statistics pass: every grad dtype without the transform, the full transform on bf16 (at the
+    # GPU tile too), and the combine; squares and sums in float64, no division
+    small = SMALL[0] * SMALL[1]
+    stats = [(0, 0, small), (1, 0, small), (2, 0, small), (1, clip_ref.TRANSFORM_FLAGS, small),
+             (0, clip_ref.VALUE_CLIP, small), (1, clip_ref.TRANSFORM_FLAGS, STATS_GPU_TILE)]
+    for kind, flags, tile in stats:
+        sig = {"work_ptr": "*i64", "tab_ptr": "*i64", "cv_ptr": "*fp32", "psum_ptr": "*fp64",
+               "pcnt_ptr": "*i64", "pmax_ptr": "*i32"}
+        const = dict(TILE=tile, G_KIND=kind,
+                     **{name: bool(flags & bit) for name, bit in (
+                         ("VALUE_CLIP", clip_ref.VALUE_CLIP),
+                         ("TENSOR_SCALE", clip_ref.TENSOR_SCALE),
+                         ("ADA_CLIP", clip_ref.ADA_CLIP), ("NORM_SCALE", clip_ref.NORM_SCALE))})
+        out.append((f"grad_stats kind={kind} flags={flags} tile={tile}",
+                    "stats._stats_kernel", sig, const, False))
+    sig = {"first_ptr": "*i64", "psum_ptr": "*fp64", "pcnt_ptr": "*i64", "pmax_ptr": "*i32",
+           "out_ptr": "*fp64"}
+    out.append(("grad_stats combine", "stats._combine_kernel", sig, {"BLOCK": 128}, False))
     return out
 
 
@@ -167,6 +187,9 @@ def _worker(cc: int) -> None:
             "sqrt": name == "optim._optim_kernel" and const["KIND"] == 0,
             "sqrt_rn": ptx.count("sqrt.rn.f32"),
             "sqrt_approx": ptx.count("sqrt.approx"),
+            # the statistics pass squares in float64 (exact), never in fp32
+            "f64_square": name == "stats._stats_kernel",
+            "mul_f64": ptx.count("mul.rn.f64") + ptx.count("fma.rn.f64"),
             "target": f".target sm_{cc}" in ptx}), flush=True)
 
 
@@ -204,6 +227,8 @@ def test_triton_kernels_compile_for_sm80_and_sm90(tmp_path):
                 problems.append(f"{where}: approximate division in the PTX")
             if r["sqrt"] and r["sqrt_rn"] == 0:
                 problems.append(f"{where}: no sqrt.rn.f32 (the Adam denominator is IEEE sqrt)")
+            if r["f64_square"] and r["mul_f64"] == 0:
+                problems.append(f"{where}: no float64 product (squares must be exact)")
             if r["sqrt_approx"]:
                 problems.append(f"{where}: approximate square root in the PTX")
             if r["fma"]:

@@ -178,6 +178,37 @@ def round_to_fmt(b, WIDTH: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr
 
 
 @triton.jit
+def neg(x):
+    """-x on fp32 by flipping the sign bit: Triton's -x is 0 - x, which gives +0 for x = +0."""
+    return (x.to(tl.uint32, bitcast=True) ^ 0x80000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def clip_transform(g, ct_ptr, cv_ptr, VALUE_CLIP: tl.constexpr, TENSOR_SCALE: tl.constexpr,
+                   ADA_CLIP: tl.constexpr, NORM_SCALE: tl.constexpr):
+    """clip_transform of clip_math.h (shared by the fused step and the statistics pass): the
+    transformed fp32 g and the mask of the elements an element-wise step changed. ct_ptr: the
+    tensor's (s, thr, r, k) row, read only by the per-tensor steps; cv_ptr: the value clip's
+    bound, read only with VALUE_CLIP."""
+    clipped = tl.zeros_like(g) != 0.0  # all False, g's shape
+    if VALUE_CLIP:
+        cv = tl.load(cv_ptr)
+        hi = g > cv
+        lo = g < neg(cv)
+        g = tl.where(hi, cv, tl.where(lo, neg(cv), g))
+        clipped = hi | lo
+    if TENSOR_SCALE:
+        g = g * tl.load(ct_ptr + 0)
+    if ADA_CLIP:
+        over = tl.abs(g) > tl.load(ct_ptr + 1)
+        g = tl.where(over, g * tl.load(ct_ptr + 2), g)
+        clipped = clipped | over
+    if NORM_SCALE:
+        g = g * tl.load(ct_ptr + 3)
+    return g, clipped
+
+
+@triton.jit
 def count_below_linear(y, tab_ptr, NTAB: tl.constexpr, STRICT: tl.constexpr):
     """Number of the NTAB sorted table entries below y (STRICT: t < y, else t <= y), by comparing
     against every entry: cheap for 15/16-entry tables and free of gathers."""

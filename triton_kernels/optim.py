@@ -31,8 +31,8 @@ import triton
 import triton.language as tl
 
 from ._common import (FORMATS, INTERP_MAX_PROGRAMS, INTERP_MAX_TILE, KINDS, LAUNCH_OPTS,
-                      code_index, interpreting, load_as_f32, pair_layout, philox_word_of,
-                      quiet_fp_warnings, round_to_fmt, tile_rows, widen_to_f32)
+                      clip_transform, code_index, interpreting, load_as_f32, neg, pair_layout,
+                      philox_word_of, quiet_fp_warnings, round_to_fmt, tile_rows, widen_to_f32)
 from .quant import _scale_back, _unit_scale
 from ..reference import clip as clip_ref
 from ..reference import optim as ref
@@ -50,14 +50,8 @@ def _sign(c):
 @triton.jit
 def _negate(g, MAXIMIZE: tl.constexpr):
     if MAXIMIZE:
-        g = _neg(g)
+        g = neg(g)
     return g
-
-
-@triton.jit
-def _neg(x):
-    # flip the sign bit: Triton's -x is 0 - x, which gives +0 for x = +0
-    return (x.to(tl.uint32, bitcast=True) ^ 0x80000000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -84,29 +78,6 @@ def _adam_new_v(x, g, s2, sc_ptr, MAXIMIZE: tl.constexpr, DECAY: tl.constexpr,
 
 
 @triton.jit
-def _clip_transform(g, ct_ptr, sc_ptr, VALUE_CLIP: tl.constexpr, TENSOR_SCALE: tl.constexpr,
-                    ADA_CLIP: tl.constexpr, NORM_SCALE: tl.constexpr):
-    """clip_transform of clip_math.h: the transformed g and the mask of the elements an
-    element-wise step changed. ct_ptr: the tensor's (s, thr, r, k) row; sc_ptr[8]: cv."""
-    clipped = tl.zeros_like(g) != 0.0  # all False, g's shape
-    if VALUE_CLIP:
-        cv = tl.load(sc_ptr + 8)
-        hi = g > cv
-        lo = g < _neg(cv)
-        g = tl.where(hi, cv, tl.where(lo, _neg(cv), g))
-        clipped = hi | lo
-    if TENSOR_SCALE:
-        g = g * tl.load(ct_ptr + 0)
-    if ADA_CLIP:
-        over = tl.abs(g) > tl.load(ct_ptr + 1)
-        g = tl.where(over, g * tl.load(ct_ptr + 2), g)
-        clipped = clipped | over
-    if NORM_SCALE:
-        g = g * tl.load(ct_ptr + 3)
-    return g, clipped
-
-
-@triton.jit
 def _update(x, g, s1, s2, sc_ptr, ct_ptr, KIND: tl.constexpr, MAXIMIZE: tl.constexpr,
             DECAY: tl.constexpr, L2: tl.constexpr, NESTEROV: tl.constexpr,
             FIRST_STEP: tl.constexpr, NO_MOMENTUM: tl.constexpr, VALUE_CLIP: tl.constexpr,
@@ -115,8 +86,8 @@ def _update(x, g, s1, s2, sc_ptr, ct_ptr, KIND: tl.constexpr, MAXIMIZE: tl.const
     """update_rule of optim_math.h: the new (x, s1, s2) and the clipped mask. Scalars
     sc_ptr[0..10] as there; ct_ptr: the tensor's clip row."""
     g = _negate(g, MAXIMIZE)
-    g, clipped = _clip_transform(g, ct_ptr, sc_ptr, VALUE_CLIP, TENSOR_SCALE, ADA_CLIP,
-                                 NORM_SCALE)
+    g, clipped = clip_transform(g, ct_ptr, sc_ptr + 8, VALUE_CLIP, TENSOR_SCALE, ADA_CLIP,
+                                NORM_SCALE)
     s2_loaded = s2
     if RESET:  # (an unused state's placeholder becomes a zero tile: harmless)
         s1 = tl.zeros_like(g)
@@ -131,7 +102,7 @@ def _update(x, g, s1, s2, sc_ptr, ct_ptr, KIND: tl.constexpr, MAXIMIZE: tl.const
             lim = tl.load(sc_ptr + 9) * tl.where(s2_loaded > floor, s2_loaded, floor)
             over = g * g > lim
             root = tl.math.sqrt_rn(lim)
-            g = tl.where(over, tl.where(g < 0.0, _neg(root), root), g)
+            g = tl.where(over, tl.where(g < 0.0, neg(root), root), g)
             clipped = clipped | over
         s1 = s1 + tl.load(sc_ptr + 2) * (g - s1)
         s2 = _adam_second_moment(s2, g, sc_ptr)

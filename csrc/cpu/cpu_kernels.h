@@ -5,6 +5,7 @@
 
 #include "lowbit/clip_math.h"
 #include "lowbit/optim_args.h"
+#include "lowbit/stats_args.h"
 
 namespace lowbit {
 namespace cpu {
@@ -45,21 +46,6 @@ struct RoundArgs {
 struct OptimCpuArgs {
   OptArgs a;
   NearestLut lut1, lut2;
-};
-
-// Per-tensor statistics of a list of tensors of one dtype: out[4t .. 4t+3] = sum of squares of
-// the finite elements, number of inf/NaN elements, largest finite |element|, number of NaN
-// elements; the sum and the maximum of the finite elements after the optional clip transform
-// (lowbit/clip_math.h; xform: [ntensors] ClipTensor, or null when flags has no per-tensor step).
-struct StatsArgs {
-  const void* const* g;
-  const int64_t* n;
-  int ntensors;
-  int dtype;
-  const ClipTensor* xform;
-  float cv;
-  int flags;
-  double* out;
 };
 
 #define LOWBIT_DECLARE_ISA(ns)                          \

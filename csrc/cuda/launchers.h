@@ -1,4 +1,4 @@
-// Host entry points of the CUDA kernels (csrc/cuda/quant.cu, csrc/cuda/optim.cu), on raw
+// Host entry points of the CUDA kernels (csrc/cuda/quant.cu, optim.cu, stats.cu), on raw
 // pointers. Each enqueues on `stream` and returns the launch status (cudaGetLastError); none
 // synchronizes. Shared by bindings_cuda.cpp (nvcc-compiled kernels) and sim/bindings_sim.cpp (the
 // same source run by the simulator, where streams are ignored and launches are synchronous).
@@ -12,6 +12,7 @@
 #endif
 
 #include "lowbit/optim_args.h"
+#include "lowbit/stats_args.h"
 
 namespace lowbit {
 namespace cuda {
@@ -42,6 +43,23 @@ cudaError_t stochastic_round(const float* x, int64_t n, void* out, int fmt, uint
 // memory. Quantized states (state_bits 8 with ncode 256, or 4 with ncode 16) need a block that is
 // a power of two in [32, 4096]. Unsupported combinations return cudaErrorInvalidValue.
 cudaError_t optim_step(const OptArgs& a, cudaStream_t stream);
+
+// ---- csrc/cuda/stats.cu ------------------------------------------------------------------------
+
+// Bytes of device workspace grad_stats needs for tensors of n[0 .. ntensors) elements (one
+// partial per work item; 0 when every tensor is empty).
+size_t grad_stats_workspace(const int64_t* n, int ntensors);
+
+// Per-tensor statistics (lowbit/stats_args.h), equal to lowbit::cpu::grad_stats and
+// lowbit.reference.clip.grad_stats (sums to float64 rounding). `a.g` and `a.n` are HOST arrays
+// (packed into kernel parameters, free once this returns); the tensors, a.xform, a.out and
+// `workspace` (at least grad_stats_workspace(a.n, a.ntensors) bytes, 8-byte aligned) are device
+// memory, and the workspace must stay allocated until the launches on `stream` complete.
+// Two launches per chunk of tensors (partials, then their per-tensor combination); no float
+// atomics, so the result is the same on every run. Invalid arguments return
+// cudaErrorInvalidValue.
+cudaError_t grad_stats(const StatsArgs& a, void* workspace, size_t workspace_bytes,
+                       cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace lowbit

@@ -49,6 +49,12 @@ struct MaxU32 {
 struct SumF32 {
   __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
 };
+struct SumF64 {
+  __device__ __forceinline__ double operator()(double a, double b) const { return a + b; }
+};
+struct SumU64 {
+  __device__ __forceinline__ uint64_t operator()(uint64_t a, uint64_t b) const { return a + b; }
+};
 
 // Butterfly reduction over a full warp: every lane ends with the result. The order of
 // combination is fixed, so a float sum is deterministic (max on bit patterns is order-free anyway).

@@ -1,7 +1,8 @@
 // lowbit._C_sim (test-only): the CUDA kernels of csrc/cuda/*.cu, compiled as C++ with
 // -DLOWBIT_CUDA_SIM and run by the fiber simulator (sim.h) on CPU memory. Same signatures as
-// lowbit._C, so the Python "cuda_sim" backend is a drop-in for "cpu"; the parity tests compare it
-// with the torch reference bit for bit. Also exposes tiny self-test kernels for the simulator's
+// lowbit._C (grad_stats adds the workspace lowbit._C_cuda takes), so the Python "cuda_sim"
+// backend is a drop-in for "cpu"; the parity tests compare it with the torch reference bit for
+// bit. Also exposes tiny self-test kernels for the simulator's
 // own primitives (tests/test_cuda_sim_primitives.py).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -13,7 +14,9 @@
 // The kernels themselves, textually: exactly the source nvcc compiles.
 #include "cuda/quant.cu"
 #include "cuda/optim.cu"
+#include "cuda/stats.cu"
 #include "optim_lists.h"
+#include "stats_lists.h"
 
 namespace py = pybind11;
 namespace lc = lowbit::cuda;
@@ -85,6 +88,25 @@ void py_optim_step(int kind, const std::vector<uintptr_t>& p, const std::vector<
     err = lc::optim_step(call.args, nullptr);
   }
   check("optim_step", err);
+}
+
+size_t py_grad_stats_workspace(const std::vector<int64_t>& numel) {
+  return lc::grad_stats_workspace(numel.data(), (int)numel.size());
+}
+
+// lowbit._C's grad_stats signature plus the workspace (CPU memory here) of
+// py_grad_stats_workspace(numel) bytes, as lowbit._C_cuda takes it; runs csrc/cuda/stats.cu.
+void py_grad_stats(const std::vector<uintptr_t>& g, const std::vector<int64_t>& numel, int dtype,
+                   uintptr_t xform, double cv, int flags, uintptr_t out, uintptr_t workspace,
+                   size_t workspace_bytes) {
+  lowbit::StatsCall call;
+  lowbit::stats_call(call, g, numel, dtype, xform, cv, flags, out);
+  cudaError_t err;
+  {
+    py::gil_scoped_release release;
+    err = lc::grad_stats(call.args, ptr<void>(workspace), workspace_bytes, nullptr);
+  }
+  check("grad_stats", err);
 }
 
 // ---- self-test kernels: each checks one primitive's CUDA semantics ------------------------------
@@ -213,6 +235,10 @@ PYBIND11_MODULE(_C_sim, m) {
   m.def("dequantize_blockwise", &py_dequantize_blockwise);
   m.def("stochastic_round", &py_stochastic_round);
   m.def("optim_step", &py_optim_step, "fused multi-tensor optimizer step (Adam, Lion, SGD)");
+  m.def("grad_stats_workspace", &py_grad_stats_workspace,
+        "workspace bytes grad_stats needs for tensors of these sizes");
+  m.def("grad_stats", &py_grad_stats,
+        "per-tensor sum of squares, non-finite count, max |g|, NaN count");
   m.def("sim_selftest_barrier", &selftest_barrier, py::arg("nthreads"), py::arg("nblocks") = 1,
         "out[b*n + t] = value thread (t+1)%n of block b wrote before a __syncthreads()");
   m.def("sim_selftest_shfl", &selftest_shfl, py::arg("kind"), py::arg("nthreads"), py::arg("arg"),

@@ -183,14 +183,14 @@ def grad_stats(grads: list[torch.Tensor], backend: str, xform: Optional[torch.Te
     inf/NaN elements, largest finite |element|, number of NaN elements — the sum and the maximum
     optionally after the clip transform selected by `flags` (lowbit.reference.clip; xform:
     fp32 [len(grads), 4] rows (scale, threshold, ratio, k) on the grads' device; value_clip: the
-    bound of VALUE_CLIP). One multi-tensor pass where the backend has the kernel (cpu), torch
-    ops otherwise. Sums of squares are exact squares added in float64 (backends differ by
-    float64 rounding only); the rest is exact."""
+    bound of VALUE_CLIP). One multi-tensor pass on the kernel backends (cpu, cuda, cuda_sim,
+    triton: per-block partials combined in a fixed order, so repeated calls give the same bits);
+    torch ops on "reference". Sums of squares are exact squares added in float64 (backends differ
+    by float64 rounding only); the rest is exact."""
     device = grads[0].device if grads else torch.device("cpu")
     out = torch.zeros((len(grads), _reference_clip.NSTATS), dtype=torch.float64, device=device)
     if grads:
-        impl = _backend_impl(backend)
-        getattr(impl, "grad_stats", _reference.grad_stats)(grads, out, xform, value_clip, flags)
+        _backend_impl(backend).grad_stats(grads, out, xform, value_clip, flags)
     return out
 
 

@@ -58,21 +58,35 @@ class NativeBackend:
             *self._stream(params[0]))
 
     def grad_stats(self, grads, out, xform=None, cv=0.0, flags=0):
-        if not hasattr(self.module, "grad_stats"):  # only the CPU module has this kernel
+        if not hasattr(self.module, "grad_stats"):  # a module built without the kernel
             from . import reference
             return reference.grad_stats(grads, out, xform, cv, flags)
-        # the kernel takes one dtype per call
+        # the kernels take one dtype per call
         for dtype in {g.dtype for g in grads}:
             idx = [i for i, g in enumerate(grads) if g.dtype == dtype]
             whole = len(idx) == len(grads)
-            part = out if whole else torch.empty((len(idx), out.shape[1]), dtype=torch.float64)
+            part = out if whole else out.new_empty((len(idx), out.shape[1]))
             xf = None if xform is None else (xform if whole else xform[idx].contiguous())
-            self.module.grad_stats([grads[i].data_ptr() for i in idx],
-                                   [grads[i].numel() for i in idx], DTYPE_CODE[dtype],
+            numel = [grads[i].numel() for i in idx]
+            # Held until the call returns (the sim reads it synchronously); on a GPU torch's
+            # allocator hands its memory out again only to work queued after the launches on
+            # this stream, so dropping it then is safe.
+            workspace = self._stats_workspace(numel, out.device)
+            extra = () if workspace is None else (workspace.data_ptr(), 8 * workspace.numel())
+            self.module.grad_stats([grads[i].data_ptr() for i in idx], numel, DTYPE_CODE[dtype],
                                    0 if xf is None else xf.data_ptr(), cv, flags,
-                                   part.data_ptr())
+                                   part.data_ptr(), *extra, *self._stream(out))
             if part is not out:
                 out[idx] = part
+
+    def _stats_workspace(self, numel, device):
+        """Scratch memory on `device` for the per-block partials of the CUDA statistics kernels
+        (csrc/cuda/stats.cu; float64 elements: the partials hold doubles and 64-bit counts), or
+        None for the CPU module, which needs none."""
+        if not hasattr(self.module, "grad_stats_workspace"):
+            return None
+        nbytes = self.module.grad_stats_workspace(numel)
+        return torch.empty(max(1, -(-nbytes // 8)), dtype=torch.float64, device=device)
 
 
 def _rank1_lists(params, v_cols, v_colmax):

@@ -2,8 +2,10 @@
 from ..triton_kernels import optim as _optim
 from ..triton_kernels import quant as _quant
 from ..triton_kernels import rounding as _rounding
+from ..triton_kernels import stats as _stats
 
 quantize_blockwise = _quant.quantize_blockwise
 dequantize_blockwise = _quant.dequantize_blockwise
 stochastic_round = _rounding.stochastic_round
 optim_step = _optim.optim_step
+grad_stats = _stats.grad_stats

@@ -1,0 +1,32 @@
+// The argument block of the gradient-statistics pass (lowbit::grad_stats), shared by the CPU
+// kernel (csrc/cpu/stats_impl.h), the CUDA launcher (csrc/cuda/stats.cu) and the three pybind11
+// modules (csrc/stats_lists.h builds it). Host-side only; plain data so nvcc and gcc agree on it.
+#pragma once
+#include <stdint.h>
+
+#include "clip_math.h"
+
+namespace lowbit {
+
+// Per-tensor statistics of a list of tensors of one dtype: out[4t .. 4t+3] = sum of squares of
+// the finite elements, number of inf/NaN elements, largest finite |element|, number of NaN
+// elements; the sum and the maximum of the finite elements after the optional clip transform
+// (lowbit/clip_math.h; xform: [ntensors] ClipTensor, or null when flags has no per-tensor step).
+// `g` and `n` are host arrays; for CUDA the tensors, xform and out are device memory.
+struct StatsArgs {
+  const void* const* g;
+  const int64_t* n;
+  int ntensors;
+  int dtype;
+  const ClipTensor* xform;
+  float cv;
+  int flags;
+  double* out;
+};
+
+// The flags the statistics pass understands: the clip transform's steps, nothing else.
+constexpr int kStatsFlags = kValueClip | kTensorScale | kAdaClip | kNormScale;
+// The steps that read the per-tensor ClipTensor row.
+constexpr int kStatsRowFlags = kTensorScale | kAdaClip | kNormScale;
+
+}  // namespace lowbit
