@@ -13,6 +13,14 @@ def _with(extra, clip):
     return list(extra) + cp.as_policies(clip)
 
 
+def _adamw_scalars(group, step, beta1_scale):
+    """AdamW's step scalars (decoupled decay), beta1 times the schedule factor."""
+    beta1, beta2 = group["betas"]
+    sc = ref.adam_scalars(float(group["lr"]), beta1 * beta1_scale, beta2, group["eps"],
+                          group["weight_decay"], step)
+    return sc, {"maximize": bool(group["maximize"])}
+
+
 class SPAM(FusedOptimizer):
     """SPAM (Huang et al., ICLR 2025): Adam with spike-aware clipping against v (threshold),
     momentum reset every update_proj_gap steps (bias correction not restarted) and a cosine lr
@@ -37,11 +45,9 @@ class SPAM(FusedOptimizer):
         super().__init__(params, defaults, clip=_with(policies, clip), **kwargs)
 
     def _scalars(self, group, step, beta1_scale=1.0):
-        beta1, beta2 = group["betas"]
-        sc = ref.adam_scalars(float(group["lr"]), beta1 * beta1_scale, beta2, group["eps"],
-                              group["weight_decay"], step)
+        sc, kw = _adamw_scalars(group, step, beta1_scale)
         sc[5] = ref.f32(group["eps"])  # sqrt(v) + eps, the bias correction on the step size only
-        return sc, {"maximize": bool(group["maximize"])}
+        return sc, kw
 
 
 class StableSPAM(FusedOptimizer):
@@ -65,10 +71,7 @@ class StableSPAM(FusedOptimizer):
         super().__init__(params, defaults, clip=_with(policies, clip), **kwargs)
 
     def _scalars(self, group, step, beta1_scale=1.0):
-        beta1, beta2 = group["betas"]
-        sc = ref.adam_scalars(float(group["lr"]), beta1 * beta1_scale, beta2, group["eps"],
-                              group["weight_decay"], step)
-        return sc, {"maximize": bool(group["maximize"])}
+        return _adamw_scalars(group, step, beta1_scale)
 
 
 class AdaGC(FusedOptimizer):
@@ -86,10 +89,7 @@ class AdaGC(FusedOptimizer):
         super().__init__(params, defaults, clip=_with(policies, clip), **kwargs)
 
     def _scalars(self, group, step, beta1_scale=1.0):
-        beta1, beta2 = group["betas"]
-        sc = ref.adam_scalars(float(group["lr"]), beta1 * beta1_scale, beta2, group["eps"],
-                              group["weight_decay"], step)
-        return sc, {"maximize": bool(group["maximize"])}
+        return _adamw_scalars(group, step, beta1_scale)
 
 
 def _bits(cls, bits):
