@@ -40,7 +40,7 @@ test-triton-newest:
 	$(NEWEST_PY) -m pip install -q -U pip
 	$(NEWEST_PY) -m pip install -q $(TORCH)
 	$(NEWEST_PY) -m pip install -q triton==$(TRITON_NEWEST) setuptools pybind11 numpy scipy \
-		pytest pytest-xdist pytest-benchmark
+		pytest pytest-xdist pytest-benchmark pytorch-optimizer==4.1.0
 	LOWBIT_SIM=1 $(NEWEST_PY) -m pip install -q --no-build-isolation --no-deps -e .
 	TRITON_INTERPRET=1 $(NEWEST_PY) -m pytest -n 2 -q tests -k triton
 

@@ -246,7 +246,7 @@ def _rank1_scales(row, n, idx, msk):
     nrows = n // cols
     r = idx // cols
     c = idx - r * cols
-    m = msk & is_r1
+    m = msk & (idx * 0 + vcols > 0)  # a block of bools: triton 3.9 rejects a block & scalar mask
     old_r = _as_bits_ptr(tl.load(row + 5))
     old_c = _as_bits_ptr(tl.load(row + 10))
     fresh = _as_bits_ptr(tl.load(row + 11))
