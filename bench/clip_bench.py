@@ -11,10 +11,8 @@ SPAM / Stable-SPAM at most 1.25x, and faster than every unfused peer.
 Usage: python bench/clip_bench.py [--quick] [--n N] [--threads T] [--reps R]
 Writes bench/out/clip_report.md and bench/out/clip_results.json.
 """
-import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 if __name__ == "__main__":
@@ -75,12 +73,7 @@ def rows(dtype):
 def main(args):
     torch.set_num_threads(args.threads)
     n = args.n
-    src, dst = torch.randn(n), torch.empty(n)
-
-    def copy():
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        return time.perf_counter() - t0
+    copy = ob.copy_timer(n)
 
     results = []
     dtypes = [torch.float32] + ([] if args.quick else [torch.bfloat16])
@@ -103,14 +96,7 @@ def main(args):
             print(f"  {dname:<9} {label:<44} {med * 1e3:8.2f} ms  (copy {cmed * 1e3:.2f} ms)",
                   flush=True)
             del opt, params
-    lines = report(results, args)
-    text = "\n".join(lines)
-    print("\n" + text)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "clip_report.md"), "w") as f:
-        f.write(text + "\n")
-    with open(os.path.join(args.out, "clip_results.json"), "w") as f:
-        json.dump({"n": n, "threads": args.threads, "rows": results, "notes": NOTES}, f, indent=1)
+    ob.write_outputs(args, "clip", report(results, args), results, NOTES)
 
 
 def report(results, args):

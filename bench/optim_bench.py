@@ -130,16 +130,35 @@ def time_steps(opt, copy, reps, warmup=2, max_seconds=20.0):
     return statistics.median(times), statistics.median(copies), len(times)
 
 
-def main(args):
-    torch.set_num_threads(args.threads)
-    import lowbit
-    n = args.n
+def copy_timer(n):
+    """A function timing one fp32 copy of n elements (seconds): the bandwidth baseline taken
+    just before every timed step."""
     src, dst = torch.randn(n), torch.empty(n)
 
     def copy():
         t0 = time.perf_counter()
         dst.copy_(src)
         return time.perf_counter() - t0
+    return copy
+
+
+def write_outputs(args, name, lines, results, notes):
+    """Print the report and write bench/out/<name>_report.md and <name>_results.json."""
+    text = "\n".join(lines)
+    print("\n" + text)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"{name}_report.md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(args.out, f"{name}_results.json"), "w") as f:
+        json.dump({"n": args.n, "threads": args.threads, "rows": results, "notes": notes}, f,
+                  indent=1)
+
+
+def main(args):
+    torch.set_num_threads(args.threads)
+    import lowbit
+    n = args.n
+    copy = copy_timer(n)
 
     layouts = [(8, "8 tensors")] + ([] if args.quick else [(500, "500 tensors")])
     dtypes = [torch.float32, torch.bfloat16]
@@ -172,14 +191,7 @@ def main(args):
                       f"{row['bytes_per_param']:5.2f} B/param  {row['gbps']:6.1f} GB/s  "
                       f"{row['x_copy']:.2f}x copy", flush=True)
                 del opt, params
-    lines = report(results, args)
-    text = "\n".join(lines)
-    print("\n" + text)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "optim_report.md"), "w") as f:
-        f.write(text + "\n")
-    with open(os.path.join(args.out, "optim_results.json"), "w") as f:
-        json.dump({"n": n, "threads": args.threads, "rows": results, "notes": NOTES}, f, indent=1)
+    write_outputs(args, "optim", report(results, args), results, NOTES)
 
 
 def report(results, args):

@@ -44,12 +44,7 @@ def _close(ours, theirs, rtol, atol):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=rtol, atol=atol)
 
 
-try:
-    import pytorch_optimizer as pto
-except ImportError:  # the comparisons below need it; the rest of the module does not
-    pto = None
-needs_pto = pytest.mark.skipif(pto is None, reason="pytorch-optimizer is not installed "
-                               "(requirements-ci.txt installs it)")
+import pytorch_optimizer as pto  # requirements-ci.txt and the newest-triton venv install it
 
 # Our fused step folds the bias corrections into eps and the step size and computes the clip
 # coefficients in float64 (pytorch-optimizer: sqrt(v) / bc2 + eps and fp32 0-dim tensors), so the
@@ -58,43 +53,36 @@ needs_pto = pytest.mark.skipif(pto is None, reason="pytorch-optimizer is not ins
 PTO_TOL = dict(rtol=1e-4, atol=1e-6)
 
 
-@needs_pto
-def test_spam_matches_pytorch_optimizer():
-    kw = dict(lr=1e-3, weight_decay=0.1, warmup_epoch=10, threshold=5000, grad_accu_steps=5,
-              update_proj_gap=25, eps=1e-6)
+def _against_pto(name, kw, steps, **gkw):
+    """lowbit.optim.<name> and pytorch_optimizer.<name> with the same arguments, gradients and
+    steps: the trajectories agree to PTO_TOL. Returns lowbit's optimizer."""
     ours, theirs = _params(), _params()
-    a = lo.SPAM(ours, **kw)
-    b = pto.SPAM(theirs, **kw)
-    _run(a, ours, 60)
-    _run(b, theirs, 60)
+    a = getattr(lo, name)(ours, **kw)
+    _run(a, ours, steps, **gkw)
+    _run(getattr(pto, name)(theirs, **kw), theirs, steps, **gkw)
     _close(ours, theirs, **PTO_TOL)
+    return a
+
+
+def test_spam_matches_pytorch_optimizer():
+    a = _against_pto("SPAM", dict(lr=1e-3, weight_decay=0.1, warmup_epoch=10, threshold=5000,
+                                  grad_accu_steps=5, update_proj_gap=25, eps=1e-6), 60)
     assert a.last_clip_info["step"] == 60
 
 
-@needs_pto
 def test_stable_spam_matches_pytorch_optimizer():
-    kw = dict(lr=1e-3, weight_decay=0.05, gamma1=0.7, gamma2=0.9, theta=0.999, t_max=30,
-              eta_min=0.5, update_proj_gap=20, eps=1e-8)
-    ours, theirs = _params(), _params()
-    _run(lo.StableSPAM(ours, **kw), ours, 60)
-    _run(pto.StableSPAM(theirs, **kw), theirs, 60)
-    _close(ours, theirs, **PTO_TOL)
+    _against_pto("StableSPAM", dict(lr=1e-3, weight_decay=0.05, gamma1=0.7, gamma2=0.9,
+                                    theta=0.999, t_max=30, eta_min=0.5, update_proj_gap=20,
+                                    eps=1e-8), 60)
 
 
-@needs_pto
 def test_adagc_matches_pytorch_optimizer():
-    kw = dict(lr=1e-3, beta=0.98, lambda_abs=1.0, lambda_rel=1.05, warmup_steps=10,
-              weight_decay=0.1, eps=1e-8)
-    ours, theirs = _params(), _params()
-    a = lo.AdaGC(ours, **kw)
-    _run(a, ours, 40, scale=0.3)
-    _run(pto.AdaGC(theirs, **kw), theirs, 40, scale=0.3)
-    _close(ours, theirs, **PTO_TOL)
+    a = _against_pto("AdaGC", dict(lr=1e-3, beta=0.98, lambda_abs=1.0, lambda_rel=1.05,
+                                   warmup_steps=10, weight_decay=0.1, eps=1e-8), 40, scale=0.3)
     # both phases clipped: warmup against lambda_abs (norms ~9 > 1), then against gamma
     assert (a.last_clip_info["scale"] < 1).any()
 
 
-@needs_pto
 def test_spam_warmup_factor_matches_pytorch_optimizer():
     from pytorch_optimizer.optimizer.spam import CosineDecay
     reset = clip.MomentumReset(interval=8, warmup_steps=5)
@@ -106,7 +94,6 @@ def test_spam_warmup_factor_matches_pytorch_optimizer():
         assert reset.warmup_factor(t) == pytest.approx(want, abs=1e-12), t
 
 
-@needs_pto
 def test_beta1_schedule_matches_pytorch_optimizer():
     from pytorch_optimizer.optimizer.spam import CosineDecay
     sched, cd = clip.Beta1Cosine(12, 0.5), CosineDecay(1.0, 12, eta_min=0.5)
