@@ -18,7 +18,8 @@ struct OptCall {
 
 // Lists of the states a rule does not have (and absmax lists for 32-bit states, comps unless
 // kahan, keys unless stochastic) are empty; every other list has one entry per tensor.
-// clip_table: fp32 [n, 4] rows (ClipTensor) or 0; clipped: int64 [n] counters or 0. v_cols,
+// clip_table: fp32 [n, 6] rows (OptClipRow) or 0; clipped: int64 [n] counters or 0; rms: float64
+// [n] sums of the update-clipping statistics or 0 (with it, the call only adds to them). v_cols,
 // s2_colmax and v_scratch (rank-1 second states, optim_args.h) are all empty when every tensor's
 // second state is block-wise; otherwise one entry per tensor (0 / null for block-wise ones).
 inline void optim_call(OptCall& c, int kind, const std::vector<uintptr_t>& p,
@@ -29,7 +30,8 @@ inline void optim_call(OptCall& c, int kind, const std::vector<uintptr_t>& p,
                        int state_bits, int block, uintptr_t code1, uintptr_t mids1,
                        uintptr_t code2, uintptr_t mids2, int ncode, int dtype, int writeback,
                        const std::vector<double>& scalars, int flags, uintptr_t clip_table,
-                       uintptr_t clipped, const std::vector<int64_t>& v_cols,
+                       uintptr_t clipped, uintptr_t rms,
+                       const std::vector<int64_t>& v_cols,
                        const std::vector<uintptr_t>& s2_colmax,
                        const std::vector<uintptr_t>& v_scratch) {
   const size_t n = p.size();
@@ -43,9 +45,11 @@ inline void optim_call(OptCall& c, int kind, const std::vector<uintptr_t>& p,
     throw std::invalid_argument("optim_step: tensor lists of inconsistent lengths");
   if (scalars.size() != kNumScalars)
     throw std::invalid_argument("optim_step: expected 11 scalars (reference.optim.NSCALARS)");
-  const int per_tensor_clip = kTensorScale | kAdaClip | kNormScale;
+  const int per_tensor_clip = kTensorScale | kAdaClip | kNormScale | kUpdateScale;
   if ((flags & per_tensor_clip) && clip_table == 0)
     throw std::invalid_argument("optim_step: the per-tensor clip flags need the clip table");
+  if ((rms != 0 || (flags & kUpdateScale)) && kind != kAdam)
+    throw std::invalid_argument("optim_step: update clipping (rms, kUpdateScale) needs Adam");
   if (state_bits != 32 && state_bits != 8 && state_bits != 4)
     throw std::invalid_argument("optim_step: state_bits must be 32, 8 or 4");
   if (quantized && nstates > 0 && ncode != (state_bits == 8 ? 256 : 16))
@@ -62,7 +66,7 @@ inline void optim_call(OptCall& c, int kind, const std::vector<uintptr_t>& p,
     if (kind != kAdam || state_bits != 4 || nstates != 2)
       throw std::invalid_argument("optim_step: rank-1 second states need Adam with 4-bit states");
     // the rank-1 prepass computes the new v without the clipping steps (adam_new_v)
-    if (flags & kAnyClip)
+    if ((flags & kAnyClip) || rms != 0)
       throw std::invalid_argument(
           "optim_step: rank-1 second states do not support the clip flags yet");
     if (v_cols[i] < 0 || numel[i] % v_cols[i] != 0 || s2_colmax[i] == 0 || v_scratch[i] == 0)
@@ -81,9 +85,10 @@ inline void optim_call(OptCall& c, int kind, const std::vector<uintptr_t>& p,
                              quantized && nstates >= 2 ? (float*)at(s2_absmax, i) : nullptr,
                              writeback == kWbKahan ? at(comp, i) : nullptr,
                              writeback == kWbStochastic ? keys[i] : 0,
-                             clip_table ? reinterpret_cast<const ClipTensor*>(clip_table) + i
+                             clip_table ? reinterpret_cast<const OptClipRow*>(clip_table) + i
                                         : nullptr,
                              clipped ? reinterpret_cast<int64_t*>(clipped) + i : nullptr,
+                             rms ? reinterpret_cast<double*>(rms) + i : nullptr,
                              i < v_cols.size() ? v_cols[i] : 0,
                              i < v_cols.size() ? (float*)at(s2_colmax, i) : nullptr,
                              i < v_cols.size() ? (float*)at(v_scratch, i) : nullptr};
@@ -100,6 +105,7 @@ inline void optim_call(OptCall& c, int kind, const std::vector<uintptr_t>& p,
   a.ncode = ncode;
   a.dtype = dtype;
   a.writeback = writeback;
+  a.rms_pass = rms != 0;
   for (int k = 0; k < kNumScalars; ++k) a.s.f[k] = (float)scalars[k];
   a.s.kind = kind;
   a.s.flags = flags;

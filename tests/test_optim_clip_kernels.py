@@ -1,5 +1,6 @@
 """The clipping steps inside the fused optimizer kernel (clip_math.h transform, SPAM's spike clip,
-momentum reset, decay after the update, clipped-element counters) on every backend, bit for bit
+momentum reset, decay after the update, per-tensor step size and decay of update clipping,
+clipped-element counters) and the update-clipping statistics pass on every backend, bit for bit
 against lowbit.reference.optim.fused_step, for 32/8/4-bit states and fp32/bf16 params."""
 import pytest
 import torch
@@ -20,6 +21,9 @@ CASES = {
     "spam": ("adam", ref.SPIKE_CLIP | ref.DECAY_AFTER),
     "spam_reset": ("adam", ref.SPIKE_CLIP | ref.RESET | ref.DECAY_AFTER),
     "everything": ("adam", clip_ref.TRANSFORM_FLAGS | ref.SPIKE_CLIP | ref.DECAY_AFTER),
+    "update_scale": ("adam", ref.UPDATE_SCALE),
+    "update_scale_spam": ("adam", ref.UPDATE_SCALE | clip_ref.TENSOR_SCALE | ref.SPIKE_CLIP |
+                          ref.DECAY_AFTER),
     "lion": ("lion", clip_ref.VALUE_CLIP | clip_ref.TENSOR_SCALE | ref.RESET | ref.DECAY_AFTER),
     "sgd": ("sgd", clip_ref.ADA_CLIP | clip_ref.TENSOR_SCALE | ref.RESET),
 }
@@ -37,13 +41,16 @@ def _scalars(kind, step):
 
 
 def _clip_table(n, step):
-    # per tensor (s, thr, r, k): thresholds inside the (scaled) gradients' range
+    # per tensor (s, thr, r, k): thresholds inside the (scaled) gradients' range; then the step
+    # size and decay factor of update clipping, around the group's
     g = torch.Generator().manual_seed(100 + step)
     s = 0.5 + torch.rand(n, generator=g)
     thr = 0.3 + 2 * torch.rand(n, generator=g)
     r = 0.2 + 0.7 * torch.rand(n, generator=g)
     k = 0.5 + torch.rand(n, generator=g)
-    return torch.stack([s, thr, r, k], dim=1).float().contiguous()
+    lr = 1e-3 * (0.2 + torch.rand(n, generator=g))
+    decay = 1.0 - 1e-5 * torch.rand(n, generator=g)
+    return torch.stack([s, thr, r, k, lr, decay], dim=1).float().contiguous()
 
 
 def _run(backend, case, state_bits, dtype, writeback, sizes=SIZES, steps=4):
@@ -98,6 +105,53 @@ def test_per_tensor_flags_need_the_table(backend):
     with pytest.raises((ValueError, RuntimeError, TypeError)):
         ops.optim_step(params, [torch.ones(10)], *states, [], "adam", 32, 0, sc, flags, "f32",
                        backend)
+
+
+RMS_CASES = {"plain": (0, 1e-2, True), "clips": (clip_ref.VALUE_CLIP | clip_ref.TENSOR_SCALE |
+                                                 ref.SPIKE_CLIP | ref.RESET, 1e-2, True),
+             "l2": (0, 1e-2, False)}
+
+
+@pytest.mark.parametrize("backend", kernel_backend_params())
+@pytest.mark.parametrize("state_bits", [32, 8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", list(RMS_CASES))
+def test_update_clip_statistics_pass(backend, state_bits, dtype, case):
+    # the rms pass adds sum(g^2 / max(v_new, eps_t^2)) per tensor and writes nothing else; sums
+    # agree with the reference to float64 rounding (backends add in their own order)
+    extra, wd, decoupled = RMS_CASES[case]
+    wb = "f32" if dtype == torch.float32 else "stochastic"
+    torch.manual_seed(9)
+    params, states = _make("adam", SIZES, dtype, state_bits, wb)
+    for step in (1, 2):  # a real step between the two, so v is not zero at the second
+        grads = [(torch.randn(p.shape) * 2.0).to(dtype) for p in params]
+        sc = ref.with_clip_scalars(ref.adam_scalars(1e-3, 0.9, 0.999, 1e-8, wd, step, decoupled),
+                                   value_clip=1.5, spike_threshold=3.0, spike_floor=1e-3)
+        flags = ref.step_flags("adam", sc) | extra
+        table = _clip_table(len(SIZES), step)
+        keys = [7 + i for i in range(len(SIZES))] if wb == "stochastic" else []
+        before = [p.clone() for p in params], [[t.clone() for t in st] for st in states]
+        got = torch.zeros(len(SIZES), dtype=torch.float64)
+        want = torch.zeros(len(SIZES), dtype=torch.float64)
+        ops.optim_step(params, grads, *states, keys, "adam", state_bits, 0, sc, flags, wb,
+                       backend, [], [], table, None, got)
+        ops.optim_step(params, grads, *states, keys, "adam", state_bits, 0, sc, flags, wb,
+                       "reference", [], [], table, None, want)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+        assert (want > 0).all()
+        assert all(torch.equal(a, b) for a, b in zip(params, before[0]))
+        assert all(torch.equal(a, b) for st, bst in zip(states, before[1]) for a, b in zip(st, bst))
+        ops.optim_step(params, grads, *states, keys, "adam", state_bits, 0, sc, flags, wb,
+                       "reference", [], [], table)
+
+
+def test_update_scale_needs_adam():
+    params, states = _make("lion", (10,), torch.float32, 32, "f32")
+    sc = _scalars("lion", 1)
+    with pytest.raises(ValueError, match="Adam"):
+        ops.optim_step(params, [torch.ones(10)], *states, [], "lion", 32, 0, sc,
+                       ref.step_flags("lion", sc) | ref.UPDATE_SCALE, "f32", "reference", [], [],
+                       _clip_table(1, 1))
 
 
 def test_reset_and_spike_semantics():

@@ -83,7 +83,7 @@ static void update_run(const OptArgs& a, const OptTensor& t, int64_t begin, int6
   float fs[kNumScalars];
   for (int k = 0; k < kNumScalars; ++k) fs[k] = a.s.f[k];
   const int flags = a.s.flags;
-  const ClipTensor ct = CLIP && t.clip ? *t.clip : ClipTensor{1.0f, 0.0f, 1.0f, 1.0f};
+  const OptClipRow ct = CLIP && t.clip ? *t.clip : no_clip_row();
   P* __restrict p = (P*)t.p + begin;
   const P* __restrict g = (const P*)t.g + begin;
   P* __restrict comp = WB == kWbKahan ? (P*)t.comp + begin : nullptr;
@@ -383,10 +383,66 @@ static int64_t step_chunk(const OptimCpuArgs& ca, const OptTensor& t, const Rank
   return nclip;
 }
 
+// ---- the update-clipping statistics pass (Adam) ------------------------------------------------
+
+// Sum of adam_rms_term over elements [begin, begin+len) of tensor t; v: their loaded second
+// moments. Reads the parameter for the coupled (L2) decay's sake; writes nothing.
+template <int DT, int WB, bool CLIP, bool SPIKE>
+__attribute__((optimize("no-unswitch-loops")))
+static double rms_run(const OptArgs& a, const OptTensor& t, int64_t begin, int64_t len,
+                      const float* __restrict v) {
+  using P = ParamT<DT>;
+  float fs[kNumScalars];
+  for (int k = 0; k < kNumScalars; ++k) fs[k] = a.s.f[k];
+  const int flags = a.s.flags;
+  const OptClipRow ct = CLIP && t.clip ? *t.clip : no_clip_row();
+  const P* __restrict p = (const P*)t.p + begin;
+  const P* __restrict g = (const P*)t.g + begin;
+  const P* __restrict comp = WB == kWbKahan ? (const P*)t.comp + begin : nullptr;
+  double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < len; ++i) {
+    float x = widen<DT>(p[i]);
+    if (WB == kWbKahan) x = x + widen<DT>(comp[i]);
+    sum += (double)adam_rms_term<CLIP, SPIKE>(fs, flags, x, widen<DT>(g[i]), 0.0f, v[i], ct);
+  }
+  return sum;
+}
+
+// The chunk's sum: its second moments decoded block by block (block-wise states only: rank-1
+// ones are refused by optim_call).
+template <int DT, int WB, int NCODE, bool CLIP, bool SPIKE>
+static double rms_chunk(const OptArgs& a, const OptTensor& t, int64_t begin, int64_t len) {
+  if (NCODE == 0) return rms_run<DT, WB, CLIP, SPIKE>(a, t, begin, len, (const float*)t.s2 + begin);
+  float vbuf[kOptChunk];
+  double sum = 0.0;
+  for (int64_t b0 = begin; b0 < begin + len; b0 += a.block) {
+    const int64_t blen = begin + len - b0 < a.block ? begin + len - b0 : a.block;
+    decode_block<NCODE>((const uint8_t*)t.s2, b0, blen, a.code2, t.s2_absmax[b0 / a.block], vbuf);
+    sum += rms_run<DT, WB, CLIP, SPIKE>(a, t, b0, blen, vbuf);
+  }
+  return sum;
+}
+
 struct OptWork {
   int tensor;
   int64_t begin;
 };
+
+// The statistics pass over the work list: per-chunk sums, added to each tensor's *rms in chunk
+// order afterwards, so the result does not depend on the thread schedule.
+template <int DT, int WB, int NCODE, bool CLIP, bool SPIKE>
+static void rms_all(const OptArgs& a, const std::vector<OptWork>& work, int64_t total) {
+  const int64_t nwork = (int64_t)work.size();
+  std::vector<double> part(nwork, 0.0);
+#pragma omp parallel for schedule(static) if (total >= kParallelMin)
+  for (int64_t w = 0; w < nwork; ++w) {
+    const OptTensor& t = a.tensors[work[w].tensor];
+    const int64_t len = t.n - work[w].begin < kOptChunk ? t.n - work[w].begin : kOptChunk;
+    part[w] = rms_chunk<DT, WB, NCODE, CLIP, SPIKE>(a, t, work[w].begin, len);
+  }
+  for (int64_t w = 0; w < nwork; ++w) *a.tensors[work[w].tensor].rms += part[w];
+}
 
 template <int KIND, int DT, int WB, int NST, int NCODE, bool CLIP, bool SPIKE>
 static void step_all(const OptimCpuArgs& ca, const std::vector<Rank1Info>& r1) {
@@ -396,6 +452,9 @@ static void step_all(const OptimCpuArgs& ca, const std::vector<Rank1Info>& r1) {
   for (int t = 0; t < a.ntensors; ++t) {
     for (int64_t b = 0; b < a.tensors[t].n; b += kOptChunk) work.push_back({t, b});
     total += a.tensors[t].n;
+  }
+  if constexpr (KIND == kAdam && NST == 2) {
+    if (a.rms_pass) return rms_all<DT, WB, NCODE, CLIP, SPIKE>(a, work, total);
   }
   const int64_t nwork = (int64_t)work.size();
 #pragma omp parallel for schedule(static) if (total >= kParallelMin)

@@ -61,7 +61,7 @@ struct OptChunk {
   float* s1_absmax[kChunkTensors];
   float* s2_absmax[kChunkTensors];
   uint64_t key[kChunkTensors];
-  const ClipTensor* clip[kChunkTensors];  // clip rows in device memory, or null
+  const OptClipRow* clip[kChunkTensors];  // clip rows in device memory, or null
   int64_t* clipped[kChunkTensors];        // clipped-element counters in device memory, or null
   int64_t n[kChunkTensors];
   int64_t block_start[kChunkTensors + 1];
@@ -99,8 +99,8 @@ LOWBIT_UNROLL
 }
 
 // Tensor t's clip row (read inside the kernel: the policies compute it on the device).
-__device__ __forceinline__ ClipTensor clip_row(const OptChunk& c, int t) {
-  return c.clip[t] ? *c.clip[t] : ClipTensor{1.0f, 0.0f, 1.0f, 1.0f};
+__device__ __forceinline__ OptClipRow clip_row(const OptChunk& c, int t) {
+  return c.clip[t] ? *c.clip[t] : no_clip_row();
 }
 
 // Adds a thread's clipped-element count to its tensor's counter (clips are rare: one atomic per
@@ -114,7 +114,7 @@ __device__ __forceinline__ void count_clipped(const OptChunk& c, int t, int64_t 
 // the fp32 states s1, s2 (updated in place), store it back. Returns whether an element-wise clip
 // changed the gradient.
 template <int KIND, int DT, int WB>
-__device__ __forceinline__ bool step_element(const Scalars& s, const ClipTensor& ct, void* p,
+__device__ __forceinline__ bool step_element(const Scalars& s, const OptClipRow& ct, void* p,
                                              const void* g, void* comp, uint64_t key, int64_t k,
                                              float& s1, float& s2) {
   float x = load_param(p, comp, DT, WB, k);
@@ -137,7 +137,7 @@ step32_kernel(const OptChunk c, const StepScalars ss) {
     float* __restrict__ v = (float*)c.s2[t];
     const uint64_t key = c.key[t];
     const int64_t n = c.n[t];
-    const ClipTensor ct = clip_row(c, t);
+    const OptClipRow ct = clip_row(c, t);
     int64_t clipped = 0;
     for (int64_t i = global_thread(); i < n; i += grid_stride()) {
       float s1 = NST >= 1 ? m[i] : 0.0f, s2 = NST >= 2 ? v[i] : 0.0f;
@@ -272,7 +272,7 @@ stepq_kernel(const OptChunk c, const StateTables q, const StepScalars ss) {
   }
   __syncthreads();
 
-  const ClipTensor ct = clip_row(c, ti);
+  const OptClipRow ct = clip_row(c, ti);
   float v1[E], v2[E], inv2[E];
   uint32_t mx1 = 0, mx2 = 0;
   int64_t clipped = 0;

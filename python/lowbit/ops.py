@@ -132,7 +132,7 @@ def _(x, out, seed, offset, backend):
 @torch.library.custom_op(
     "lowbit::optim_step",
     mutates_args=("params", "state1", "absmax1", "state2", "absmax2", "comps", "v_colmax",
-                  "clipped"))
+                  "clipped", "rms"))
 def optim_step(params: list[torch.Tensor], grads: list[torch.Tensor],
                state1: list[torch.Tensor], absmax1: list[torch.Tensor],
                state2: list[torch.Tensor], absmax2: list[torch.Tensor],
@@ -140,31 +140,34 @@ def optim_step(params: list[torch.Tensor], grads: list[torch.Tensor],
                block_size: int, scalars: list[float], flags: int, writeback: str,
                backend: str, v_cols: list[int], v_colmax: list[torch.Tensor],
                clip: Optional[torch.Tensor] = None,
-               clipped: Optional[torch.Tensor] = None) -> None:
+               clipped: Optional[torch.Tensor] = None,
+               rms: Optional[torch.Tensor] = None) -> None:
     """One fused optimizer step over tensors sharing a rule, param dtype and state format; the
     contract is lowbit.reference.optim.fused_step (kind "adam" | "lion" | "sgd"; writeback "f32"
     | "nearest" | "stochastic" | "kahan"; block_size 0 = the state format's default; scalars
     (reference.optim.NSCALARS) and flags from reference.optim). v_cols / v_colmax: per tensor,
     the column count of a rank-1 second moment (0: block-wise) and its column maxima; both empty
     when every tensor's second moment is block-wise (the schema has no default for a tensor
-    list, so callers pass [], []). clip: fp32 [len(params), 4] rows (s, thr, r, k) of the clip
-    transform, on the params' device, needed with its per-tensor flags; clipped: int64
-    [len(params)] counters the step adds its clipped elements to."""
+    list, so callers pass [], []). clip: fp32 [len(params), 6] rows (s, thr, r, k, step size,
+    decay) on the params' device, needed with the per-tensor flags; clipped: int64 [len(params)]
+    counters the step adds its clipped elements to. rms: float64 [len(params)] (Adam only): the
+    call writes nothing else and adds each tensor's update-clipping sum into it (StableAdamW's
+    statistics pass, reference.optim)."""
     if params:
         _backend_impl(backend).optim_step(params, grads, state1, absmax1, state2, absmax2, comps,
                                           keys, kind, state_bits, block_size, scalars, flags,
-                                          writeback, v_cols, v_colmax, clip, clipped)
+                                          writeback, v_cols, v_colmax, clip, clipped, rms)
 
 
 @optim_step.register_fake
 def _(params, grads, state1, absmax1, state2, absmax2, comps, keys, kind, state_bits, block_size,
-      scalars, flags, writeback, backend, v_cols, v_colmax, clip=None, clipped=None):
+      scalars, flags, writeback, backend, v_cols, v_colmax, clip=None, clipped=None, rms=None):
     return None
 
 
 def optim_step_eager(params, grads, state1, absmax1, state2, absmax2, comps, keys, kind,
                      state_bits, block_size, scalars, flags, writeback, backend, v_cols=(),
-                     v_colmax=(), clip=None, clipped=None) -> None:
+                     v_colmax=(), clip=None, clipped=None, rms=None) -> None:
     """optim_step called on the backend directly, for eager callers (lowbit.optim's step, which
     never runs under torch.compile): the custom-op dispatch costs a few microseconds per tensor in
     version and alias bookkeeping, milliseconds per step for hundreds of parameters. The caller
@@ -173,7 +176,7 @@ def optim_step_eager(params, grads, state1, absmax1, state2, absmax2, comps, key
         _backend_impl(backend).optim_step(params, grads, state1, absmax1, state2, absmax2, comps,
                                           keys, kind, state_bits, block_size, scalars, flags,
                                           writeback, list(v_cols), list(v_colmax), clip,
-                                          clipped)
+                                          clipped, rms)
 
 
 @torch.library.custom_op("lowbit::grad_stats", mutates_args=())

@@ -26,8 +26,9 @@ struct OptTensor {
   float* s2_absmax;   // per block, or per row (rank-1)
   void* comp;         // kahan compensation, OptArgs::dtype
   uint64_t key;       // stochastic-rounding Philox key of this tensor at this step
-  const ClipTensor* clip;  // this tensor's clip row (device memory for CUDA), or null
+  const OptClipRow* clip;  // this tensor's clip row (device memory for CUDA), or null
   int64_t* clipped;   // += elements whose gradient an element-wise clip changed, or null
+  double* rms;        // rms pass: += the tensor's update-clipping sum (adam_rms_term), or null
   int64_t v_cols;     // 0: block-wise second state; C: rank-1
   float* s2_colmax;   // rank-1: C column maxima
   float* v_scratch;   // rank-1: R + C floats
@@ -44,6 +45,9 @@ struct OptArgs {
   int ncode;          // 256 (8-bit) or 16 (4-bit); 0 for 32-bit states
   int dtype;          // param/grad dtype: kF32, kBF16 or kF16 (formats.h)
   int writeback;      // WriteBack (optim_math.h)
+  // The update-clipping statistics pass (Adam): nothing is written; each tensor's sum of
+  // adam_rms_term over its elements is added to *rms (lowbit.reference.optim).
+  bool rms_pass;
   StepScalars s;
 };
 

@@ -27,12 +27,13 @@ enum OptFlag : int {
   // 64 .. 512: the gradient transform of the clipping policies (clip_math.h)
   kSpikeClip = 1024,  // Adam: g = copysign(sqrt(lim), g) where g * g > lim = theta * max(v, floor)
   kReset = 2048,      // the loaded states count as zero (momentum reset)
-  kDecayAfter = 4096  // decoupled decay after the update instead of before (SPAM)
+  kDecayAfter = 4096,  // decoupled decay after the update instead of before (SPAM)
+  kUpdateScale = 8192  // Adam: step size and decay from the tensor's clip row (StableAdamW)
 };
 
 // Every flag that only lowbit.clip's policies set: kernels without them compile the plain rule.
 constexpr int kAnyClip = kValueClip | kTensorScale | kAdaClip | kNormScale | kSpikeClip |
-                         kReset | kDecayAfter;
+                         kReset | kDecayAfter | kUpdateScale;
 
 // How the new fp32 parameter is stored (reference.optim.WRITEBACK).
 enum WriteBack : int {
@@ -41,6 +42,19 @@ enum WriteBack : int {
   kWbStochastic = 2,  // bf16/fp16, stochastic rounding, Philox word i%4 of (key, counter i/4)
   kWbKahan = 3        // bf16/fp16 value + bf16/fp16 compensation (see store_param)
 };
+
+// A tensor's row of the optimizer's [ntensors, 6] fp32 clip table: the clip transform's four
+// values, then (read only with kUpdateScale, StableAdamW's update clipping) Adam's step size and
+// decoupled-decay factor for this tensor, replacing the group's f[6] and f[0].
+struct OptClipRow {
+  ClipTensor xf;
+  float step, decay;
+};
+
+// The row that changes nothing.
+LOWBIT_HD OptClipRow no_clip_row() {
+  return OptClipRow{ClipTensor{1.0f, 0.0f, 1.0f, 1.0f}, 0.0f, 1.0f};
+}
 
 // Host-computed scalars (float64 then rounded to fp32 once), meaning by kind:
 //   kAdam: decay, wd, a1 = 1-beta1, b2, a2 = 1-beta2, eps * bc2, lr * bc2 / (1-beta1^t), -
@@ -105,6 +119,46 @@ LOWBIT_HD float adam_new_v(const float* f, int flags, float p, float g, float s2
   return adam_second_moment(f, s2, g);
 }
 
+// The first part of update_rule: everything up to the gradient the moments take (maximize, the
+// clip transform, momentum reset of s1/s2, decay of p before the update, coupled L2 decay,
+// SPAM's spike clip). decay: the decoupled-decay factor in force.
+template <int KIND, bool CLIP, bool SPIKE>
+LOWBIT_HD float rule_grad(const float* f, int flags, float& p, float g, float& s1, float& s2,
+                          const OptClipRow& ct, float decay, bool& clipped) {
+  g = (flags & kMaximize) ? -g : g;
+  clipped = false;
+  if (CLIP) g = clip_transform(g, flags, f[8], ct.xf, clipped);
+  const float s2_loaded = s2;
+  if (CLIP) {
+    s1 = (flags & kReset) ? 0.0f : s1;
+    s2 = (flags & kReset) ? 0.0f : s2;
+  }
+  const bool decay_now = ((flags & kDecay) != 0) & !(CLIP && (flags & kDecayAfter));
+  if (KIND == kAdam) {
+    p = decay_now ? mul_rn(p, decay) : p;
+    g = (flags & kL2) ? add_rn(g, mul_rn(f[1], p)) : g;
+    if (SPIKE) {
+      const float lim = mul_rn(f[9], s2_loaded > f[10] ? s2_loaded : f[10]);
+      const bool over = ((flags & kSpikeClip) != 0) & (mul_rn(g, g) > lim);
+      const float root = sqrt_rn(lim);
+      g = over ? (g < 0.0f ? -root : root) : g;
+      clipped = clipped | over;
+    }
+  } else if (KIND == kLion) {
+    p = decay_now ? mul_rn(p, decay) : p;
+  } else {  // kSgd
+    g = (flags & kL2) ? add_rn(g, mul_rn(f[0], p)) : g;
+  }
+  (void)s2_loaded;
+  return g;
+}
+
+// Adam's decoupled-decay factor and step size for a tensor: its clip row's with kUpdateScale.
+template <bool CLIP>
+LOWBIT_HD float adam_decay_factor(const float* f, int flags, const OptClipRow& ct) {
+  return (CLIP && (flags & kUpdateScale)) ? ct.decay : f[0];
+}
+
 // One element of one step, rule KIND. p: the fp32 parameter (kahan: value + compensation);
 // s1/s2: the dequantized (or fp32) states — Adam: exp_avg / exp_avg_sq; Lion: exp_avg / unused;
 // SGD: momentum_buffer (untouched with kNoMomentum) / unused. All updated in place. The flag
@@ -116,46 +170,44 @@ LOWBIT_HD float adam_new_v(const float* f, int flags, float p, float g, float s2
 // element-wise clip (value clip, AdaClip, spike clip) changed the gradient.
 template <int KIND, bool CLIP = true, bool SPIKE = CLIP>
 LOWBIT_HD bool update_rule(const float* f, int flags, float& p, float g, float& s1, float& s2,
-                           const ClipTensor& ct) {
-  g = (flags & kMaximize) ? -g : g;
-  bool clipped = false;
-  if (CLIP) g = clip_transform(g, flags, f[8], ct, clipped);
-  const float s2_loaded = s2;
-  if (CLIP) {
-    s1 = (flags & kReset) ? 0.0f : s1;
-    s2 = (flags & kReset) ? 0.0f : s2;
-  }
-  const bool decay_now = ((flags & kDecay) != 0) & !(CLIP && (flags & kDecayAfter));
+                           const OptClipRow& ct) {
+  const float decay = KIND == kAdam ? adam_decay_factor<CLIP>(f, flags, ct) : f[0];
+  bool clipped;
+  g = rule_grad<KIND, CLIP, SPIKE>(f, flags, p, g, s1, s2, ct, decay, clipped);
   if (KIND == kAdam) {
-    p = decay_now ? mul_rn(p, f[0]) : p;
-    g = (flags & kL2) ? add_rn(g, mul_rn(f[1], p)) : g;
-    if (SPIKE) {
-      const float lim = mul_rn(f[9], s2_loaded > f[10] ? s2_loaded : f[10]);
-      const bool over = ((flags & kSpikeClip) != 0) & (mul_rn(g, g) > lim);
-      const float root = sqrt_rn(lim);
-      g = over ? (g < 0.0f ? -root : root) : g;
-      clipped = clipped | over;
-    }
     s1 = add_rn(s1, mul_rn(f[2], sub_rn(g, s1)));
     s2 = adam_second_moment(f, s2, g);
     const float d = add_rn(sqrt_rn(s2), f[5]);
-    p = sub_rn(p, mul_rn(f[6], div_rn(s1, d)));
+    const float step = (CLIP && (flags & kUpdateScale)) ? ct.step : f[6];
+    p = sub_rn(p, mul_rn(step, div_rn(s1, d)));
   } else if (KIND == kLion) {
-    p = decay_now ? mul_rn(p, f[0]) : p;
     const float c = add_rn(mul_rn(f[1], s1), mul_rn(f[2], g));
     p = sub_rn(p, mul_rn(f[5], sign_of(c)));
     s1 = add_rn(mul_rn(f[3], s1), mul_rn(f[4], g));
   } else {  // kSgd
-    g = (flags & kL2) ? add_rn(g, mul_rn(f[0], p)) : g;
     const float b = (flags & kFirstStep) ? g : add_rn(mul_rn(f[1], s1), mul_rn(f[2], g));
     const float d = (flags & kNesterov) ? add_rn(g, mul_rn(f[1], b)) : b;
     const bool plain = flags & kNoMomentum;
     s1 = plain ? s1 : b;
     p = sub_rn(p, mul_rn(f[3], plain ? g : d));
   }
-  if (CLIP && KIND != kSgd) p = (flags & kDecay) && (flags & kDecayAfter) ? mul_rn(p, f[0]) : p;
+  if (CLIP && KIND != kSgd) p = (flags & kDecay) && (flags & kDecayAfter) ? mul_rn(p, decay) : p;
   (void)s2;
   return clipped;
+}
+
+// One element's term of the update-clipping statistics (StableAdamW's RMS; reference.optim):
+// q = g*g / max(v, eps_t*eps_t) with the gradient and the new second moment of the Adam step
+// (same arithmetic as update_rule<kAdam>; nothing is written).
+template <bool CLIP, bool SPIKE>
+LOWBIT_HD float adam_rms_term(const float* f, int flags, float p, float g, float s1, float s2,
+                              const OptClipRow& ct) {
+  bool clipped;
+  g = rule_grad<kAdam, CLIP, SPIKE>(f, flags, p, g, s1, s2, ct,
+                                    adam_decay_factor<CLIP>(f, flags, ct), clipped);
+  const float v = adam_second_moment(f, s2, g);
+  const float floor = mul_rn(f[5], f[5]);
+  return div_rn(mul_rn(g, g), v > floor ? v : floor);
 }
 
 // The fp32 value a step starts from: the parameter widened exactly, plus the compensation for

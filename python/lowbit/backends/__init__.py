@@ -4,7 +4,8 @@
   dequantize_blockwise(codes, absmax, code, block_size, n, out)
   stochastic_round(x, out, seed, offset)
   optim_step(params, grads, state1, absmax1, state2, absmax2, comps, keys, kind, state_bits,
-             block_size, scalars, flags, writeback, clip=None, clipped=None)
+             block_size, scalars, flags, writeback, v_cols=(), v_colmax=(), clip=None,
+             clipped=None, rms=None)
   grad_stats(grads, out, xform=None, cv=0.0, flags=0)
 
 writing into the preallocated outputs. Inputs arrive validated and contiguous (lowbit.ops)."""

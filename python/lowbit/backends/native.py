@@ -37,7 +37,7 @@ class NativeBackend:
 
     def optim_step(self, params, grads, state1, absmax1, state2, absmax2, comps, keys, kind,
                    state_bits, block_size, scalars, flags, writeback, v_cols=(), v_colmax=(),
-                   clip=None, clipped=None):
+                   clip=None, clipped=None, rms=None):
         from ..reference import optim as ref
         ptrs = lambda ts: [t.data_ptr() for t in ts]  # noqa: E731
         block, ncode = 0, 0
@@ -54,6 +54,7 @@ class NativeBackend:
             state_bits, block, *[t.data_ptr() for t in tables], ncode, DTYPE_CODE[params[0].dtype],
             ref.WRITEBACK[writeback], list(scalars), flags,
             0 if clip is None else clip.data_ptr(), 0 if clipped is None else clipped.data_ptr(),
+            0 if rms is None else rms.data_ptr(),
             v_cols, colmax_ptrs, scratch_ptrs,
             *self._stream(params[0]))
 

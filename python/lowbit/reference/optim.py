@@ -21,6 +21,8 @@ Per element, every operation rounded once in fp32, in this order:
            d = sqrt(v) + eps_t                          eps_t = eps * bc2
            x = x - step_size * (m / d)                  step_size = lr * bc2 / (1 - beta1**t)
                                                         bc2 = sqrt(1 - beta2**t)
+           (with UPDATE_SCALE the tensor's clip row gives step_size (column 4) and the decay
+           factor (column 5) instead of the group's: StableAdamW's update clipping)
            x = x * decay                                if DECAY and DECAY_AFTER (SPAM's order)
            (torch's sqrt(v) / bc2 + eps with both bias corrections folded into the scalars, as
            bitsandbytes does: one division per element instead of two, equal up to rounding)
@@ -40,6 +42,12 @@ Per element, every operation rounded once in fp32, in this order:
            Philox evaluation per four elements), key = sr_key(seed, param_id, step);
            "kahan" -> p = nearest(x), comp = nearest(x - fp32(p)) (exact difference), so the
            pair holds ~16 significant bits.
+
+Update-clipping statistics (fused_step with `rms`, Adam only): nothing is written; per tensor,
+the sum over its elements of q = (g * g) / max(v, eps_t * eps_t), with g the gradient that enters
+the moments and v the new second moment, both exactly as the step above computes them (fp32,
+each operation rounded once), added into rms[i] in float64 (backends may add in another order).
+lowbit.clip.UpdateClip turns the sums into each tensor's StableAdamW step size.
 
 Host scalars are computed in float64 and rounded to fp32 once. Quantized states (first state,
 signed: 8-bit "dynamic" / 4-bit "dynamic4"; second state, unsigned: "udynamic" /
@@ -73,13 +81,16 @@ KINDS = {"adam": 0, "lion": 1, "sgd": 2}
 MAXIMIZE, DECAY, L2, NESTEROV, FIRST_STEP, NO_MOMENTUM = 1, 2, 4, 8, 16, 32
 # The clipping bits (lowbit.clip): the gradient transform's (reference.clip: VALUE_CLIP 64,
 # TENSOR_SCALE 128, ADA_CLIP 256, NORM_SCALE 512), then these.
-SPIKE_CLIP, RESET, DECAY_AFTER = 1024, 2048, 4096
-CLIP_FLAGS = clip.TRANSFORM_FLAGS | SPIKE_CLIP | RESET | DECAY_AFTER  # every clipping bit
+SPIKE_CLIP, RESET, DECAY_AFTER, UPDATE_SCALE = 1024, 2048, 4096, 8192
+CLIP_FLAGS = clip.TRANSFORM_FLAGS | SPIKE_CLIP | RESET | DECAY_AFTER | UPDATE_SCALE
 # Scalars per step: the rule's 8 (below), then the value-clip bound, SPAM's threshold theta and
 # the floor of v in its spike test.
 NSCALARS = 11
-# Per-tensor clip row (s, thr, r, k) that changes nothing.
-NO_CLIP = (1.0, 0.0, 1.0, 1.0)
+# The flags that read the per-tensor clip table.
+PER_TENSOR_FLAGS = clip.TENSOR_SCALE | clip.ADA_CLIP | clip.NORM_SCALE | UPDATE_SCALE
+# Per-tensor clip row (s, thr, r, k, step size, decay; the last two read only with UPDATE_SCALE)
+# that changes nothing.
+NO_CLIP = (1.0, 0.0, 1.0, 1.0, 0.0, 1.0)
 WRITEBACK = {"f32": 0, "nearest": 1, "stochastic": 2, "kahan": 3}
 
 # State tensor names per rule (torch's names where torch has the optimizer).
@@ -174,16 +185,19 @@ def _sign(c: torch.Tensor) -> torch.Tensor:
     return torch.where(c > 0, _t(1.0), torch.where(c < 0, _t(-1.0), c))
 
 
-def update(kind: str, x, g, s1, s2, sc, flags, ct=NO_CLIP):
+def update(kind: str, x, g, s1, s2, sc, flags, ct=NO_CLIP, rms_terms=False):
     """One fp32 update (module docstring) of parameter value x by gradient g with states s1, s2
-    (None where the rule has none); ct: the tensor's clip row (s, thr, r, k). Returns the new
-    (x, s1, s2) and the mask of the elements whose gradient an element-wise clip (value clip,
-    AdaClip, SPAM's spike clip) changed."""
+    (None where the rule has none); ct: the tensor's clip row (s, thr, r, k, step size, decay).
+    Returns the new (x, s1, s2) and the mask of the elements whose gradient an element-wise clip
+    (value clip, AdaClip, SPAM's spike clip) changed. With rms_terms (Adam), returns only the
+    per-element terms q of the update-clipping statistics instead."""
     x, g = x.float(), g.float()
     if flags & MAXIMIZE:
         g = -g
-    g, clipped = clip.transform_grad(g, flags, sc[8] if len(sc) > 8 else 0.0, *ct,
+    g, clipped = clip.transform_grad(g, flags, sc[8] if len(sc) > 8 else 0.0, *ct[:4],
                                      with_mask=True)
+    per_tensor_step = kind == "adam" and flags & UPDATE_SCALE
+    decay = ct[5] if per_tensor_step else sc[0]
     decay_now = flags & DECAY and not flags & DECAY_AFTER
     if flags & RESET:
         s1 = None if s1 is None else torch.zeros_like(s1)
@@ -192,7 +206,7 @@ def update(kind: str, x, g, s1, s2, sc, flags, ct=NO_CLIP):
         s2_loaded = s2
     if kind == "adam":
         if decay_now:
-            x = x * _t(sc[0])
+            x = x * _t(decay)
         if flags & L2:
             g = g + _t(sc[1]) * x
         if flags & SPIKE_CLIP:
@@ -202,11 +216,14 @@ def update(kind: str, x, g, s1, s2, sc, flags, ct=NO_CLIP):
             clipped = clipped | over
         s1 = s1 + _t(sc[2]) * (g - s1)
         s2 = s2 * _t(sc[3]) + _t(sc[4]) * (g * g)
+        if rms_terms:
+            floor = _t(sc[5]) * _t(sc[5])
+            return _div(g * g, torch.where(s2 > floor, s2, floor))
         d = _sqrt(s2) + _t(sc[5])
-        x = x - _t(sc[6]) * _div(s1, d)
+        x = x - _t(ct[4] if per_tensor_step else sc[6]) * _div(s1, d)
     elif kind == "lion":
         if decay_now:
-            x = x * _t(sc[0])
+            x = x * _t(decay)
         c = _t(sc[1]) * s1 + _t(sc[2]) * g
         x = x - _t(sc[5]) * _sign(c)
         s1 = _t(sc[3]) * s1 + _t(sc[4]) * g
@@ -219,7 +236,7 @@ def update(kind: str, x, g, s1, s2, sc, flags, ct=NO_CLIP):
             d = g + _t(sc[1]) * s1 if flags & NESTEROV else s1
         x = x - _t(sc[3]) * d
     if kind != "sgd" and flags & DECAY and flags & DECAY_AFTER:
-        x = x * _t(sc[0])
+        x = x * _t(decay)
     return x, s1, s2, clipped
 
 
@@ -281,7 +298,7 @@ def dequantize_state_rank1(codes, row_max, col_max, shape) -> torch.Tensor:
 
 def fused_step(kind: str, params, grads, state1, absmax1, state2, absmax2, comps, keys,
                state_bits: int, block_size: int, scalars, flags: int, writeback: str,
-               v_cols=(), v_colmax=(), clip_table=None, clipped=None) -> None:
+               v_cols=(), v_colmax=(), clip_table=None, clipped=None, rms=None) -> None:
     """lowbit.ops.optim_step's contract, one tensor at a time, in place. state1/state2 are fp32
     tensors shaped like the params (state_bits 32) or flat uint8 codes with fp32 absmax per block;
     empty lists where the rule has no such state. comps: kahan compensations (else empty); keys:
@@ -289,13 +306,17 @@ def fused_step(kind: str, params, grads, state1, absmax1, state2, absmax2, comps
     the format's default). v_cols (empty: all 0): per tensor, 0 for a block-wise second state, or
     the column count C of a rank-1 one (Adam, state_bits 4), whose absmax2 entry then holds the
     row maxima [numel // C] and v_colmax entry the column maxima [C]. scalars: NSCALARS;
-    clip_table: fp32 [n, 4] clip rows (s, thr, r, k) or None; clipped: int64 [n] counters of the
-    elements an element-wise clip changed, or None."""
+    clip_table: fp32 [n, 6] clip rows (s, thr, r, k, step size, decay) or None; clipped: int64
+    [n] counters of the elements an element-wise clip changed, or None. rms: float64 [n], or
+    None: with it (Adam only), the call writes nothing and adds each tensor's update-clipping
+    sum (module docstring) into rms[i]."""
     if len(scalars) != NSCALARS:
         raise ValueError(f"expected {NSCALARS} scalars (with_clip_scalars), got {len(scalars)}")
-    if flags & (clip.TENSOR_SCALE | clip.ADA_CLIP | clip.NORM_SCALE) and clip_table is None:
+    if flags & PER_TENSOR_FLAGS and clip_table is None:
         raise ValueError("the per-tensor clip flags need the clip table (clip_table)")
-    if any(v_cols) and flags & CLIP_FLAGS:
+    if (rms is not None or flags & UPDATE_SCALE) and kind != "adam":
+        raise ValueError("update clipping (rms, UPDATE_SCALE) needs the Adam rule")
+    if any(v_cols) and (flags & CLIP_FLAGS or rms is not None):
         # the backends' rank-1 prepass computes the new v without the clipping steps
         raise ValueError("rank-1 second states do not support the clip flags yet")
     nstates = 2 if state2 else (1 if state1 else 0)
@@ -315,6 +336,9 @@ def fused_step(kind: str, params, grads, state1, absmax1, state2, absmax2, comps
             else:
                 s[j] = dequantize_state(st[i], am[i], j, state_bits, p.shape, block_size)
         ct = NO_CLIP if clip_table is None else tuple(clip_table[i].tolist())
+        if rms is not None:
+            rms[i] += update(kind, x, g, s[0], s[1], scalars, flags, ct, True).double().sum()
+            continue
         x, s[0], s[1], changed = update(kind, x, g, s[0], s[1], scalars, flags, ct)
         if clipped is not None:
             clipped[i] += int(changed.sum())
