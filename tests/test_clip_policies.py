@@ -83,6 +83,34 @@ def test_adagc_matches_pytorch_optimizer():
     assert (a.last_clip_info["scale"] < 1).any()
 
 
+@pytest.mark.parametrize("weight_decouple", [True, False])
+def test_stable_adamw_matches_pytorch_optimizer(weight_decouple):
+    # the spikes push RMS(g / sqrt(v_hat)) far above 1 on the spiking tensors: those steps are
+    # clipped, and the decay with them
+    a = _against_pto("StableAdamW", dict(lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1,
+                                         weight_decouple=weight_decouple, eps=1e-8), 60)
+    rms = a.last_clip_info["update_rms"]
+    assert rms.shape == (len(SHAPES),) and (rms > 0).all()
+
+
+def test_update_clip_factor_fires_only_on_spikes():
+    params = _params()
+    opt = lo.StableAdamW(params)
+    seen = []
+    for t in range(1, 12):
+        for p, g in zip(params, _grads(t, spikes=(9,))):
+            p.grad = g
+        opt.step()
+        seen.append(opt.last_clip_info["update_rms"].clone())
+    # step 1: v_hat = g^2, RMS = 1 exactly (up to eps); then about 1; the x1000 spike of step 9
+    # on tensor 9 % 4 lifts its RMS to nearly sqrt((1 - beta2^9) / (1 - beta2)) = 2.94 (g^2 /
+    # v_hat with v_hat = (1 - beta2) g^2 / (1 - beta2^t) for a dominant g), clipping the step
+    torch.testing.assert_close(seen[0], torch.ones(len(SHAPES), dtype=torch.float64),
+                               rtol=1e-6, atol=0)
+    assert (seen[5] < 1.5).all()
+    assert seen[8][9 % len(SHAPES)] > 2.9
+
+
 def test_spam_warmup_factor_matches_pytorch_optimizer():
     from pytorch_optimizer.optimizer.spam import CosineDecay
     reset = clip.MomentumReset(interval=8, warmup_steps=5)
@@ -165,6 +193,8 @@ PRESETS = {
     "adagc": lambda ps, **kw: lo.AdaGC(ps, warmup_steps=4, **kw),
     "value_norm": lambda ps, **kw: lo.AdamW(ps, clip=[clip.ValueClip(2.0),
                                                       clip.NormClip(5.0, scope="tensor")], **kw),
+    "stable_adamw": lambda ps, **kw: lo.StableAdamW(ps, weight_decay=0.1, kahan_sum=False,
+                                                    clip=clip.SpikeClip(50.0, 2, 0), **kw),
 }
 
 

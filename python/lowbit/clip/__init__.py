@@ -3,8 +3,8 @@ clip_grad_norm_ family, and the clipping policies the fused optimizers apply ins
 (`clip=` on any lowbit optimizer; lowbit.clip.policies documents the order and the state)."""
 from .norm import clip_grad_norm_, clip_grads_with_norm_, get_total_norm
 from .policies import (AdaClip, AdaGC, AdaGN, Beta1Cosine, ClipPolicy, MomentumReset, NormClip,
-                       SpikeClip, ValueClip)
+                       SpikeClip, UpdateClip, ValueClip)
 
 __all__ = ["clip_grad_norm_", "clip_grads_with_norm_", "get_total_norm", "ClipPolicy",
            "ValueClip", "NormClip", "AdaGC", "AdaClip", "AdaGN", "SpikeClip", "MomentumReset",
-           "Beta1Cosine"]
+           "Beta1Cosine", "UpdateClip"]

@@ -17,10 +17,14 @@ them in:
     50 AdaGN            Stable-SPAM: norm stabiliser (needs a second pass)    scalar per tensor
     60 SpikeClip        SPAM: clamp g^2 > theta * v_{t-1}                     element-wise, in-kernel
     70 MomentumReset    SPAM / Stable-SPAM: zero m, v every `interval` steps  flag (+ lr warmup)
+    90 UpdateClip       StableAdamW: lr / max(1, RMS(g / sqrt(v_t)))          step size per tensor
 
 Norm-based statistics of later policies see the earlier ones exactly where that is algebra
 (a scale s multiplies norms and maxima by s; a clamp at c caps the maximum at c) and through one
 more statistics pass where it is not (the sum of squares after a value clip or after AdaClip).
+UpdateClip's statistic needs the new second moment, so it is a pass of the fused kernel itself
+over grads and states that writes nothing (lowbit.ops.optim_step with rms=), run per fused call
+just before the update.
 
 Per-tensor policy state (AdaGC's gamma, AdaClip's max EMA, AdaGN's moments) lives in the
 optimizer's per-parameter state as fp32 0-dim tensors, so it is saved, loaded and resumed with
@@ -57,6 +61,7 @@ class ClipContext:
         self.lr_scale = 1.0        # multiplies the step size (SPAM's post-reset warmup)
         self.beta1_scale = 1.0     # multiplies beta1 (Stable-SPAM's cosine schedule)
         self.restart_bias_correction = False
+        self.update_clip = None    # the UpdateClip policy, run inside each fused call
         self.state = {}
         self.telemetry = {}
         self._value_stats = None
@@ -83,7 +88,8 @@ class ClipContext:
         """Statistics after the transform selected so far (or `flags`): a statistics pass."""
         flags = self.flags & clip_ref.TRANSFORM_FLAGS if flags is None else flags
         self._sync_table()
-        return ops.grad_stats(self.grads, self.backend, self.table, self.value_clip, flags)
+        xform = self.table[:, :clip_ref.NCLIP].contiguous()  # the transform's columns
+        return ops.grad_stats(self.grads, self.backend, xform, self.value_clip, flags)
 
     def multiply_scale(self, coef: torch.Tensor):
         """Scale every tensor's gradient by coef ([n] or scalar, float64)."""
@@ -341,6 +347,38 @@ class MomentumReset(ClipPolicy):
         ctx.lr_scale *= self.warmup_factor(t)
 
 
+class UpdateClip(ClipPolicy):
+    """StableAdamW's update clipping (Wortsman et al. 2023): per tensor, RMS = sqrt(mean(g^2 /
+    max(v_hat, eps^2))) with the gradient and the new bias-corrected second moment of this step,
+    and the step size lr / max(1, RMS / threshold). decay="clipped" scales the decoupled weight
+    decay by the same factor (pytorch-optimizer's StableAdamW); decay="lr" keeps the group's
+    (Wortsman's reference code). The statistic needs the new v: the fused kernel computes it in a
+    pass over grads and states that writes nothing, then the update reads each tensor's step size
+    and decay from its clip row. Adam-family only; per-tensor RMS in last_clip_info["update_rms"].
+    """
+    order = 90
+    kinds = ("adam",)
+
+    def __init__(self, threshold: float = 1.0, decay: str = "clipped"):
+        if not threshold > 0:
+            raise ValueError(f"UpdateClip: threshold must be > 0, got {threshold!r}")
+        if decay not in ("clipped", "lr"):
+            raise ValueError(f"UpdateClip: decay must be 'clipped' or 'lr', got {decay!r}")
+        self.threshold, self.decay = float(threshold), decay
+
+    def apply(self, ctx):
+        ctx.update_clip = self
+        ctx.telemetry["update_rms"] = torch.zeros(len(ctx.grads), dtype=torch.float64,
+                                                  device=ctx.device)
+
+    def factors(self, sums, numel, beta2: float, step: int):
+        """(RMS, step-size factor 1 / max(1, RMS / threshold)) per tensor from the kernel's sums
+        of g^2 / max(v, eps_t^2): v_hat = v / (1 - beta2^step) and eps_t = eps sqrt(1 - beta2^step)
+        turn them into the mean of g^2 / max(v_hat, eps^2)."""
+        rms = (sums * (1.0 - beta2 ** step) / numel).sqrt()
+        return rms, 1.0 / torch.clamp(rms / self.threshold, min=1.0)
+
+
 def as_policies(clip) -> list:
     """`clip=` as given (None, one policy, or a list) -> the policies in canonical order."""
     if clip is None:
@@ -349,7 +387,7 @@ def as_policies(clip) -> list:
     for p in policies:
         if not isinstance(p, ClipPolicy):
             raise TypeError(f"clip= takes lowbit.clip policies (ValueClip, NormClip, AdaGC, "
-                            f"AdaClip, AdaGN, SpikeClip, MomentumReset), got {p!r}")
+                            f"AdaClip, AdaGN, SpikeClip, MomentumReset, UpdateClip), got {p!r}")
     kinds = [type(p) for p in policies]
     if len(set(kinds)) != len(kinds):
         raise ValueError("clip= lists the same policy twice")

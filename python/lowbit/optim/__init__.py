@@ -4,9 +4,10 @@ layout, non-finite handling and state-dict conversion)."""
 from .adam import Adam, Adam4bit, Adam8bit, AdamW, AdamW4bit, AdamW8bit
 from .lion import Lion, Lion4bit, Lion8bit
 from .sgd import SGD, SGD4bit, SGD8bit
-from .spike import (SPAM, AdaGC, AdaGC4bit, AdaGC8bit, SPAM4bit, SPAM8bit, StableSPAM,
-                    StableSPAM4bit, StableSPAM8bit)
+from .spike import (SPAM, AdaGC, AdaGC4bit, AdaGC8bit, SPAM4bit, SPAM8bit, StableAdamW,
+                    StableAdamW4bit, StableAdamW8bit, StableSPAM, StableSPAM4bit, StableSPAM8bit)
 
 __all__ = ["Adam", "Adam8bit", "Adam4bit", "AdamW", "AdamW8bit", "AdamW4bit", "Lion",
            "Lion8bit", "Lion4bit", "SGD", "SGD8bit", "SGD4bit", "SPAM", "SPAM8bit", "SPAM4bit",
-           "StableSPAM", "StableSPAM8bit", "StableSPAM4bit", "AdaGC", "AdaGC8bit", "AdaGC4bit"]
+           "StableSPAM", "StableSPAM8bit", "StableSPAM4bit", "AdaGC", "AdaGC8bit", "AdaGC4bit",
+           "StableAdamW", "StableAdamW8bit", "StableAdamW4bit"]

@@ -457,9 +457,17 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
             scalars, flags, table, counts = self._step_args(group, step, ctx,
                                                             [r for _, _, _, r in items], device)
             backend = ops.resolve_backend(self.backend, device)
-            ops.optim_step_eager([p.data for p in ps], [p.grad.contiguous() for p in ps], *states,
-                                 comps, keys, self._kind, bits, block, scalars, flags, wb,
-                                 backend, v_cols, v_colmax, table, counts)
+            data, grads = [p.data for p in ps], [p.grad.contiguous() for p in ps]
+            if ctx is not None and ctx.update_clip is not None:
+                def rms_pass(sums):
+                    ops.optim_step_eager(data, grads, *states, comps, keys, self._kind, bits,
+                                         block, scalars, flags, wb, backend, v_cols, v_colmax,
+                                         table, None, sums)
+                table, flags = self._update_clip(group, step, ctx, [r for _, _, _, r in items],
+                                                 table, scalars, flags,
+                                                 [p.numel() for p in ps], rms_pass)
+            ops.optim_step_eager(data, grads, *states, comps, keys, self._kind, bits, block,
+                                 scalars, flags, wb, backend, v_cols, v_colmax, table, counts)
             if counts is not None:
                 ctx.clipped.index_add_(0, torch.tensor([r for _, _, _, r in items],
                                                        device=ctx.clipped.device),

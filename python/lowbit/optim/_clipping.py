@@ -23,7 +23,8 @@ class ClipSteps:
         # "grad_norm" (global L2 norm of the finite gradient elements before clipping),
         # "tensor_norms" and "scale" (per live tensor: its norm before clipping, its scalar clip
         # factor), "clipped" (per live tensor, elements an element-wise clip changed),
-        # "spike_clip" / "reset" (bools), plus policy extras ("clip_norm", "adagn_norm").
+        # "spike_clip" / "reset" (bools), plus policy extras ("clip_norm", "adagn_norm",
+        # "update_rms").
         self.last_clip_info = {}
 
     def _fresh_clip_state(self, p) -> dict:
@@ -82,3 +83,22 @@ class ClipSteps:
         table = ctx.table.index_select(0, index).to(device).contiguous()
         counts = torch.zeros(len(rows), dtype=torch.int64, device=device)
         return scalars, flags, table, counts
+
+    def _update_clip(self, group, step, ctx, rows, table, scalars, flags, numel, rms_pass):
+        """UpdateClip's part of one fused call: rms_pass(sums) runs the kernel's statistics pass
+        (writes nothing), then each tensor's clip row gets its step size (the group's times the
+        policy's factor, rounded once) and decay factor. Returns (table, flags) of the update."""
+        policy = ctx.update_clip
+        sums = torch.zeros(len(rows), dtype=torch.float64, device=table.device)
+        rms_pass(sums)
+        numel = torch.tensor(numel, dtype=torch.float64, device=table.device)
+        rms, factor = policy.factors(sums, numel, group["betas"][1], step)
+        table = table.clone()
+        table[:, 4] = (scalars[self._step_size_slot["adam"]] * factor).float()
+        if flags & ref.DECAY and policy.decay == "clipped":
+            table[:, 5] = (1.0 - float(group["lr"]) * group["weight_decay"] * factor).float()
+        else:
+            table[:, 5] = scalars[0]
+        index = torch.tensor(rows, device=ctx.device)
+        ctx.telemetry["update_rms"].index_copy_(0, index, rms.to(ctx.device))
+        return table, flags | ref.UPDATE_SCALE

@@ -1,5 +1,5 @@
 """The spike-robust Adam variants users search for, as presets of lowbit's clip policies on the
-fused AdamW step, each with 32/8/4-bit states: SPAM, StableSPAM and AdaGC. Names, arguments and
+fused AdamW step, each with 32/8/4-bit states: SPAM, StableSPAM, AdaGC and StableAdamW. Names, arguments and
 defaults follow pytorch-optimizer 4.1.0 (research/clipping.md §8); further lowbit.clip policies
 can be added with clip=.
 """
@@ -92,6 +92,33 @@ class AdaGC(FusedOptimizer):
         return _adamw_scalars(group, step, beta1_scale)
 
 
+class StableAdamW(FusedOptimizer):
+    """StableAdamW (Wortsman et al. 2023): AdamW whose step size is divided per tensor by
+    max(1, RMS(g / sqrt(v_hat))) (lowbit.clip.UpdateClip), the decoupled weight decay scaled the
+    same way — pytorch-optimizer's StableAdamW (its debiased betas are Adam's bias corrections,
+    so the trajectory is the same). weight_decouple=False adds the decay to the gradient (Adam's
+    L2) instead. kahan_sum (default on, as there) keeps bf16/fp16 parameters with lowbit's Kahan
+    compensation; it gives way to stochastic_rounding=True when that is asked for."""
+    _kind = "adam"
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.99), kahan_sum=True, weight_decay=1e-2,
+                 weight_decouple=True, eps=1e-8, maximize=False, *, clip=None,
+                 update_clip_decay="clipped", **kwargs):
+        _check_common(lr, eps, betas, weight_decay)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        maximize=maximize, weight_decouple=bool(weight_decouple))
+        if "kahan" not in kwargs:
+            kwargs["kahan"] = bool(kahan_sum) and not kwargs.get("stochastic_rounding")
+        policies = [cp.UpdateClip(1.0, update_clip_decay)]
+        super().__init__(params, defaults, clip=_with(policies, clip), **kwargs)
+
+    def _scalars(self, group, step, beta1_scale=1.0):
+        beta1, beta2 = group["betas"]
+        sc = ref.adam_scalars(float(group["lr"]), beta1 * beta1_scale, beta2, group["eps"],
+                              group["weight_decay"], step, group["weight_decouple"])
+        return sc, {"maximize": bool(group["maximize"])}
+
+
 def _bits(cls, bits):
     class Variant(cls):
         def __init__(self, params, *args, **kwargs):
@@ -105,3 +132,4 @@ def _bits(cls, bits):
 SPAM8bit, SPAM4bit = _bits(SPAM, 8), _bits(SPAM, 4)
 StableSPAM8bit, StableSPAM4bit = _bits(StableSPAM, 8), _bits(StableSPAM, 4)
 AdaGC8bit, AdaGC4bit = _bits(AdaGC, 8), _bits(AdaGC, 4)
+StableAdamW8bit, StableAdamW4bit = _bits(StableAdamW, 8), _bits(StableAdamW, 4)
