@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Clipped optimizer steps: lowbit's fused clipping (statistics pass + policies on the device +
 the one fused update) against the unfused sequences users write today — torch's clip_grad_norm_
-followed by an optimizer step, and pytorch-optimizer's SPAM / StableSPAM / AdaGC — on the CPU,
-side by side in one run, same layout as bench/optim_bench.py (N parameters in 8 tensors).
+followed by an optimizer step, and pytorch-optimizer's SPAM / StableSPAM / AdaGC / StableAdamW —
+on the CPU, side by side in one run, same layout as bench/optim_bench.py (N parameters in 8 tensors).
 
 The baseline is lowbit's plain fused AdamW8bit step (which already takes the statistics pass for
 its non-finite check); "x AdamW8bit" is each row's time over it. Issue 4's targets: fused 8-bit
@@ -50,6 +50,7 @@ def rows(dtype):
         ("lowbit StableSPAM8bit", lambda ps: lo.StableSPAM8bit(ps)),
         ("lowbit AdaGC8bit", lambda ps: lo.AdaGC8bit(ps)),
         ("lowbit StableSPAM4bit", lambda ps: lo.StableSPAM4bit(ps)),
+        ("lowbit StableAdamW8bit", lambda ps: lo.StableAdamW8bit(ps)),
         ("clip_grad_norm_ + lowbit AdamW8bit", lambda ps: ClipThenStep(ps, lo.AdamW8bit(ps))),
         ("clip_grad_norm_ + torch AdamW fused", lambda ps: ClipThenStep(
             ps, torch.optim.AdamW(ps, fused=True))),
@@ -64,7 +65,8 @@ def rows(dtype):
         import pytorch_optimizer as pto
         out += [("pytorch-optimizer SPAM (32-bit)", lambda ps: pto.SPAM(ps)),
                 ("pytorch-optimizer StableSPAM (32-bit)", lambda ps: pto.StableSPAM(ps)),
-                ("pytorch-optimizer AdaGC (32-bit)", lambda ps: pto.AdaGC(ps))]
+                ("pytorch-optimizer AdaGC (32-bit)", lambda ps: pto.AdaGC(ps)),
+                ("pytorch-optimizer StableAdamW (32-bit)", lambda ps: pto.StableAdamW(ps))]
     except Exception as e:  # noqa: BLE001
         NOTES.append(f"pytorch-optimizer not importable: {type(e).__name__}: {e}")
     return out
