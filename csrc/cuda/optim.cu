@@ -12,7 +12,7 @@
 // branch-free except for the flags (selects, as in optim_math.h).
 //
 // Multi-tensor table: the per-tensor pointers, keys and block prefix sums travel BY VALUE as a
-// kernel parameter (OptChunk, 2.6 KB: kernel parameters must stay within the classic 4 KB limit,
+// kernel parameter (OptChunk, 3.8 KB: kernel parameters must stay within the classic 4 KB limit,
 // checked below), launched once per chunk of up to kChunkTensors tensors — the multi_tensor_apply
 // approach. A table in device memory would need an allocation plus an H2D copy per step, and its
 // lifetime would have to outlast the asynchronous launch; parameters are copied by the launch
@@ -26,6 +26,10 @@
 // atomicMax-es its bit pattern into the row and column maxima (exact for non-negative floats),
 // the step (old codes decoded with the state's old maxima, new codes against the scratch's new
 // ones), and a copy of the new maxima into the state.
+//
+// The update-clipping statistics pass (OptArgs::rms_pass, Adam) replaces the step with one
+// read-only kernel per chunk (rms_kernel): per tensor, the float64 sum of adam_rms_term over its
+// elements, reduced per CUDA block and added to the tensor's *rms with one atomicAdd per block.
 #include "cuda/launchers.h"
 #include "cuda/primitives.cuh"
 #include "lowbit/optim_math.h"
@@ -98,8 +102,10 @@ LOWBIT_UNROLL
   return r;
 }
 
-// Tensor t's clip row (read inside the kernel: the policies compute it on the device).
-__device__ __forceinline__ OptClipRow clip_row(const OptChunk& c, int t) {
+// Tensor t's clip row (read inside the kernel: the policies compute it on the device). Chunk:
+// any table with a clip[] array (OptChunk, RmsChunk).
+template <typename Chunk>
+__device__ __forceinline__ OptClipRow clip_row(const Chunk& c, int t) {
   return c.clip[t] ? *c.clip[t] : no_clip_row();
 }
 
@@ -325,6 +331,87 @@ LOWBIT_UNROLL
   count_clipped(c, ti, clipped);
 }
 
+// ---- the update-clipping statistics pass (Adam, OptArgs::rms_pass) ----------------------------
+
+// Up to kChunkTensors tensors of an rms pass. A table of its own rather than OptChunk: the pass
+// reads only these fields (and writes nothing but rms), and one more per-tensor array would take
+// OptChunk past the 4 KB parameter budget. s2: the second states, fp32 or codes; s2_absmax: their
+// block maxima (quantized states only).
+struct RmsChunk {
+  const void* p[kChunkTensors];
+  const void* g[kChunkTensors];
+  const void* comp[kChunkTensors];
+  const void* s2[kChunkTensors];
+  const float* s2_absmax[kChunkTensors];
+  const OptClipRow* clip[kChunkTensors];  // clip rows in device memory, or null
+  double* rms[kChunkTensors];             // the tensors' float64 sums in device memory
+  int64_t n[kChunkTensors];
+  int count;
+};
+
+static_assert(sizeof(RmsChunk) + sizeof(StateTables) + sizeof(StepScalars) <= kMaxParamBytes,
+              "rms pass parameters exceed 4 KB: lower kChunkTensors");
+
+// Element i's second moment as the step loads it: the fp32 state, or (NC-entry codebook staged in
+// s_code) its code dequantized with the maximum of its block of 1 << shift elements.
+template <int NC>
+__device__ __forceinline__ float load_v(const void* s2, const float* absmax, const float* s_code,
+                                        int shift, int64_t i) {
+  if constexpr (NC == 0) {
+    return ((const float*)s2)[i];
+  } else {
+    return dequant_value(s_code[load_code<NC>((const uint8_t*)s2, i)], absmax[i >> shift]);
+  }
+}
+
+// log2 of a power of two (the state block, state_block_ok), without a division per element.
+__device__ __forceinline__ int log2_pow2(int x) {
+  int k = 0;
+  while ((1 << k) < x) ++k;
+  return k;
+}
+
+// Grid-stride over every tensor of the chunk, as step32_kernel, for every state layout: the
+// elements' absmax is looked up per element instead of aligning CUDA blocks with quantization
+// blocks, since nothing is requantized. Each thread sums the fp32 terms (adam_rms_term, the step's
+// own arithmetic) of its elements in float64; each CUDA block reduces its threads' sums and adds
+// the result to the tensor's total with one atomic, so the order of the float64 additions varies
+// (the contract allows that). A block that holds no element of a tensor skips it: the test is
+// uniform over the block, so every thread still meets the same barriers. NEED_P: only coupled (L2)
+// decay makes the term depend on the parameter.
+template <int DT, int WB, int NC, bool NEED_P>
+__global__ void __launch_bounds__(kOptThreads)
+rms_kernel(const RmsChunk c, const StateTables q, const StepScalars ss) {
+  __shared__ float s_code[NC > 0 ? NC : 1];
+  __shared__ double s_sum[kMaxWarps + 1];
+  const Scalars s = scalars_of(ss);
+  int shift = 0;
+  if constexpr (NC > 0) {
+    for (int k = threadIdx.x; k < NC; k += blockDim.x) s_code[k] = q.code2[k];
+    shift = log2_pow2(q.block);
+  }
+  __syncthreads();
+  const int64_t first = (int64_t)blockIdx.x * blockDim.x;
+  for (int t = 0; t < c.count; ++t) {
+    const int64_t n = c.n[t];
+    if (first >= n) continue;
+    const void* __restrict__ p = c.p[t];
+    const void* __restrict__ g = c.g[t];
+    const void* __restrict__ comp = c.comp[t];
+    const void* __restrict__ s2 = c.s2[t];
+    const float* __restrict__ absmax = c.s2_absmax[t];
+    const OptClipRow ct = clip_row(c, t);
+    double sum = 0.0;
+    for (int64_t i = global_thread(); i < n; i += grid_stride()) {
+      const float x = NEED_P ? load_param(p, comp, DT, WB, i) : 0.0f;
+      const float v = load_v<NC>(s2, absmax, s_code, shift, i);
+      sum += (double)adam_rms_term<true, true>(s.f, s.flags, x, load_f32(g, DT, i), 0.0f, v, ct);
+    }
+    sum = block_allreduce(sum, SumF64(), 0.0, s_sum);
+    if (threadIdx.x == 0) atomicAdd(c.rms[t], sum);
+  }
+}
+
 // ---- rank-1 second states ----------------------------------------------------------------------
 
 constexpr int kR1Threads = 256;  // columns of a prepass tile, one per thread
@@ -532,6 +619,48 @@ cudaError_t rank1_store(const OptArgs& a, cudaStream_t stream) {
   return cudaSuccess;
 }
 
+// Tensors [first, first + count) of an rms pass into c; returns the longest one's element count
+// (the grid-stride extent).
+int64_t fill_rms_chunk(RmsChunk& c, const OptArgs& a, int first) {
+  c = RmsChunk{};
+  c.count = a.ntensors - first < kChunkTensors ? a.ntensors - first : kChunkTensors;
+  int64_t longest = 0;
+  for (int j = 0; j < c.count; ++j) {
+    const OptTensor& x = a.tensors[first + j];
+    c.p[j] = x.p; c.g[j] = x.g; c.comp[j] = x.comp;
+    c.s2[j] = x.s2; c.s2_absmax[j] = x.s2_absmax;
+    c.clip[j] = x.clip;
+    c.rms[j] = x.rms;
+    c.n[j] = x.n;
+    longest = x.n > longest ? x.n : longest;
+  }
+  return longest;
+}
+
+// The statistics pass instead of the step, chunk by chunk (second states of layout NC, block-wise:
+// valid_args refuses rank-1 ones).
+template <int DT, int WB, int NC>
+cudaError_t rms_all(const OptArgs& a, cudaStream_t stream) {
+  const StateTables q{a.code1, a.mids1, a.code2, a.mids2, a.block};
+  for (int first = 0; first < a.ntensors; first += kChunkTensors) {
+    RmsChunk c;
+    const int64_t longest = fill_rms_chunk(c, a, first);
+    if (longest == 0) continue;  // an empty grid is an invalid configuration on CUDA
+    const dim3 grid(stride_grid(longest)), threads(kOptThreads);
+    // the parameter only matters with coupled decay, and the compensation only with kahan
+    if (a.s.flags & kL2) {
+      auto kernel = rms_kernel<DT, WB == kWbKahan ? kWbKahan : kWbNearest, NC, true>;
+      LOWBIT_LAUNCH(kernel, grid, threads, 0, stream, c, q, a.s);
+    } else {
+      auto kernel = rms_kernel<DT, kWbNearest, NC, false>;
+      LOWBIT_LAUNCH(kernel, grid, threads, 0, stream, c, q, a.s);
+    }
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
 template <int KIND, int DT, int WB, int NST, int NC, int E>
 void launch_q(const OptChunk& c, const StateTables& q, const StepScalars& s, int64_t nblocks,
               cudaStream_t stream) {
@@ -557,6 +686,9 @@ void dispatch_q(const OptChunk& c, const StateTables& q, const StepScalars& s, i
 template <int KIND, int DT, int WB, int NST, int NC>
 cudaError_t run(const OptArgs& a, cudaStream_t stream) {
   const StateTables q{a.code1, a.mids1, a.code2, a.mids2, a.block};
+  if constexpr (KIND == kAdam && NST == 2) {
+    if (a.rms_pass) return rms_all<DT, WB, NC>(a, stream);
+  }
   constexpr bool kRank1 = KIND == kAdam && NST == 2 && NC == 16;
   if constexpr (kRank1) {
     const cudaError_t err = rank1_prepass<DT, WB>(a, stream);
@@ -638,9 +770,12 @@ bool valid_args(const OptArgs& a) {
   } else if (a.state_bits != 32 && a.state_bits != 8 && a.state_bits != 4) {
     return false;
   }
+  if (a.rms_pass && kind != kAdam) return false;  // update clipping is Adam's
   for (int i = 0; i < a.ntensors; ++i) {
     const OptTensor& t = a.tensors[i];
     if (t.n < 0 || t.v_cols < 0) return false;
+    // the rms pass: a sum for every tensor; rank-1 second states are not supported yet
+    if (a.rms_pass && (t.rms == nullptr || t.v_cols > 0)) return false;
     // rank-1 second states: 4-bit Adam, a whole number of rows, maxima and scratch given
     if (t.v_cols > 0 &&
         (kind != kAdam || a.state_bits != 4 || a.ncode != 16 || a.nstates != 2 ||

@@ -13,7 +13,8 @@
 // that some threads never reach (they exited, or wait elsewhere), two different __syncthreads()
 // sites, or lanes of a warp disagreeing about a shuffle's mask or call site.
 //
-// Atomics: atomicMax on unsigned int and atomicAdd on unsigned long long (what the kernels use).
+// Atomics: atomicMax on unsigned int and atomicAdd on unsigned long long and double (what the
+// kernels use).
 // Fibers never preempt each other and blocks run one after another, so a plain read-modify-write
 // is atomic here; add others the same way if a kernel needs them.
 //
@@ -429,6 +430,12 @@ inline T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = warp
 // fiber's (see the model above), so these are atomic for global and shared memory alike.
 inline unsigned long long atomicAdd(unsigned long long* address, unsigned long long val) {
   const unsigned long long old = *address;
+  *address = old + val;
+  return old;
+}
+
+inline double atomicAdd(double* address, double val) {
+  const double old = *address;
   *address = old + val;
   return old;
 }
