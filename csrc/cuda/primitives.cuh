@@ -5,7 +5,8 @@
 //   storage       static __shared__ arrays (no dynamic shared memory)
 //   sync          __syncthreads(), __shfl_xor_sync, __shfl_down_sync (full-warp masks)
 //   launch        LOWBIT_LAUNCH (below), cudaGetLastError
-//   atomics       atomicAdd on unsigned long long (rare event counters); atomicMax(unsigned
+//   atomics       atomicAdd on unsigned long long (rare event counters) and on double (one
+//                 per block: per-tensor sums of the update-clipping pass); atomicMax(unsigned
 //                 int*, unsigned int) on global and shared memory (maxima of non-negative floats
 //                 across threads and blocks, on their bit patterns)
 // No other atomics, no cooperative groups, no dynamic parallelism, no textures.
