@@ -25,6 +25,14 @@ tensors first runs _rank1_maxima_kernel over them (tiles of the matrix; the new 
 element, whose |bits| go into zeroed scratch with tl.atomic_max per row and column, exact for
 non-negative floats), then the step (RANK1: old codes decoded with the state's maxima, new codes
 against the scratch's), then copies the new maxima into the state.
+
+Update clipping (StableAdamW, Adam only): UPDATE_SCALE takes the step size and the decoupled-decay
+factor from the tensor's clip row (columns 4 and 5). The statistics pass (optim_step rms=) is the
+step kernel with the constexpr RMS: the same decode and rule_grad arithmetic up to the new v, then
+q = g*g / max(v, eps_t*eps_t) (div_rn) summed per program in float64 and added by tl.atomic_add
+into the tensor's rms slot (carried in the pointer table's counter column); no stores. The sums'
+order differs from the CPU's (float64 rounding only). Rank-1 second states are refused there, as
+with every clip flag.
 """
 import torch
 import triton
@@ -78,13 +86,14 @@ def _adam_new_v(x, g, s2, sc_ptr, MAXIMIZE: tl.constexpr, DECAY: tl.constexpr,
 
 
 @triton.jit
-def _update(x, g, s1, s2, sc_ptr, ct_ptr, KIND: tl.constexpr, MAXIMIZE: tl.constexpr,
-            DECAY: tl.constexpr, L2: tl.constexpr, NESTEROV: tl.constexpr,
-            FIRST_STEP: tl.constexpr, NO_MOMENTUM: tl.constexpr, VALUE_CLIP: tl.constexpr,
-            TENSOR_SCALE: tl.constexpr, ADA_CLIP: tl.constexpr, NORM_SCALE: tl.constexpr,
-            SPIKE_CLIP: tl.constexpr, RESET: tl.constexpr, DECAY_AFTER: tl.constexpr):
-    """update_rule of optim_math.h: the new (x, s1, s2) and the clipped mask. Scalars
-    sc_ptr[0..10] as there; ct_ptr: the tensor's clip row."""
+def _rule_grad(x, g, s1, s2, sc_ptr, ct_ptr, decay_ptr, KIND: tl.constexpr,
+               MAXIMIZE: tl.constexpr, DECAY: tl.constexpr, L2: tl.constexpr,
+               VALUE_CLIP: tl.constexpr, TENSOR_SCALE: tl.constexpr, ADA_CLIP: tl.constexpr,
+               NORM_SCALE: tl.constexpr, SPIKE_CLIP: tl.constexpr, RESET: tl.constexpr,
+               DECAY_AFTER: tl.constexpr):
+    """rule_grad of optim_math.h: everything up to the gradient the moments take (maximize, the
+    clip transform, momentum reset, decay of x before the update, L2, SPAM's spike clip). Returns
+    (x, g, s1, s2, clipped); decay_ptr: the decoupled-decay factor in force."""
     g = _negate(g, MAXIMIZE)
     g, clipped = clip_transform(g, ct_ptr, sc_ptr + 8, VALUE_CLIP, TENSOR_SCALE, ADA_CLIP,
                                 NORM_SCALE)
@@ -94,7 +103,7 @@ def _update(x, g, s1, s2, sc_ptr, ct_ptr, KIND: tl.constexpr, MAXIMIZE: tl.const
         s2 = tl.zeros_like(g)
     if KIND == 0:  # Adam: decay, wd, a1, b2, a2, eps_t, step_size
         if DECAY and not DECAY_AFTER:
-            x = x * tl.load(sc_ptr + 0)
+            x = x * tl.load(decay_ptr)
         if L2:
             g = g + tl.load(sc_ptr + 1) * x
         if SPIKE_CLIP:
@@ -104,19 +113,50 @@ def _update(x, g, s1, s2, sc_ptr, ct_ptr, KIND: tl.constexpr, MAXIMIZE: tl.const
             root = tl.math.sqrt_rn(lim)
             g = tl.where(over, tl.where(g < 0.0, neg(root), root), g)
             clipped = clipped | over
-        s1 = s1 + tl.load(sc_ptr + 2) * (g - s1)
-        s2 = _adam_second_moment(s2, g, sc_ptr)
-        d = tl.math.sqrt_rn(s2) + tl.load(sc_ptr + 5)
-        x = x - tl.load(sc_ptr + 6) * tl.math.div_rn(s1, d)
     elif KIND == 1:  # Lion: decay, b1, a1, b2, a2, lr
         if DECAY and not DECAY_AFTER:
-            x = x * tl.load(sc_ptr + 0)
-        c = tl.load(sc_ptr + 1) * s1 + tl.load(sc_ptr + 2) * g
-        x = x - tl.load(sc_ptr + 5) * _sign(c)
-        s1 = tl.load(sc_ptr + 3) * s1 + tl.load(sc_ptr + 4) * g
+            x = x * tl.load(decay_ptr)
     else:  # SGD: wd, momentum, damp, lr
         if L2:
             g = g + tl.load(sc_ptr + 0) * x
+    return x, g, s1, s2, clipped
+
+
+@triton.jit
+def _adam_ptrs(sc_ptr, ct_ptr, KIND: tl.constexpr, UPDATE_SCALE: tl.constexpr):
+    """(decay factor, step size) addresses: the scalars', or with UPDATE_SCALE (Adam) the clip
+    row's columns 5 and 4 (adam_decay_factor / kUpdateScale of optim_math.h)."""
+    decay_ptr = sc_ptr
+    step_ptr = sc_ptr + 6
+    if UPDATE_SCALE and KIND == 0:
+        decay_ptr = ct_ptr + 5
+        step_ptr = ct_ptr + 4
+    return decay_ptr, step_ptr
+
+
+@triton.jit
+def _update(x, g, s1, s2, sc_ptr, ct_ptr, KIND: tl.constexpr, MAXIMIZE: tl.constexpr,
+            DECAY: tl.constexpr, L2: tl.constexpr, NESTEROV: tl.constexpr,
+            FIRST_STEP: tl.constexpr, NO_MOMENTUM: tl.constexpr, VALUE_CLIP: tl.constexpr,
+            TENSOR_SCALE: tl.constexpr, ADA_CLIP: tl.constexpr, NORM_SCALE: tl.constexpr,
+            SPIKE_CLIP: tl.constexpr, RESET: tl.constexpr, DECAY_AFTER: tl.constexpr,
+            UPDATE_SCALE: tl.constexpr):
+    """update_rule of optim_math.h: the new (x, s1, s2) and the clipped mask. Scalars
+    sc_ptr[0..10] as there; ct_ptr: the tensor's clip row (s, thr, r, k, step size, decay)."""
+    decay_ptr, step_ptr = _adam_ptrs(sc_ptr, ct_ptr, KIND, UPDATE_SCALE)
+    x, g, s1, s2, clipped = _rule_grad(x, g, s1, s2, sc_ptr, ct_ptr, decay_ptr, KIND, MAXIMIZE,
+                                       DECAY, L2, VALUE_CLIP, TENSOR_SCALE, ADA_CLIP,
+                                       NORM_SCALE, SPIKE_CLIP, RESET, DECAY_AFTER)
+    if KIND == 0:  # Adam
+        s1 = s1 + tl.load(sc_ptr + 2) * (g - s1)
+        s2 = _adam_second_moment(s2, g, sc_ptr)
+        d = tl.math.sqrt_rn(s2) + tl.load(sc_ptr + 5)
+        x = x - tl.load(step_ptr) * tl.math.div_rn(s1, d)
+    elif KIND == 1:  # Lion
+        c = tl.load(sc_ptr + 1) * s1 + tl.load(sc_ptr + 2) * g
+        x = x - tl.load(sc_ptr + 5) * _sign(c)
+        s1 = tl.load(sc_ptr + 3) * s1 + tl.load(sc_ptr + 4) * g
+    else:  # SGD
         d = g
         if not NO_MOMENTUM:
             if FIRST_STEP:
@@ -129,8 +169,25 @@ def _update(x, g, s1, s2, sc_ptr, ct_ptr, KIND: tl.constexpr, MAXIMIZE: tl.const
                 d = s1
         x = x - tl.load(sc_ptr + 3) * d
     if KIND != 2 and DECAY and DECAY_AFTER:
-        x = x * tl.load(sc_ptr + 0)
+        x = x * tl.load(decay_ptr)
     return x, s1, s2, clipped
+
+
+@triton.jit
+def _adam_rms_term(x, g, s2, sc_ptr, ct_ptr, MAXIMIZE: tl.constexpr, DECAY: tl.constexpr,
+                   L2: tl.constexpr, VALUE_CLIP: tl.constexpr, TENSOR_SCALE: tl.constexpr,
+                   ADA_CLIP: tl.constexpr, NORM_SCALE: tl.constexpr, SPIKE_CLIP: tl.constexpr,
+                   RESET: tl.constexpr, DECAY_AFTER: tl.constexpr, UPDATE_SCALE: tl.constexpr):
+    """adam_rms_term of optim_math.h: q = g*g / max(v, eps_t*eps_t) with the gradient and the
+    new second moment of the Adam step (same arithmetic as _update; nothing is written)."""
+    decay_ptr, _ = _adam_ptrs(sc_ptr, ct_ptr, 0, UPDATE_SCALE)
+    x, g, _, s2, _ = _rule_grad(x, g, 0.0, s2, sc_ptr, ct_ptr, decay_ptr, 0, MAXIMIZE, DECAY, L2,
+                                VALUE_CLIP, TENSOR_SCALE, ADA_CLIP, NORM_SCALE, SPIKE_CLIP, RESET,
+                                DECAY_AFTER)
+    v = _adam_second_moment(s2, g, sc_ptr)
+    eps = tl.load(sc_ptr + 5)
+    floor = eps * eps
+    return tl.math.div_rn(g * g, tl.where(v > floor, v, floor))
 
 
 @triton.jit
@@ -226,7 +283,8 @@ def _store_state(s, addr, abs_addr, code_ptr, mids_ptr, rows, row_ok, idx, msk, 
 # Pointer table row (int64 each): p, g, s1, s1_absmax, s2, s2_absmax, comp, key, n, then the
 # rank-1 fields v_cols (0: block-wise), column maxima, scratch (R new row maxima, C new column
 # maxima; both addresses are s2_absmax's for block-wise tensors, never read through), then the
-# tensor's clip row (s, thr, r, k) and its int64 clipped-element counter (0 when unused).
+# tensor's clip row (s, thr, r, k, step size, decay) and its int64 clipped-element counter (0 when
+# unused), or in the statistics pass (RMS) its float64 rms slot.
 TAB_COLS = tl.constexpr(14)
 
 
@@ -267,7 +325,11 @@ def _optim_kernel(work_ptr, tab_ptr, sc_ptr, code1_ptr, mids1_ptr, code2_ptr, mi
                   FIRST_STEP: tl.constexpr, NO_MOMENTUM: tl.constexpr, RANK1: tl.constexpr,
                   VALUE_CLIP: tl.constexpr, TENSOR_SCALE: tl.constexpr, ADA_CLIP: tl.constexpr,
                   NORM_SCALE: tl.constexpr, SPIKE_CLIP: tl.constexpr, RESET: tl.constexpr,
-                  DECAY_AFTER: tl.constexpr, HAS_CLIP_ROW: tl.constexpr, COUNT: tl.constexpr):
+                  DECAY_AFTER: tl.constexpr, HAS_CLIP_ROW: tl.constexpr, COUNT: tl.constexpr,
+                  UPDATE_SCALE: tl.constexpr, RMS: tl.constexpr):
+    """The step over work item w (module docstring). RMS (Adam, block-wise states): the
+    update-clipping statistics pass instead: the sum of the tile's _adam_rms_term in float64 is
+    added atomically to the tensor's rms slot (the table's counter column), nothing is stored."""
     w = tl.program_id(0).to(tl.int64)
     t = tl.load(work_ptr + 2 * w)
     b0 = tl.load(work_ptr + 2 * w + 1)
@@ -285,11 +347,13 @@ def _optim_kernel(work_ptr, tab_ptr, sc_ptr, code1_ptr, mids1_ptr, code2_ptr, mi
         m_e = msk
         bidx = idx
 
-    x = load_as_f32(p_ptr, idx, msk, P_KIND)
+    x = 0.0  # the statistics pass reads the parameter only for the L2 term
     comp_ptr = p_ptr  # unused unless kahan
-    if WRITEBACK == 3:
-        comp_ptr = _as_param_ptr(tl.load(row + 6), P_KIND)
-        x = x + load_as_f32(comp_ptr, idx, msk, P_KIND)
+    if L2 or not RMS:
+        x = load_as_f32(p_ptr, idx, msk, P_KIND)
+        if WRITEBACK == 3:
+            comp_ptr = _as_param_ptr(tl.load(row + 6), P_KIND)
+            x = x + load_as_f32(comp_ptr, idx, msk, P_KIND)
     g = load_as_f32(g_ptr, idx, msk, P_KIND)
     s1 = 0.0  # placeholders for the states a rule does not have
     s2 = 0.0
@@ -298,7 +362,7 @@ def _optim_kernel(work_ptr, tab_ptr, sc_ptr, code1_ptr, mids1_ptr, code2_ptr, mi
     r1_inv = 0.0
     if RANK1:
         is_r1, r1_old, r1_inv = _rank1_scales(row, n, idx, msk)
-    if NSTATES >= 1:
+    if NSTATES >= 1 and not RMS:  # (the statistics pass does not need m)
         s1_addr = tl.load(row + 2)
         s1_abs = tl.load(row + 3)
         s1 = _load_state(s1_addr, s1_abs, code1_ptr, rows, row_ok, idx, msk, bidx, m_e, 0.0,
@@ -312,21 +376,29 @@ def _optim_kernel(work_ptr, tab_ptr, sc_ptr, code1_ptr, mids1_ptr, code2_ptr, mi
     ct_ptr = sc_ptr  # placeholder: read only with the per-tensor clip flags
     if HAS_CLIP_ROW:
         ct_ptr = tl.load(row + 12).to(tl.pointer_type(tl.float32))
-    x, s1, s2, clipped = _update(x, g, s1, s2, sc_ptr, ct_ptr, KIND, MAXIMIZE, DECAY, L2,
-                                 NESTEROV, FIRST_STEP, NO_MOMENTUM, VALUE_CLIP, TENSOR_SCALE,
-                                 ADA_CLIP, NORM_SCALE, SPIKE_CLIP, RESET, DECAY_AFTER)
-    if COUNT:
-        count = tl.sum(tl.sum((clipped & msk).to(tl.int64), axis=1), axis=0)
-        tl.atomic_add(tl.load(row + 13).to(tl.pointer_type(tl.int64)), count)
+    if RMS:
+        q = _adam_rms_term(x, g, s2, sc_ptr, ct_ptr, MAXIMIZE, DECAY, L2, VALUE_CLIP,
+                           TENSOR_SCALE, ADA_CLIP, NORM_SCALE, SPIKE_CLIP, RESET, DECAY_AFTER,
+                           UPDATE_SCALE)
+        part = tl.sum(tl.sum(tl.where(msk, q, 0.0).to(tl.float64), axis=1), axis=0)
+        tl.atomic_add(tl.load(row + 13).to(tl.pointer_type(tl.float64)), part)
+    else:
+        x, s1, s2, clipped = _update(x, g, s1, s2, sc_ptr, ct_ptr, KIND, MAXIMIZE, DECAY, L2,
+                                     NESTEROV, FIRST_STEP, NO_MOMENTUM, VALUE_CLIP, TENSOR_SCALE,
+                                     ADA_CLIP, NORM_SCALE, SPIKE_CLIP, RESET, DECAY_AFTER,
+                                     UPDATE_SCALE)
+        if COUNT:
+            count = tl.sum(tl.sum((clipped & msk).to(tl.int64), axis=1), axis=0)
+            tl.atomic_add(tl.load(row + 13).to(tl.pointer_type(tl.int64)), count)
 
-    _store_param(x, p_ptr, comp_ptr, idx, msk, tl.load(row + 7), P_KIND, WRITEBACK, MBITS, EMIN,
-                 MAX_FINITE, OVERFLOW, NAN, NAN_KEEPS_SIGN)
-    if NSTATES >= 1:
-        _store_state(s1, s1_addr, s1_abs, code1_ptr, mids1_ptr, rows, row_ok, idx, msk, bidx,
-                     m_e, 0.0, False, STATE_BITS, NCODE, ROWS, BLOCK, False)
-    if NSTATES >= 2:
-        _store_state(s2, s2_addr, s2_abs, code2_ptr, mids2_ptr, rows, row_ok, idx, msk, bidx,
-                     m_e, r1_inv, is_r1, STATE_BITS, NCODE, ROWS, BLOCK, RANK1)
+        _store_param(x, p_ptr, comp_ptr, idx, msk, tl.load(row + 7), P_KIND, WRITEBACK, MBITS,
+                     EMIN, MAX_FINITE, OVERFLOW, NAN, NAN_KEEPS_SIGN)
+        if NSTATES >= 1:
+            _store_state(s1, s1_addr, s1_abs, code1_ptr, mids1_ptr, rows, row_ok, idx, msk,
+                         bidx, m_e, 0.0, False, STATE_BITS, NCODE, ROWS, BLOCK, False)
+        if NSTATES >= 2:
+            _store_state(s2, s2_addr, s2_abs, code2_ptr, mids2_ptr, rows, row_ok, idx, msk,
+                         bidx, m_e, r1_inv, is_r1, STATE_BITS, NCODE, ROWS, BLOCK, RANK1)
 
 
 @triton.jit
@@ -488,20 +560,47 @@ def _check(params, grads, state1, absmax1, state2, absmax2, comps, keys, kind, s
     return nstates
 
 
+def _check_clip(params, clip, clipped, rms, kind, flags, per_tensor) -> None:
+    """The clipping arguments' rules (as csrc/optim_lists.h checks them, plus the sizes the
+    kernel reads through raw addresses)."""
+    n = len(params)
+    device = params[0].device
+    if per_tensor:
+        if clip is None:
+            raise ValueError("the per-tensor clip flags need the clip table")
+        if (clip.dtype != torch.float32 or tuple(clip.shape) != (n, len(ref.NO_CLIP))
+                or not clip.is_contiguous() or clip.device != device):
+            raise ValueError(f"the clip table must be contiguous fp32 [{n}, {len(ref.NO_CLIP)}] "
+                             "on the params' device")
+    if (rms is not None or flags & ref.UPDATE_SCALE) and kind != "adam":
+        raise ValueError("update clipping (rms, UPDATE_SCALE) needs the Adam rule")
+    for name, t, dtype in (("clipped", clipped, torch.int64), ("rms", rms, torch.float64)):
+        if t is not None and (t.dtype != dtype or t.numel() != n or not t.is_contiguous()
+                              or t.device != device):
+            raise ValueError(f"{name} must be {n} contiguous {dtype} on the params' device")
+
+
 def optim_step(params, grads, state1, absmax1, state2, absmax2, comps, keys, kind, state_bits,
                block_size, scalars, flags, writeback, v_cols=(), v_colmax=(), clip=None,
-               clipped=None) -> None:
+               clipped=None, rms=None) -> None:
     """One fused optimizer step over all tensors (lowbit.ops.optim_step's contract,
     lowbit.reference.optim.fused_step): everything is written in place, in a single launch (three
-    with rank-1 second states: the prepass, the step, and the copy of the new maxima)."""
+    with rank-1 second states: the prepass, the step, and the copy of the new maxima). With rms
+    (Adam): the update-clipping statistics pass instead, one launch of the step kernel in RMS
+    mode that writes nothing but adds each tensor's sum into rms[i]."""
     if not params:
         return
-    per_tensor = flags & (clip_ref.TENSOR_SCALE | clip_ref.ADA_CLIP | clip_ref.NORM_SCALE)
-    if per_tensor and clip is None:
-        raise ValueError("the per-tensor clip flags need the clip table")
+    per_tensor = flags & ref.PER_TENSOR_FLAGS
+    _check_clip(params, clip, clipped, rms, kind, flags, per_tensor)
     block = (block_size or ref.STATE_FORMATS[state_bits][2]) if state_bits != 32 else 1
     nstates = _check(params, grads, state1, absmax1, state2, absmax2, comps, keys, kind,
                      state_bits, block, scalars, flags, writeback, v_cols, v_colmax)
+    if v_cols and any(v_cols) and (flags & ref.CLIP_FLAGS or rms is not None):
+        # the rank-1 prepass computes the new v without the clipping steps
+        raise ValueError("rank-1 second states do not support the clip flags yet")
+    stats_pass = rms is not None
+    if stats_pass:
+        clipped = None  # the counter column carries the rms slot instead
     device = params[0].device
     quantized = state_bits != 32 and nstates > 0
     if quantized:
@@ -538,8 +637,9 @@ def optim_step(params, grads, state1, absmax1, state2, absmax2, comps, keys, kin
                     addr(state2, i, nstates >= 2), s2_abs,
                     addr(comps, i, kahan), int(keys[i]) if stochastic else 0, n,
                     cols, colmax, fresh,
-                    clip[i].data_ptr() if clip is not None else 0,
-                    clipped[i].data_ptr() if clipped is not None else 0])
+                    clip[i].data_ptr() if per_tensor else 0,
+                    rms[i].data_ptr() if stats_pass
+                    else clipped[i].data_ptr() if clipped is not None else 0])
         nblocks.append(triton.cdiv(n, block))
     if not tab:
         return
@@ -569,7 +669,8 @@ def optim_step(params, grads, state1, absmax1, state2, absmax2, comps, keys, kin
             ADA_CLIP=bool(flags & clip_ref.ADA_CLIP), NORM_SCALE=bool(flags & clip_ref.NORM_SCALE),
             SPIKE_CLIP=bool(flags & ref.SPIKE_CLIP), RESET=bool(flags & ref.RESET),
             DECAY_AFTER=bool(flags & ref.DECAY_AFTER), HAS_CLIP_ROW=bool(per_tensor),
-            COUNT=clipped is not None, num_warps=num_warps, **LAUNCH_OPTS)
+            COUNT=clipped is not None, UPDATE_SCALE=bool(flags & ref.UPDATE_SCALE),
+            RMS=stats_pass, num_warps=num_warps, **LAUNCH_OPTS)
     # the step decoded with the old maxima to the end: now the new ones replace them
     for _, nrows, cols, off, i in rank1:
         absmax2[i].copy_(scratch[off:off + nrows])
