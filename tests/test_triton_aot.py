@@ -99,6 +99,11 @@ def _variants():
                 clip_ref.VALUE_CLIP | clip_ref.NORM_SCALE)]
     first_clipped = len(optim)
     optim += clipped
+    # the update-clipping statistics pass (RMS: no stores, a float64 atomic sum per program)
+    first_rms = len(optim)
+    optim += [("adam", 2, 8, SMALL, torch.bfloat16, "kahan",
+               ref.L2 | clip_ref.VALUE_CLIP | clip_ref.TENSOR_SCALE | ref.SPIKE_CLIP | ref.RESET),
+              ("adam", 2, 4, SMALL, torch.float32, "f32", ref.DECAY | ref.UPDATE_SCALE)]
     for number, (kind, nstates, bits, (block, rows), dtype, writeback, flags) in enumerate(optim):
         sig = {"work_ptr": "*i64", "tab_ptr": "*i64", "sc_ptr": "*fp32", "code1_ptr": "*fp32",
                "mids1_ptr": "*fp32", "code2_ptr": "*fp32", "mids2_ptr": "*fp32"}
@@ -119,10 +124,9 @@ def _variants():
                          ("TENSOR_SCALE", clip_ref.TENSOR_SCALE),
                          ("ADA_CLIP", clip_ref.ADA_CLIP), ("NORM_SCALE", clip_ref.NORM_SCALE),
                          ("SPIKE_CLIP", ref.SPIKE_CLIP), ("RESET", ref.RESET),
-                         ("DECAY_AFTER", ref.DECAY_AFTER))},
-                     HAS_CLIP_ROW=bool(flags & (clip_ref.TENSOR_SCALE | clip_ref.ADA_CLIP
-                                                | clip_ref.NORM_SCALE)),
-                     COUNT=number >= first_clipped)
+                         ("DECAY_AFTER", ref.DECAY_AFTER), ("UPDATE_SCALE", ref.UPDATE_SCALE))},
+                     HAS_CLIP_ROW=bool(flags & ref.PER_TENSOR_FLAGS),
+                     COUNT=first_clipped <= number < first_rms, RMS=number >= first_rms)
         out.append((f"optim {kind} state_bits={bits} {dtype} {writeback} flags={flags} "
                     f"block={block} rows={rows} rank1={const['RANK1']}", "optim._optim_kernel",
                     sig, const, kind == "adam" or bits != 32))
@@ -184,7 +188,8 @@ def _worker(cc: int) -> None:
             "div_rn": ptx.count("div.rn.f32"), "div_full": ptx.count("div.full.f32"),
             "div_approx": ptx.count("div.approx"), "fma": ptx.count("fma.rn.f32"),
             # only Adam takes a square root
-            "sqrt": name == "optim._optim_kernel" and const["KIND"] == 0,
+            "sqrt": (name == "optim._optim_kernel" and const["KIND"] == 0
+                     and not const["RMS"]),
             "sqrt_rn": ptx.count("sqrt.rn.f32"),
             "sqrt_approx": ptx.count("sqrt.approx"),
             # the statistics pass squares in float64 (exact), never in fp32
