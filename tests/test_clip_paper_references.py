@@ -83,6 +83,11 @@ POLICIES = {
     "stable_spam": (lambda ps, **kw: lo.StableSPAM(ps, **SSPAM_KW, **kw),
                     lambda ps, bits, on=True: paper.StableSPAM(ps, **SSPAM_KW, state_bits=bits,
                                                                adaclip=on)),
+    "stable_adamw": (lambda ps, **kw: lo.StableAdamW(ps, lr=LR, weight_decay=0.1,
+                                                     kahan_sum=False, **kw),
+                     lambda ps, bits, on=True: paper.StableAdamW(
+                         ps, lr=LR, weight_decay=0.1, state_bits=bits,
+                         threshold=1.0 if on else math.inf)),
 }
 
 # --- tolerances ---------------------------------------------------------------------------------
@@ -169,6 +174,10 @@ def test_policy_matches_paper_reference(policy, backend, bits):
         clipped_total += int(ref["clipped"].sum())
         if "spike_clip" in ref:
             assert ours["spike_clip"] == ref["spike_clip"], t
+        if "eta_ratio" in ref:  # update clipping: lr / max(1, RMS) per tensor, over lr
+            factor = 1.0 / ours["update_rms"].cpu().clamp_min(1.0)
+            torch.testing.assert_close(factor, ref["eta_ratio"], rtol=SCALE_RTOL, atol=0)
+            fired_scale |= bool((ref["eta_ratio"] < 1).any())
         if "adagn_norm" in ref:
             torch.testing.assert_close(ours["adagn_norm"].cpu(), ref["adagn_norm"],
                                        rtol=SCALE_RTOL, atol=0)
