@@ -63,9 +63,11 @@ static inline float widen(ParamT<DT> h) {
   return DT == kBF16 ? bf16_to_f32((uint16_t)h) : f16_to_f32((uint16_t)h);
 }
 
-// The rule over elements [begin, begin+len) of tensor t. m/v: the states of these elements (fp32
-// arrays, or the dequantized block buffers), updated in place; mx_m/mx_v: the largest |bits| of
-// the new m/v (their block absmax, for quantized states), found in the same pass.
+// The rule over elements [begin, begin+len) of tensor t, in sub-runs of `sub` elements (the
+// state blocks of quantized states; len for fp32 ones). m/v: the states of these elements (fp32
+// arrays, or the dequantized chunk buffers), updated in place; mx_m[j]/mx_v[j]: the largest
+// |bits| of sub-run j's new m/v (its block absmax), found in the same pass. One call per chunk,
+// not per block: the loop's setup (scalar broadcasts, the clip row) is paid once per chunk.
 // Every array is a typed __restrict pointer to the run's first element. No loop unswitching:
 // gcc would otherwise split the loop on each runtime flag (maximize, decay, ...) and fail to
 // vectorize most of the copies; as selects, the flags cost a blend each.
@@ -74,8 +76,8 @@ static inline float widen(ParamT<DT> h) {
 template <int KIND, int DT, int WB, int NST, bool CLIP, bool SPIKE>
 __attribute__((optimize("no-unswitch-loops")))
 static void update_run(const OptArgs& a, const OptTensor& t, int64_t begin, int64_t len,
-                       float* __restrict m, float* __restrict v, uint32_t* mx_m, uint32_t* mx_v,
-                       int64_t* nclip) {
+                       int64_t sub, float* __restrict m, float* __restrict v,
+                       uint32_t* __restrict mx_m, uint32_t* __restrict mx_v, int64_t* nclip) {
   using P = ParamT<DT>;
   uint32_t rbuf[kOptChunk];
   // (runs start at multiples of 32 elements: whole Philox counters)
@@ -83,43 +85,48 @@ static void update_run(const OptArgs& a, const OptTensor& t, int64_t begin, int6
   float fs[kNumScalars];
   for (int k = 0; k < kNumScalars; ++k) fs[k] = a.s.f[k];
   const int flags = a.s.flags;
-  const OptClipRow ct = CLIP && t.clip ? *t.clip : no_clip_row();
+  OptClipRow ct = CLIP && t.clip ? *t.clip : no_clip_row();
+  if (CLIP) identity_row(flags, fs[8], ct.xf);  // (the rule then takes the branch-free transform)
   P* __restrict p = (P*)t.p + begin;
   const P* __restrict g = (const P*)t.g + begin;
   P* __restrict comp = WB == kWbKahan ? (P*)t.comp + begin : nullptr;
   const uint32_t* __restrict r = rbuf;
   const Fmt fmt = fmt_of(DT);
-  uint32_t max1 = 0, max2 = 0;
   int32_t clipped = 0;  // (runs are at most kOptChunk elements)
+  for (int64_t s0 = 0, j = 0; s0 < len; s0 += sub, ++j) {
+    const int64_t s1_end = s0 + sub < len ? s0 + sub : len;
+    uint32_t max1 = 0, max2 = 0;
 #pragma omp simd reduction(max : max1, max2) reduction(+ : clipped)
-  for (int64_t i = 0; i < len; ++i) {
-    float x = widen<DT>(p[i]);
-    if (WB == kWbKahan) x = x + widen<DT>(comp[i]);
-    float s1 = NST >= 1 ? m[i] : 0.0f, s2 = NST >= 2 ? v[i] : 0.0f;
-    const bool c = update_rule<KIND, CLIP, SPIKE>(fs, flags, x, widen<DT>(g[i]), s1, s2, ct);
-    if (CLIP) clipped += c ? 1 : 0;
-    if (NST >= 1) m[i] = s1;
-    if (NST >= 2) v[i] = s2;
-    const uint32_t b1 = abs_bits(s1), b2 = abs_bits(s2);
-    max1 = b1 > max1 ? b1 : max1;
-    max2 = b2 > max2 ? b2 : max2;
-    // the store of store_param (optim_math.h), with the Philox words drawn in bulk above
-    if (WB == kWbF32) {
-      p[i] = (P)x;
-    } else {
-      const bool sr = WB == kWbStochastic;
-      const uint32_t hi = DT == kBF16 ? round_to_bf16(f32_bits(x), sr, sr ? r[i] : 0u)
-                                      : round_to_fmt(f32_bits(x), fmt, sr, sr ? r[i] : 0u);
-      p[i] = (P)hi;
-      if (WB == kWbKahan) {
-        const uint32_t rest = f32_bits(x - widen<DT>((P)hi));
-        comp[i] = (P)(DT == kBF16 ? round_to_bf16(rest, false, 0u)
-                                  : round_to_fmt(rest, fmt, false, 0u));
+    for (int64_t i = s0; i < s1_end; ++i) {
+      float x = widen<DT>(p[i]);
+      if (WB == kWbKahan) x = x + widen<DT>(comp[i]);
+      float s1 = NST >= 1 ? m[i] : 0.0f, s2 = NST >= 2 ? v[i] : 0.0f;
+      const bool c =
+          update_rule<KIND, CLIP, SPIKE, true>(fs, flags, x, widen<DT>(g[i]), s1, s2, ct);
+      if (CLIP) clipped += c ? 1 : 0;
+      if (NST >= 1) m[i] = s1;
+      if (NST >= 2) v[i] = s2;
+      const uint32_t b1 = abs_bits(s1), b2 = abs_bits(s2);
+      max1 = b1 > max1 ? b1 : max1;
+      max2 = b2 > max2 ? b2 : max2;
+      // the store of store_param (optim_math.h), with the Philox words drawn in bulk above
+      if (WB == kWbF32) {
+        p[i] = (P)x;
+      } else {
+        const bool sr = WB == kWbStochastic;
+        const uint32_t hi = DT == kBF16 ? round_to_bf16(f32_bits(x), sr, sr ? r[i] : 0u)
+                                        : round_to_fmt(f32_bits(x), fmt, sr, sr ? r[i] : 0u);
+        p[i] = (P)hi;
+        if (WB == kWbKahan) {
+          const uint32_t rest = f32_bits(x - widen<DT>((P)hi));
+          comp[i] = (P)(DT == kBF16 ? round_to_bf16(rest, false, 0u)
+                                    : round_to_fmt(rest, fmt, false, 0u));
+        }
       }
     }
+    mx_m[j] = max1;
+    mx_v[j] = max2;
   }
-  *mx_m = max1;
-  *mx_v = max2;
   *nclip += clipped;
 }
 
@@ -352,32 +359,39 @@ static int64_t step_chunk(const OptimCpuArgs& ca, const OptTensor& t, const Rank
     float* m = NST >= 1 ? (float*)t.s1 + begin : nullptr;
     float* v = NST >= 2 ? (float*)t.s2 + begin : nullptr;
     uint32_t unused1, unused2;
-    update_run<KIND, DT, WB, NST, CLIP, SPIKE>(a, t, begin, len, m, v, &unused1, &unused2,
+    update_run<KIND, DT, WB, NST, CLIP, SPIKE>(a, t, begin, len, len, m, v, &unused1, &unused2,
                                                &nclip);
     return nclip;
   }
+  // quantized states: decode the chunk's blocks, one update run over the chunk, encode them
   float mbuf[kOptChunk], vbuf[kOptChunk];
+  uint32_t am1[kOptChunk / 32], am2[kOptChunk / 32];  // (blocks are >= 32 elements)
   uint8_t idx_buf[kOptChunk];
   // rank-1 second state: only 4-bit Adam states have one (optim_call checks)
   const bool rank1 = NST >= 2 && NCODE == 16 && r1 != nullptr;
   const int64_t block = a.block;
+  const uint8_t* c1 = (const uint8_t*)t.s1;
+  const uint8_t* c2 = (const uint8_t*)t.s2;
   for (int64_t b0 = begin; b0 < begin + len; b0 += block) {
     const int64_t blen = begin + len - b0 < block ? begin + len - b0 : block;
-    const int64_t b = b0 / block;
-    const uint8_t* c1 = (const uint8_t*)t.s1;
-    const uint8_t* c2 = (const uint8_t*)t.s2;
-    if (NST >= 1) decode_block<NCODE>(c1, b0, blen, a.code1, t.s1_absmax[b], mbuf);
-    if (NST >= 2 && rank1) decode_rank1(c2, b0, blen, a.code2, *r1, vbuf);
-    else if (NST >= 2) decode_block<NCODE>(c2, b0, blen, a.code2, t.s2_absmax[b], vbuf);
-    uint32_t am1, am2;
-    update_run<KIND, DT, WB, NST, CLIP, SPIKE>(a, t, b0, blen, mbuf, vbuf, &am1, &am2, &nclip);
+    const int64_t b = b0 / block, off = b0 - begin;
+    if (NST >= 1) decode_block<NCODE>(c1, b0, blen, a.code1, t.s1_absmax[b], mbuf + off);
+    if (NST >= 2 && rank1) decode_rank1(c2, b0, blen, a.code2, *r1, vbuf + off);
+    else if (NST >= 2) decode_block<NCODE>(c2, b0, blen, a.code2, t.s2_absmax[b], vbuf + off);
+  }
+  update_run<KIND, DT, WB, NST, CLIP, SPIKE>(a, t, begin, len, block, mbuf, vbuf, am1, am2,
+                                             &nclip);
+  for (int64_t b0 = begin, j = 0; b0 < begin + len; b0 += block, ++j) {
+    const int64_t blen = begin + len - b0 < block ? begin + len - b0 : block;
+    const int64_t b = b0 / block, off = b0 - begin;
     if (NST >= 1)
-      encode_block<NCODE>(mbuf, b0, blen, am1, a.mids1, ca.lut1, (uint8_t*)t.s1,
+      encode_block<NCODE>(mbuf + off, b0, blen, am1[j], a.mids1, ca.lut1, (uint8_t*)t.s1,
                           &t.s1_absmax[b], idx_buf);
-    if (NST >= 2 && rank1)  // (mbuf is free again: its codes are written)
-      encode_rank1(vbuf, b0, blen, *r1, a.mids2, ca.lut2, (uint8_t*)t.s2, mbuf, idx_buf);
+    if (NST >= 2 && rank1)  // (the block's part of mbuf is free again: its codes are written)
+      encode_rank1(vbuf + off, b0, blen, *r1, a.mids2, ca.lut2, (uint8_t*)t.s2, mbuf + off,
+                   idx_buf);
     else if (NST >= 2)
-      encode_block<NCODE>(vbuf, b0, blen, am2, a.mids2, ca.lut2, (uint8_t*)t.s2,
+      encode_block<NCODE>(vbuf + off, b0, blen, am2[j], a.mids2, ca.lut2, (uint8_t*)t.s2,
                           &t.s2_absmax[b], idx_buf);
   }
   return nclip;
@@ -395,7 +409,8 @@ static double rms_run(const OptArgs& a, const OptTensor& t, int64_t begin, int64
   float fs[kNumScalars];
   for (int k = 0; k < kNumScalars; ++k) fs[k] = a.s.f[k];
   const int flags = a.s.flags;
-  const OptClipRow ct = CLIP && t.clip ? *t.clip : no_clip_row();
+  OptClipRow ct = CLIP && t.clip ? *t.clip : no_clip_row();
+  if (CLIP) identity_row(flags, fs[8], ct.xf);
   const P* __restrict p = (const P*)t.p + begin;
   const P* __restrict g = (const P*)t.g + begin;
   const P* __restrict comp = WB == kWbKahan ? (const P*)t.comp + begin : nullptr;
@@ -404,7 +419,7 @@ static double rms_run(const OptArgs& a, const OptTensor& t, int64_t begin, int64
   for (int64_t i = 0; i < len; ++i) {
     float x = widen<DT>(p[i]);
     if (WB == kWbKahan) x = x + widen<DT>(comp[i]);
-    sum += (double)adam_rms_term<CLIP, SPIKE>(fs, flags, x, widen<DT>(g[i]), 0.0f, v[i], ct);
+    sum += (double)adam_rms_term<CLIP, SPIKE, true>(fs, flags, x, widen<DT>(g[i]), 0.0f, v[i], ct);
   }
   return sum;
 }

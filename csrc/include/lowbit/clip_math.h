@@ -40,4 +40,29 @@ LOWBIT_HD float clip_transform(float g, int flags, float cv, const ClipTensor& c
   return g;
 }
 
+// The same transform with every step applied unconditionally: equal to clip_transform for the
+// row that identity_row makes (steps that are off get values that change nothing: a bound of
+// +inf compares false, NaN included, and x * 1 == x exactly). A CPU loop then has no blend per
+// step and no flag masks to keep live.
+LOWBIT_HD float clip_transform_all(float g, float cv, const ClipTensor& ct, bool& clipped) {
+  const bool hi = g > cv, lo = g < -cv;
+  g = hi ? cv : (lo ? -cv : g);
+  g = mul_rn(g, ct.s);
+  const float a = g < 0.0f ? -g : g;
+  const bool over = a > ct.thr;
+  g = over ? mul_rn(g, ct.r) : g;
+  g = mul_rn(g, ct.k);
+  clipped = hi | lo | over;
+  return g;
+}
+
+// (value-clip bound, row) for clip_transform_all from the flags: the identity for steps that are off.
+LOWBIT_HD void identity_row(int flags, float& cv, ClipTensor& ct) {
+  const float inf = __builtin_inff();
+  cv = (flags & kValueClip) ? cv : inf;
+  ct.s = (flags & kTensorScale) ? ct.s : 1.0f;
+  ct.thr = (flags & kAdaClip) ? ct.thr : inf;
+  ct.k = (flags & kNormScale) ? ct.k : 1.0f;
+}
+
 }  // namespace lowbit

@@ -122,12 +122,15 @@ LOWBIT_HD float adam_new_v(const float* f, int flags, float p, float g, float s2
 // The first part of update_rule: everything up to the gradient the moments take (maximize, the
 // clip transform, momentum reset of s1/s2, decay of p before the update, coupled L2 decay,
 // SPAM's spike clip). decay: the decoupled-decay factor in force.
-template <int KIND, bool CLIP, bool SPIKE>
+// ALL: the transform's steps unconditional (clip_transform_all; the caller passed f[8] and the
+// row through identity_row).
+template <int KIND, bool CLIP, bool SPIKE, bool ALL = false>
 LOWBIT_HD float rule_grad(const float* f, int flags, float& p, float g, float& s1, float& s2,
                           const OptClipRow& ct, float decay, bool& clipped) {
   g = (flags & kMaximize) ? -g : g;
   clipped = false;
-  if (CLIP) g = clip_transform(g, flags, f[8], ct.xf, clipped);
+  if (CLIP && ALL) g = clip_transform_all(g, f[8], ct.xf, clipped);
+  else if (CLIP) g = clip_transform(g, flags, f[8], ct.xf, clipped);
   const float s2_loaded = s2;
   if (CLIP) {
     s1 = (flags & kReset) ? 0.0f : s1;
@@ -168,12 +171,12 @@ LOWBIT_HD float adam_decay_factor(const float* f, int flags, const OptClipRow& c
 // the spike clip (flags & kSpikeClip must be 0): the CPU's plain steps pay nothing for them, and
 // only SPAM's pay for the spike clip's square root. ct: the tensor's clip row. Returns whether an
 // element-wise clip (value clip, AdaClip, spike clip) changed the gradient.
-template <int KIND, bool CLIP = true, bool SPIKE = CLIP>
+template <int KIND, bool CLIP = true, bool SPIKE = CLIP, bool ALL = false>
 LOWBIT_HD bool update_rule(const float* f, int flags, float& p, float g, float& s1, float& s2,
                            const OptClipRow& ct) {
   const float decay = KIND == kAdam ? adam_decay_factor<CLIP>(f, flags, ct) : f[0];
   bool clipped;
-  g = rule_grad<KIND, CLIP, SPIKE>(f, flags, p, g, s1, s2, ct, decay, clipped);
+  g = rule_grad<KIND, CLIP, SPIKE, ALL>(f, flags, p, g, s1, s2, ct, decay, clipped);
   if (KIND == kAdam) {
     s1 = add_rn(s1, mul_rn(f[2], sub_rn(g, s1)));
     s2 = adam_second_moment(f, s2, g);
@@ -199,11 +202,11 @@ LOWBIT_HD bool update_rule(const float* f, int flags, float& p, float g, float& 
 // One element's term of the update-clipping statistics (StableAdamW's RMS; reference.optim):
 // q = g*g / max(v, eps_t*eps_t) with the gradient and the new second moment of the Adam step
 // (same arithmetic as update_rule<kAdam>; nothing is written).
-template <bool CLIP, bool SPIKE>
+template <bool CLIP, bool SPIKE, bool ALL = false>
 LOWBIT_HD float adam_rms_term(const float* f, int flags, float p, float g, float s1, float s2,
                               const OptClipRow& ct) {
   bool clipped;
-  g = rule_grad<kAdam, CLIP, SPIKE>(f, flags, p, g, s1, s2, ct,
+  g = rule_grad<kAdam, CLIP, SPIKE, ALL>(f, flags, p, g, s1, s2, ct,
                                     adam_decay_factor<CLIP>(f, flags, ct), clipped);
   const float v = adam_second_moment(f, s2, g);
   const float floor = mul_rn(f[5], f[5]);
