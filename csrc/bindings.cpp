@@ -106,9 +106,11 @@ void py_optim_step(int kind, const std::vector<uintptr_t>& p, const std::vector<
 // tensor), after the clip transform when flags != 0 (xform: fp32 [ntensors, 4] = s, thr, r, k per
 // tensor).
 void py_grad_stats(const std::vector<uintptr_t>& g, const std::vector<int64_t>& numel, int dtype,
-                   uintptr_t xform, double cv, int flags, uintptr_t out) {
+                   uintptr_t xform, double cv, int flags, uintptr_t out, uintptr_t tau,
+                   uintptr_t over, uintptr_t over_count, int64_t capacity) {
   lowbit::StatsCall call;
-  lowbit::stats_call(call, g, numel, dtype, xform, cv, flags, out);
+  lowbit::stats_call(call, g, numel, dtype, xform, cv, flags, out, tau, over, over_count,
+                     capacity);
   py::gil_scoped_release release;
   lowbit::cpu::grad_stats(call.args);
 }

@@ -139,10 +139,12 @@ size_t py_grad_stats_workspace(const std::vector<int64_t>& numel) {
 // device memory; the workspace must live until the launches on `stream` complete (a torch
 // allocation on that stream, freed after this returns, does).
 void py_grad_stats(const std::vector<uintptr_t>& g, const std::vector<int64_t>& numel, int dtype,
-                   uintptr_t xform, double cv, int flags, uintptr_t out, uintptr_t workspace,
+                   uintptr_t xform, double cv, int flags, uintptr_t out, uintptr_t tau,
+                   uintptr_t over, uintptr_t over_count, int64_t capacity, uintptr_t workspace,
                    size_t workspace_bytes, int device, uintptr_t stream) {
   lowbit::StatsCall call;
-  lowbit::stats_call(call, g, numel, dtype, xform, cv, flags, out);
+  lowbit::stats_call(call, g, numel, dtype, xform, cv, flags, out, tau, over, over_count,
+                     capacity);
   cudaError_t err;
   {
     py::gil_scoped_release release;

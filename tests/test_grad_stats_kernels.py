@@ -149,3 +149,43 @@ def test_cuda_workspace_is_checked():
         sim.grad_stats(*args, need - 1)
     sim.grad_stats(*args, need)
     _assert_stats_equal(out, SPEC(grads))
+
+
+# --- the capture (elements above a per-tensor threshold, for Stable-SPAM's AdaGN) --------------
+
+def _capture(grads, backend, tau, capacity):
+    over = torch.zeros(len(grads), capacity)
+    count = torch.zeros(len(grads), dtype=torch.int64)
+    stats = ops.grad_stats(grads, backend, tau=tau, over=over, over_count=count)
+    return stats, over, count
+
+
+@pytest.mark.parametrize("backend", kernel_backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_capture_above_threshold(backend, dtype):
+    # each tensor's finite |g| > tau: counted exactly, and stored (as a set) while they fit;
+    # thresholds from 0 (everything) to above the maximum (nothing); the statistics unchanged
+    sizes = (1, 300, 8193, 2**16 + 3, 40, 0)
+    grads = [_with_specials(torch.randn(s) * 2, k).to(dtype) for k, s in enumerate(sizes)]
+    tau = torch.tensor([0.0, 4.0, 5.5, 6.0, 1e9, 1.0])
+    stats, over, count = _capture(grads, backend, tau, 64)
+    _assert_stats_equal(stats, SPEC(grads))
+    for i, g in enumerate(grads):
+        a = g.float().abs()
+        want = a[torch.isfinite(a) & (a > tau[i])].sort().values
+        assert int(count[i]) == want.numel(), i
+        if want.numel() <= 64:
+            got = over[i, :want.numel()].sort().values
+            assert torch.equal(got, want), i
+            assert (over[i, want.numel():] == 0).all(), i
+        else:  # overflow: the row holds captured values, which ones is unspecified
+            assert (over[i] > tau[i]).all(), i
+    assert 0 < int(count[2]) <= 64 and int(count[3]) > 64 and int(count[4]) == 0
+
+
+@pytest.mark.parametrize("backend", kernel_backend_params())
+def test_capture_needs_raw_gradients(backend):
+    grads = [torch.randn(10)]
+    with pytest.raises(ValueError, match="capture"):
+        ops.grad_stats(grads, backend, None, 1.0, clip_ref.VALUE_CLIP, torch.zeros(1),
+                       torch.zeros(1, 4), torch.zeros(1, dtype=torch.int64))

@@ -36,14 +36,33 @@ struct StatsPart {
   uint32_t max_bits;
 };
 
+// One tensor's capture target (StatsArgs): elements with |g| > tau get a slot of `row` from the
+// tensor's counter. Rare by construction (tau is near the largest |g| of recent steps), so an
+// atomic per captured element costs nothing measurable.
+struct Capture {
+  float tau;
+  int64_t* count;
+  float* row;
+  int64_t capacity;
+
+  void add(float a) const {
+    int64_t slot;
+#pragma omp atomic capture
+    slot = (*count)++;
+    if (slot < capacity) row[slot] = a;
+  }
+};
+
 // One work item. Squares are taken in float64, where the square of an fp32 value is exact, and
 // added in float64: the sum differs from any other order only by float64 rounding (relative
 // ~1e-12 for 64K elements), so the fp32 clip coefficients derived from it agree between
 // backends. The maximum and the counts are exact.
-template <int DT, bool XF>
+template <int DT, bool XF, bool CAP>
 static StatsPart stats_run(const void* __restrict g, int64_t begin, int64_t end, int flags,
-                           float cv, ClipTensor xf) {
+                           float cv, ClipTensor xf, const Capture& cap) {
 #if defined(LOWBIT_ISA_AVX512)
+  // (the capture compares bit patterns: |tau| >= 0 orders like its value among finite |g|)
+  const __m512i tau_bits = _mm512_set1_epi32((int)abs_bits(cap.tau));
   // gcc vectorizes the mixed float/double/count reduction below poorly (2.5x slower than this)
   __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd();
   __m512i mx = _mm512_setzero_si512(), bad = _mm512_setzero_si512(), nan = bad;
@@ -55,6 +74,15 @@ static StatsPart stats_run(const void* __restrict g, int64_t begin, int64_t end,
     const __m512 raw = load16<DT>(g, i, m);
     const __m512i ra = _mm512_and_si512(_mm512_castps_si512(raw), abs_mask);
     const __mmask16 finite = _mm512_mask_cmplt_epu32_mask(m, ra, inf_bits);
+    if (CAP) {
+      const __mmask16 above = _mm512_mask_cmpgt_epu32_mask(finite, ra, tau_bits);
+      if (__builtin_expect(above != 0, 0)) {
+        alignas(64) float lanes[16];
+        _mm512_store_ps(lanes, _mm512_castsi512_ps(ra));
+        for (int j = 0; j < 16; ++j)
+          if (above >> j & 1) cap.add(lanes[j]);
+      }
+    }
     bad = _mm512_mask_add_epi32(bad, m & ~finite, bad, one);
     nan = _mm512_mask_add_epi32(nan, _mm512_mask_cmpgt_epu32_mask(m, ra, inf_bits), nan, one);
     // a finite value stays finite through the transform (clamps and scales by finite factors)
@@ -87,6 +115,13 @@ static StatsPart stats_run(const void* __restrict g, int64_t begin, int64_t end,
     s += d * d;
     mx = finite && a > mx ? a : mx;
   }
+  if (CAP) {  // (a second, scalar look at the chunk: the fallback clones only)
+    const uint32_t tb = abs_bits(cap.tau);
+    for (int64_t i = begin; i < end; ++i) {
+      const uint32_t ra = abs_bits(load_t<DT>(g, i));
+      if (ra < 0x7F800000u && ra > tb) cap.add(bits_f32(ra));
+    }
+  }
   return {s, bad, nan, mx};
 #endif
 }
@@ -110,7 +145,12 @@ static void stats_all(const StatsArgs& a) {
     const int64_t begin = (w - first[t]) * chunk;
     const int64_t end = begin + chunk < a.n[t] ? begin + chunk : a.n[t];
     const ClipTensor xf = XF && a.xform ? a.xform[t] : ClipTensor{1.0f, 0.0f, 1.0f, 1.0f};
-    part[w] = stats_run<DT, XF>(a.g[t], begin, end, a.flags, a.cv, xf);
+    if (a.tau) {
+      const Capture cap{a.tau[t], a.over_count + t, a.over + t * a.capacity, a.capacity};
+      part[w] = stats_run<DT, XF, true>(a.g[t], begin, end, a.flags, a.cv, xf, cap);
+    } else {
+      part[w] = stats_run<DT, XF, false>(a.g[t], begin, end, a.flags, a.cv, xf, Capture{});
+    }
   }
   for (int t = 0; t < a.ntensors; ++t) {
     StatsPart acc{0.0, 0, 0, 0};

@@ -97,10 +97,12 @@ size_t py_grad_stats_workspace(const std::vector<int64_t>& numel) {
 // lowbit._C's grad_stats signature plus the workspace (CPU memory here) of
 // py_grad_stats_workspace(numel) bytes, as lowbit._C_cuda takes it; runs csrc/cuda/stats.cu.
 void py_grad_stats(const std::vector<uintptr_t>& g, const std::vector<int64_t>& numel, int dtype,
-                   uintptr_t xform, double cv, int flags, uintptr_t out, uintptr_t workspace,
+                   uintptr_t xform, double cv, int flags, uintptr_t out, uintptr_t tau,
+                   uintptr_t over, uintptr_t over_count, int64_t capacity, uintptr_t workspace,
                    size_t workspace_bytes) {
   lowbit::StatsCall call;
-  lowbit::stats_call(call, g, numel, dtype, xform, cv, flags, out);
+  lowbit::stats_call(call, g, numel, dtype, xform, cv, flags, out, tau, over, over_count,
+                     capacity);
   cudaError_t err;
   {
     py::gil_scoped_release release;

@@ -179,9 +179,11 @@ def optim_step_eager(params, grads, state1, absmax1, state2, absmax2, comps, key
                                           clipped, rms)
 
 
-@torch.library.custom_op("lowbit::grad_stats", mutates_args=())
+@torch.library.custom_op("lowbit::grad_stats", mutates_args=("over", "over_count"))
 def grad_stats(grads: list[torch.Tensor], backend: str, xform: Optional[torch.Tensor] = None,
-               value_clip: float = 0.0, flags: int = 0) -> torch.Tensor:
+               value_clip: float = 0.0, flags: int = 0, tau: Optional[torch.Tensor] = None,
+               over: Optional[torch.Tensor] = None,
+               over_count: Optional[torch.Tensor] = None) -> torch.Tensor:
     """[len(grads), 4] float64 per tensor: sum of squares of the finite elements, number of
     inf/NaN elements, largest finite |element|, number of NaN elements — the sum and the maximum
     optionally after the clip transform selected by `flags` (lowbit.reference.clip; xform:
@@ -189,15 +191,29 @@ def grad_stats(grads: list[torch.Tensor], backend: str, xform: Optional[torch.Te
     bound of VALUE_CLIP). One multi-tensor pass on the kernel backends (cpu, cuda, cuda_sim,
     triton: per-block partials combined in a fixed order, so repeated calls give the same bits);
     torch ops on "reference". Sums of squares are exact squares added in float64 (backends differ
-    by float64 rounding only); the rest is exact."""
+    by float64 rounding only); the rest is exact. With tau (fp32 [n], flags 0), also the capture
+    of lowbit.reference.clip: over_count (int64 [n], zeroed by the caller) counts the elements
+    with |g| > tau and over (fp32 [n, capacity]) receives up to capacity of their |g|."""
     device = grads[0].device if grads else torch.device("cpu")
     out = torch.zeros((len(grads), _reference_clip.NSTATS), dtype=torch.float64, device=device)
+    if tau is not None:
+        if flags:
+            raise ValueError("grad_stats: the capture (tau) works on the raw gradients: flags=0")
+        if over is None or over_count is None or over.dim() != 2 or over.shape[0] != len(grads) \
+                or over.dtype != torch.float32 or over_count.dtype != torch.int64 \
+                or tau.dtype != torch.float32 or not over.is_contiguous():
+            raise ValueError("grad_stats: tau needs over (contiguous fp32 [n, capacity]) and "
+                             "over_count (int64 [n])")
     if grads:
-        _backend_impl(backend).grad_stats(grads, out, xform, value_clip, flags)
+        if tau is None:
+            _backend_impl(backend).grad_stats(grads, out, xform, value_clip, flags)
+        else:
+            _backend_impl(backend).grad_stats(grads, out, xform, value_clip, flags, tau, over,
+                                              over_count)
     return out
 
 
 @grad_stats.register_fake
-def _(grads, backend, xform=None, value_clip=0.0, flags=0):
+def _(grads, backend, xform=None, value_clip=0.0, flags=0, tau=None, over=None, over_count=None):
     device = grads[0].device if grads else torch.device("cpu")
     return torch.empty((len(grads), _reference_clip.NSTATS), dtype=torch.float64, device=device)

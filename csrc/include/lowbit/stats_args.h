@@ -13,6 +13,9 @@ namespace lowbit {
 // elements; the sum and the maximum of the finite elements after the optional clip transform
 // (lowbit/clip_math.h; xform: [ntensors] ClipTensor, or null when flags has no per-tensor step).
 // `g` and `n` are host arrays; for CUDA the tensors, xform and out are device memory.
+// Capture (tau non-null; flags 0, lowbit.reference.clip): the finite elements of tensor t with
+// |g| > tau[t] are counted into over_count[t], and |g| of up to `capacity` of them stored in
+// over[t * capacity ...] (device memory for CUDA, like tau).
 struct StatsArgs {
   const void* const* g;
   const int64_t* n;
@@ -22,6 +25,10 @@ struct StatsArgs {
   float cv;
   int flags;
   double* out;
+  const float* tau;
+  float* over;
+  int64_t* over_count;
+  int64_t capacity;
 };
 
 // The flags the statistics pass understands: the clip transform's steps, nothing else.

@@ -58,17 +58,21 @@ class NativeBackend:
             v_cols, colmax_ptrs, scratch_ptrs,
             *self._stream(params[0]))
 
-    def grad_stats(self, grads, out, xform=None, cv=0.0, flags=0):
+    def grad_stats(self, grads, out, xform=None, cv=0.0, flags=0, tau=None, over=None,
+                   over_count=None):
         if not hasattr(self.module, "grad_stats"):  # a module built without the kernel
             from . import reference
-            return reference.grad_stats(grads, out, xform, cv, flags)
+            return reference.grad_stats(grads, out, xform, cv, flags, tau, over, over_count)
         # the kernels take one dtype per call
         for dtype in {g.dtype for g in grads}:
             idx = [i for i, g in enumerate(grads) if g.dtype == dtype]
             whole = len(idx) == len(grads)
+            pick = lambda t: t if whole or t is None else t[idx].contiguous()  # noqa: E731
             part = out if whole else out.new_empty((len(idx), out.shape[1]))
-            xf = None if xform is None else (xform if whole else xform[idx].contiguous())
+            xf, tau_p, over_p, count_p = pick(xform), pick(tau), pick(over), pick(over_count)
             numel = [grads[i].numel() for i in idx]
+            capture = (0, 0, 0, 0) if tau is None else (
+                tau_p.data_ptr(), over_p.data_ptr(), count_p.data_ptr(), over.shape[1])
             # Held until the call returns (the sim reads it synchronously); on a GPU torch's
             # allocator hands its memory out again only to work queued after the launches on
             # this stream, so dropping it then is safe.
@@ -76,9 +80,12 @@ class NativeBackend:
             extra = () if workspace is None else (workspace.data_ptr(), 8 * workspace.numel())
             self.module.grad_stats([grads[i].data_ptr() for i in idx], numel, DTYPE_CODE[dtype],
                                    0 if xf is None else xf.data_ptr(), cv, flags,
-                                   part.data_ptr(), *extra, *self._stream(out))
+                                   part.data_ptr(), *capture, *extra, *self._stream(out))
             if part is not out:
                 out[idx] = part
+            if tau is not None and not whole:
+                over[idx] = over_p
+                over_count[idx] = count_p
 
     def _stats_workspace(self, numel, device):
         """Scratch memory on `device` for the per-block partials of the CUDA statistics kernels

@@ -28,6 +28,7 @@ def optim_step(params, grads, state1, absmax1, state2, absmax2, comps, keys, kin
                      clipped, rms)
 
 
-def grad_stats(grads, out, xform=None, cv=0.0, flags=0):
+def grad_stats(grads, out, xform=None, cv=0.0, flags=0, tau=None, over=None, over_count=None):
     from ..reference import clip
-    out.copy_(clip.grad_stats(grads, None if xform is None else xform.cpu(), cv, flags))
+    out.copy_(clip.grad_stats(grads, None if xform is None else xform.cpu(), cv, flags, tau,
+                              over, over_count))

@@ -17,6 +17,15 @@ exact in float64, added in float64), number of inf/NaN elements, largest finite 
 number of NaN elements]. The counts are of the raw gradient; the sum and the maximum are of its
 finite elements after the transform (a finite value stays finite through it). Backends may add
 in another order: sums agree to float64 rounding, the rest exactly.
+
+Capture (optional, raw gradients only: flags 0): with per-tensor thresholds tau (fp32), the pass
+also counts the finite elements with |g| > tau_t into over_count[t] and stores |g| of up to
+`capacity` of them in over[t, :capacity] (the rest of the row untouched). When a tensor has at
+most `capacity` such elements the stored set is exactly theirs, in a backend-dependent order;
+beyond that, which ones are stored is unspecified. Stable-SPAM's AdaGN needs the norm of the
+gradient after AdaClip, whose threshold is not known before the pass but is bounded below by a
+tau known before it: the few elements above tau are all the norm needs besides the sum of
+squares (lowbit.clip.AdaGN), so no second pass over the gradients is needed.
 """
 import torch
 
@@ -52,11 +61,21 @@ def transform_grad(g: torch.Tensor, flags: int, cv: float, s: float = 1.0, thr: 
     return (g, changed) if with_mask else g
 
 
-def grad_stats(grads, xform=None, cv: float = 0.0, flags: int = 0) -> torch.Tensor:
+def grad_stats(grads, xform=None, cv: float = 0.0, flags: int = 0, tau=None, over=None,
+               over_count=None) -> torch.Tensor:
     """[len(grads), 4] float64 statistics (module docstring). xform: [len(grads), 4] fp32 rows
-    (s, thr, r, k), needed when flags has a per-tensor step."""
+    (s, thr, r, k), needed when flags has a per-tensor step. tau / over / over_count: the
+    capture (module docstring), fp32 [n], fp32 [n, capacity] and int64 [n], written in place."""
+    if tau is not None and flags:
+        raise ValueError("grad_stats: the capture (tau) works on the raw gradients (flags 0)")
     out = torch.zeros((len(grads), NSTATS), dtype=torch.float64)
     for i, g in enumerate(grads):
+        if tau is not None:
+            a = g.detach().reshape(-1).cpu().float().abs()
+            above = a[torch.isfinite(a) & (a > tau[i].cpu())]
+            over_count[i] = above.numel()
+            k = min(above.numel(), over.shape[1])
+            over[i, :k] = above[:k].to(over.device)
         raw = g.detach().reshape(-1).cpu().float()
         x = raw
         if flags:
