@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lowbit.optim as lo
-from lowbit import clip
+from lowbit import clip, ops
 from conftest import kernel_backend_params
 
 SHAPES = [(17, 33), (50,), (64, 64), (3,)]
@@ -304,3 +304,50 @@ def test_telemetry():
 def test_rank1_second_moments_refuse_clipping():
     with pytest.raises(ValueError, match="rank1"):
         lo.AdamW4bit(_params(), clip=clip.NormClip(1.0), second_moment_norm="rank1")
+
+
+# --- Stable-SPAM's AdaGN norm from the captured elements (one statistics pass) --------------------
+
+@pytest.mark.parametrize("scale", [1.0, 0.37])
+def test_adagn_norm_from_capture_equals_second_pass(scale):
+    # the norm after AdaClip from the elements above the lower threshold equals the second pass's
+    # exactly in float64 terms for s = 1 and to ~1e-8 (fp32 products) for s < 1
+    from lowbit.clip.policies import ClipContext
+    from lowbit.reference import clip as clip_ref
+    g = torch.Generator().manual_seed(3)
+    grads = [torch.randn(s, generator=g) for s in ((300,), (64, 65), (7,))]
+    grads[1].view(-1)[:40] *= 30.0  # elements far above the others: AdaClip's targets
+    tau = torch.tensor([1.5, 3.0, 0.1])
+    over = torch.zeros(3, 1024)
+    count = torch.zeros(3, dtype=torch.int64)
+    raw = ops.grad_stats(grads, "cpu", tau=tau, over=over, over_count=count)
+    ctx = ClipContext(grads, raw, 5, "cpu", torch.device("cpu"))
+    ctx.capture = (over, count)
+    ctx.multiply_scale(torch.full((3,), scale, dtype=torch.float64))
+    ctx._sync_table()
+    ctx.table[:, 1] = torch.tensor([2.0, 20.0, 0.5]) * scale  # thresholds T >= tau * s
+    ctx.table[:, 2] = torch.tensor([0.5, 0.1, 0.9])
+    ctx.flags |= clip_ref.ADA_CLIP
+    fast = ctx.norms_after_adaclip()
+    slow = ctx.transformed_stats()[:, 0].sqrt()
+    rtol = 1e-13 if scale == 1.0 else 1e-7
+    torch.testing.assert_close(fast, slow, rtol=rtol, atol=0)
+    assert (fast < raw[:, 0].sqrt() * scale).all()  # the clip did cut each norm
+
+
+def test_stable_spam_takes_one_statistics_pass(monkeypatch):
+    calls = []
+    real = ops.grad_stats
+    monkeypatch.setattr(ops, "grad_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
+    params = _params()
+    opt = lo.StableSPAM8bit(params, min_quant_numel=0)
+    per_step = []
+    for t in range(1, 8):
+        for p, g in zip(params, _grads(t, spikes=(5,))):
+            p.grad = g
+        before = len(calls)
+        opt.step()
+        per_step.append(len(calls) - before)
+    # step 1: the lower threshold is 0 (no max EMA yet), the 64x64 tensor overflows the capture
+    # and the second pass runs; afterwards one pass per step, spikes included
+    assert per_step[0] == 2 and per_step[1:] == [1] * 6, per_step

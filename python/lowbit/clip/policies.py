@@ -62,6 +62,7 @@ class ClipContext:
         self.beta1_scale = 1.0     # multiplies beta1 (Stable-SPAM's cosine schedule)
         self.restart_bias_correction = False
         self.update_clip = None    # the UpdateClip policy, run inside each fused call
+        self.capture = None        # (over, over_count) of the statistics pass, or None
         self.state = {}
         self.telemetry = {}
         self._value_stats = None
@@ -83,6 +84,37 @@ class ClipContext:
     def absmax(self) -> torch.Tensor:
         """[n] float64 largest |g| after the value clip and the scales so far."""
         return self._after_value_clip()[:, 2] * self.scale
+
+    def norms_after_adaclip(self):
+        """[n] float64 norms of the gradients after the scales and AdaClip, from the elements
+        the statistics pass captured above AdaClip's lower threshold, or None where that cannot
+        be used (no capture, a value clip, a tensor with more elements above it than captured:
+        one host read per step decides). Elements at or below the bound are below T, so only the
+        captured ones can change: with s the fp32 scale, T and r AdaClip's threshold and ratio,
+        x = fp32(|g| s) per captured element and hit = x > T,
+            norm^2 = s^2 (Q - sum_hit |g|^2) + sum_hit fp32(x r)^2
+        (Q: the raw sum of squares). Exact where s = 1 (Stable-SPAM's preset); otherwise the
+        unclipped part is s^2 times the raw sum instead of the sum of the fp32-rounded products
+        (a relative difference of ~1e-8). Each row is sorted before it is summed, so the order
+        the kernel captured in does not matter."""
+        if self.capture is None or self.flags & clip_ref.VALUE_CLIP:
+            return None
+        over, count = self.capture
+        kmax = int(count.max()) if count.numel() else 0
+        if kmax > over.shape[1]:
+            return None
+        over = over[:, :kmax]  # (rows fill from slot 0; usually a few elements each)
+        self._sync_table()
+        s, thr, r = (self.table[:, k:k + 1] for k in range(3))
+        valid = torch.arange(kmax, device=over.device) < count.unsqueeze(1)
+        g = torch.where(valid, over, 0.0).sort(dim=1).values  # (zeros add nothing)
+        x = g * s
+        hit = (x > thr) & (g > 0)
+        y = torch.where(hit, x * r, 0.0).double()
+        removed = torch.where(hit, g, 0.0).double().square().sum(dim=1)
+        s64 = s.squeeze(1).double()
+        sumsq = s64 * s64 * (self.raw[:, 0] - removed) + y.square().sum(dim=1)
+        return sumsq.clamp_min(0.0).sqrt()
 
     def transformed_stats(self, flags=None) -> torch.Tensor:
         """Statistics after the transform selected so far (or `flags`): a statistics pass."""
@@ -230,6 +262,13 @@ class AdaClip(ClipPolicy):
             raise ValueError(f"AdaClip: theta must be in [0, 1), got {theta!r}")
         self.theta = float(theta)
 
+    def lower_threshold(self, m: torch.Tensor, step: int) -> torch.Tensor:
+        """fp32 per tensor: a bound below this step's T in raw gradient units, known before the
+        statistics pass from the previous max EMA m: T = (theta m + (1 - theta) max|g|) / (1 -
+        theta^t) >= theta m / (1 - theta^t), and the scales before AdaClip are <= 1. Lowered by
+        1e-6 relative, well above the float64 and fp32 roundings between the two."""
+        return (m.double() * self.theta / (1.0 - self.theta ** step) * (1.0 - 1e-6)).float()
+
     def apply(self, ctx):
         a = ctx.absmax()
         m = ctx.state["adaclip_max"].double()
@@ -259,8 +298,11 @@ class AdaGN(ClipPolicy):
 
     def apply(self, ctx):
         elementwise = ctx.flags & (clip_ref.VALUE_CLIP | clip_ref.ADA_CLIP)
+        n = None
         if elementwise:
-            n = ctx.transformed_stats()[:, 0].sqrt()
+            n = ctx.norms_after_adaclip()
+            if n is None:
+                n = ctx.transformed_stats()[:, 0].sqrt()
         else:
             n = ctx.norms()
         g1 = self.gamma1 * ctx.beta1_scale

@@ -361,17 +361,26 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
 
     # --- the step ---------------------------------------------------------------------------
 
-    def _grad_check(self, grads):
+    def _grad_check(self, grads, tau=None):
         """(number of gradient tensors with inf/NaN, global L2 norm of the finite elements, the
-        statistics): one multi-tensor statistics pass (lowbit.ops.grad_stats) and one host sync
-        per group."""
+        statistics, the capture (over, over_count) or None): one multi-tensor statistics pass
+        (lowbit.ops.grad_stats; with the clip policies' thresholds tau, it also captures the
+        elements above them) and one host sync per group."""
         if not grads:
-            return 0, 0.0, None
+            return 0, 0.0, None, None
         grads = [g.contiguous() for g in grads]
-        backend = ops.resolve_backend(self.backend, grads[0].device)
-        stats = ops.grad_stats(grads, backend)
+        device = grads[0].device
+        backend = ops.resolve_backend(self.backend, device)
+        capture = None
+        if tau is not None:
+            capture = (torch.zeros((len(grads), self._capture_capacity), device=device),
+                       torch.zeros(len(grads), dtype=torch.int64, device=device))
+            stats = ops.grad_stats(grads, backend, tau=tau.to(device), over=capture[0],
+                                   over_count=capture[1])
+        else:
+            stats = ops.grad_stats(grads, backend)
         bad, sumsq = torch.stack([(stats[:, 1] > 0).sum().double(), stats[:, 0].sum()]).tolist()
-        return int(bad), sumsq ** 0.5, stats
+        return int(bad), sumsq ** 0.5, stats, capture
 
     # Under torch.compile the step runs eagerly (a graph break around it): its bookkeeping is host
     # code with syncs, and tracing it buys nothing, since the update itself is one custom op.
@@ -394,14 +403,15 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
                     _check_grad(p, p.grad, where)
                     live.append((pid, p, where))
                 pid += 1
-            bad, norm, stats = self._grad_check([p.grad for _, p, _ in live])
+            bad, norm, stats, capture = self._grad_check([p.grad for _, p, _ in live],
+                                                         self._capture_tau(live))
             if bad and self.nonfinite == "raise":
                 raise FloatingPointError(
                     f"param_groups[{gi}]: {bad} gradient tensor(s) contain inf or NaN "
                     "(nonfinite='raise'); pass nonfinite='skip' to skip such steps instead")
             info.append({"skipped": bool(bad), "nonfinite_tensors": bad, "grad_norm": norm})
-            plan.append((group, live, bool(bad), stats))
-        for group, live, skip, _ in plan:
+            plan.append((group, live, bool(bad), stats, capture))
+        for group, live, skip, *_ in plan:
             for _, p, where in live:
                 state = self.state[p]
                 if len(state) == 0:
@@ -410,7 +420,7 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
                                   self._format_for(p, group), where)
         ctx = self._run_clip_policies(plan)
         row = 0
-        for group, live, skip, _ in plan:
+        for group, live, skip, *_ in plan:
             if skip:
                 group["skipped_steps"] += 1
                 continue

@@ -27,6 +27,24 @@ class ClipSteps:
         # "update_rms").
         self.last_clip_info = {}
 
+    # Elements per tensor the statistics pass may capture above AdaClip's lower threshold: a
+    # handful per step in practice (the threshold follows the largest |g| of recent steps); a
+    # tensor with more takes the second statistics pass instead.
+    _capture_capacity = 1024
+
+    def _capture_tau(self, live):
+        """Per live tensor, the threshold above which the statistics pass captures elements for
+        AdaGN's norm after AdaClip (lowbit.clip.AdaClip.lower_threshold), or None when no policy
+        needs it."""
+        ada = [p for p in self.clip if isinstance(p, clip_policies.AdaClip)]
+        if not ada or not live or not any(isinstance(p, clip_policies.AdaGN) for p in self.clip) \
+                or any(isinstance(p, clip_policies.ValueClip) for p in self.clip):
+            return None
+        device = live[0][1].device
+        zero = torch.zeros((), dtype=torch.float32, device=device)
+        m = torch.stack([self.state[p].get("adaclip_max", zero).to(device) for _, p, _ in live])
+        return ada[0].lower_threshold(m, self._clip_step + 1)
+
     def _fresh_clip_state(self, p) -> dict:
         return {name: torch.tensor(value, dtype=torch.float32, device=p.device)
                 for policy in self.clip for name, value in policy.tensor_state.items()}
@@ -34,15 +52,18 @@ class ClipSteps:
     def _run_clip_policies(self, plan):
         """The clip policies over the live tensors of every group that steps (a ClipContext for
         the kernels), or None without policies."""
-        params = [p for _, live, skip, _ in plan if not skip for _, p, _ in live]
+        params = [p for _, live, skip, *_ in plan if not skip for _, p, _ in live]
         if not self.clip or not params:
             return None
         device = params[0].device
-        stats = torch.cat([s.to(device) for _, live, skip, s in plan if not skip and live])
+        stats = torch.cat([s.to(device) for _, live, skip, s, _ in plan if not skip and live])
+        captures = [c for _, live, skip, _, c in plan if not skip and live]
         grads = [p.grad.contiguous() for p in params]
         t = self._clip_step + 1
         ctx = clip_policies.ClipContext(grads, stats, t,
                                         ops.resolve_backend(self.backend, device), device)
+        if all(c is not None for c in captures):
+            ctx.capture = tuple(torch.cat([c[k].to(device) for c in captures]) for k in (0, 1))
         for name in {n for policy in self.clip for n in policy.tensor_state}:
             ctx.state[name] = torch.stack([self.state[p][name].to(device) for p in params])
         for policy in self.clip:
