@@ -142,19 +142,23 @@ def _variants():
         out.append((f"rank1 maxima {dtype} {writeback} flags={flags} tile={tr}x{tc}",
                     "optim._rank1_maxima_kernel", sig, const, False))
     # statistics pass: every grad dtype without the transform, the full transform on bf16 (at the
-    # GPU tile too), and the combine; squares and sums in float64, no division
+    # GPU tile too), the capture (atomic slots; raw gradients only) on bf16 and fp32, and the
+    # combine; squares and sums in float64, no division
     small = SMALL[0] * SMALL[1]
-    stats = [(0, 0, small), (1, 0, small), (2, 0, small), (1, clip_ref.TRANSFORM_FLAGS, small),
-             (0, clip_ref.VALUE_CLIP, small), (1, clip_ref.TRANSFORM_FLAGS, STATS_GPU_TILE)]
-    for kind, flags, tile in stats:
+    stats = [(0, 0, small, False), (1, 0, small, False), (2, 0, small, False),
+             (1, clip_ref.TRANSFORM_FLAGS, small, False), (0, clip_ref.VALUE_CLIP, small, False),
+             (1, clip_ref.TRANSFORM_FLAGS, STATS_GPU_TILE, False), (1, 0, small, True),
+             (0, 0, STATS_GPU_TILE, True)]
+    for kind, flags, tile, capture in stats:
         sig = {"work_ptr": "*i64", "tab_ptr": "*i64", "cv_ptr": "*fp32", "psum_ptr": "*fp64",
-               "pcnt_ptr": "*i64", "pmax_ptr": "*i32"}
-        const = dict(TILE=tile, G_KIND=kind,
+               "pcnt_ptr": "*i64", "pmax_ptr": "*i32", "tau_ptr": "*fp32", "over_ptr": "*fp32",
+               "count_ptr": "*i64", "capacity": "i64"}
+        const = dict(TILE=tile, G_KIND=kind, CAPTURE=capture,
                      **{name: bool(flags & bit) for name, bit in (
                          ("VALUE_CLIP", clip_ref.VALUE_CLIP),
                          ("TENSOR_SCALE", clip_ref.TENSOR_SCALE),
                          ("ADA_CLIP", clip_ref.ADA_CLIP), ("NORM_SCALE", clip_ref.NORM_SCALE))})
-        out.append((f"grad_stats kind={kind} flags={flags} tile={tile}",
+        out.append((f"grad_stats kind={kind} flags={flags} tile={tile} capture={capture}",
                     "stats._stats_kernel", sig, const, False))
     sig = {"first_ptr": "*i64", "psum_ptr": "*fp64", "pcnt_ptr": "*i64", "pmax_ptr": "*i32",
            "out_ptr": "*fp64"}

@@ -6,7 +6,8 @@ gradient, largest finite |element|, number of NaN elements of the raw gradient],
 maximum after the optional clip transform. Squares are taken in float64 (the fp32 value is
 widened first, so each square is exact) and added in float64; counts and maxima are exact.
 
-Two launches per dtype of the call, no atomics, so the result is the same bits on every run:
+Two launches per dtype of the call, no atomics for the statistics, so they are the same bits on
+every run:
   _stats_kernel    one program per work item (TILE consecutive elements of one tensor, found
                    through a work table of (tensor, first element, partial slot)), which writes
                    its partial (float64 sum, two int64 counts, max |x| as int32 bits) to its own
@@ -14,6 +15,12 @@ Two launches per dtype of the call, no atomics, so the result is the same bits o
   _combine_kernel  one program per tensor, which adds the tensor's slots in a fixed order
 The flags are constexprs, so an untransformed pass carries no transform code. bf16/fp16 grads are
 read as int16 bits and widened exactly (load_as_f32), as everywhere in these kernels.
+
+The capture (tau given; lowbit.reference.clip) is the constexpr CAPTURE of _stats_kernel: each
+finite element with |g| > tau[t] takes a slot from an atomic add on over_count[t] and stores |g|
+in over[t, slot] if the slot is below the capacity. The contract fixes the count and, within the
+capacity, the stored set, not their order in the row, so the order in which the atomics hand out
+slots may vary between runs.
 """
 import torch
 import triton
@@ -31,9 +38,26 @@ COMBINE_BLOCK = 128
 
 
 @triton.jit
-def _stats_kernel(work_ptr, tab_ptr, cv_ptr, psum_ptr, pcnt_ptr, pmax_ptr, TILE: tl.constexpr,
-                  G_KIND: tl.constexpr, VALUE_CLIP: tl.constexpr, TENSOR_SCALE: tl.constexpr,
-                  ADA_CLIP: tl.constexpr, NORM_SCALE: tl.constexpr):
+def _capture(ra, finite, t, tau_ptr, over_ptr, count_ptr, capacity, TILE: tl.constexpr):
+    """Count the lanes with finite |g| > tau[t] into count[t] and store |g| (ra: its bits) of those
+    whose slot (count[t] before their increment) is below the capacity in over[t, slot]."""
+    a = ra.to(tl.float32, bitcast=True)
+    # a float compare, as the reference's `a > tau` (NaN tau: nothing captured)
+    above = finite & (a > tl.load(tau_ptr + t))
+    # one counter address per lane (a block, not a scalar pointer, so the mask, value and pointer
+    # shapes agree in every Triton version); the add returns each lane's old value, distinct
+    # among the lanes that add. Relaxed: only the counter's value is used, no other memory.
+    cnt = count_ptr + t + tl.zeros([TILE], dtype=tl.int64)
+    slot = tl.atomic_add(cnt, tl.full([TILE], 1, tl.int64), mask=above, sem="relaxed")
+    keep = above & (slot < capacity)
+    tl.store(over_ptr + t * capacity + slot, a, mask=keep)
+
+
+@triton.jit
+def _stats_kernel(work_ptr, tab_ptr, cv_ptr, psum_ptr, pcnt_ptr, pmax_ptr, tau_ptr, over_ptr,
+                  count_ptr, capacity, TILE: tl.constexpr, G_KIND: tl.constexpr,
+                  VALUE_CLIP: tl.constexpr, TENSOR_SCALE: tl.constexpr, ADA_CLIP: tl.constexpr,
+                  NORM_SCALE: tl.constexpr, CAPTURE: tl.constexpr):
     w = tl.program_id(0).to(tl.int64)
     t = tl.load(work_ptr + 3 * w)
     start = tl.load(work_ptr + 3 * w + 1)
@@ -53,6 +77,8 @@ def _stats_kernel(work_ptr, tab_ptr, cv_ptr, psum_ptr, pcnt_ptr, pmax_ptr, TILE:
     finite = msk & (ra < 0x7F800000)
     bad = msk & (ra >= 0x7F800000)
     nan = msk & (ra > 0x7F800000)
+    if CAPTURE:  # (tau_ptr, over_ptr, count_ptr, capacity: placeholders otherwise)
+        _capture(ra, finite, t, tau_ptr, over_ptr, count_ptr, capacity, TILE)
     x = raw
     if VALUE_CLIP or TENSOR_SCALE or ADA_CLIP or NORM_SCALE:
         ct_ptr = cv_ptr  # placeholder: read only by the per-tensor steps
@@ -107,8 +133,18 @@ def _tile(sizes) -> int:
     return tile
 
 
-def _check(grads, out, xform, flags):
+def _check(grads, out, xform, flags, tau, over, over_count):
     """The contract's argument rules (as csrc/stats_lists.h checks them)."""
+    if tau is not None:
+        n = len(grads)
+        if flags:
+            raise ValueError("grad_stats: the capture (tau) works on the raw gradients: flags=0")
+        if (over is None or over_count is None or tau.dtype != torch.float32
+                or tuple(tau.shape) != (n,) or over.dtype != torch.float32 or over.dim() != 2
+                or over.shape[0] != n or not over.is_contiguous()
+                or over_count.dtype != torch.int64 or tuple(over_count.shape) != (n,)):
+            raise ValueError("grad_stats: tau (fp32 [n]) needs over (contiguous fp32 "
+                             "[n, capacity]) and over_count (int64 [n])")
     if flags & ~clip_ref.TRANSFORM_FLAGS:
         raise ValueError(f"grad_stats takes only the clip transform's flags, got {flags}")
     per_tensor = flags & (clip_ref.TENSOR_SCALE | clip_ref.ADA_CLIP | clip_ref.NORM_SCALE)
@@ -127,14 +163,16 @@ def _check(grads, out, xform, flags):
             raise ValueError("grad_stats needs contiguous gradients")
 
 
-def grad_stats(grads, out, xform=None, cv=0.0, flags=0) -> None:
+def grad_stats(grads, out, xform=None, cv=0.0, flags=0, tau=None, over=None,
+               over_count=None) -> None:
     """Per-tensor statistics of `grads` (any mix of fp32/bf16/fp16) into out, float64
     [len(grads), 4] (lowbit.ops.grad_stats's contract); xform: fp32 [len(grads), 4] rows
     (s, thr, r, k) on the grads' device, needed with the per-tensor flags; cv: VALUE_CLIP's
-    bound."""
+    bound. tau / over / over_count (fp32 [n], fp32 [n, capacity], int64 [n], flags 0): the
+    capture; over_count is added to (the caller zeroes it), over written in place."""
     if not grads:
         return
-    _check(grads, out, xform, flags)
+    _check(grads, out, xform, flags, tau, over, over_count)
     device = out.device
     sizes = [g.numel() for g in grads]
     tile = _tile(sizes)
@@ -152,6 +190,16 @@ def grad_stats(grads, out, xform=None, cv=0.0, flags=0) -> None:
     constexprs = {name: bool(flags & bit) for name, bit in (
         ("VALUE_CLIP", clip_ref.VALUE_CLIP), ("TENSOR_SCALE", clip_ref.TENSOR_SCALE),
         ("ADA_CLIP", clip_ref.ADA_CLIP), ("NORM_SCALE", clip_ref.NORM_SCALE))}
+    capture = tau is not None
+    if capture:
+        tau_t = tau.contiguous()
+        # the kernel adds to count[t] in place: a strided over_count goes through a copy
+        count_t = over_count if over_count.is_contiguous() else over_count.contiguous()
+        # a zero-capacity row has no storage the kernel could address; it never stores into it
+        over_t = over if over.numel() else cv_t
+        cap_args = (tau_t, over_t, count_t, over.shape[1])
+    else:  # placeholders, never read (CAPTURE=False compiles the capture out)
+        cap_args = (cv_t, cv_t, pcnt, 0)
     with quiet_fp_warnings():
         for dtype in sorted({g.dtype for g in grads}, key=KINDS.get):
             work = [(i, k * tile, first[i] + k) for i, g in enumerate(grads) if g.dtype == dtype
@@ -159,9 +207,12 @@ def grad_stats(grads, out, xform=None, cv=0.0, flags=0) -> None:
             if not work:  # only empty tensors of this dtype
                 continue
             work_t = torch.tensor(work, dtype=torch.int64, device=device)
-            _stats_kernel[(len(work),)](work_t, tab, cv_t, psum, pcnt, pmax, TILE=tile,
-                                        G_KIND=KINDS[dtype], num_warps=8 if tile >= 4096 else 4,
+            _stats_kernel[(len(work),)](work_t, tab, cv_t, psum, pcnt, pmax, *cap_args,
+                                        TILE=tile, G_KIND=KINDS[dtype],
+                                        num_warps=8 if tile >= 4096 else 4, CAPTURE=capture,
                                         **constexprs, **LAUNCH_OPTS)
         first_t = torch.tensor(first, dtype=torch.int64, device=device)
         _combine_kernel[(len(grads),)](first_t, psum, pcnt, pmax, out, BLOCK=COMBINE_BLOCK,
                                        num_warps=4, **LAUNCH_OPTS)
+    if capture and count_t is not over_count:
+        over_count.copy_(count_t)
