@@ -167,7 +167,7 @@ def test_capture_above_threshold(backend, dtype):
     # thresholds from 0 (everything) to above the maximum (nothing); the statistics unchanged
     sizes = (1, 300, 8193, 2**16 + 3, 40, 0)
     grads = [_with_specials(torch.randn(s) * 2, k).to(dtype) for k, s in enumerate(sizes)]
-    tau = torch.tensor([0.0, 4.0, 5.5, 6.0, 1e9, 1.0])
+    tau = torch.tensor([-1.0, 4.0, 5.5, 6.0, 1e9, 0.0])  # (negative: every finite element)
     stats, over, count = _capture(grads, backend, tau, 64)
     _assert_stats_equal(stats, SPEC(grads))
     for i, g in enumerate(grads):
