@@ -53,8 +53,8 @@ def test_launch_without_device_raises_runtime_error():
     need = _ext.C_CUDA.grad_stats_workspace([64])
     workspace = torch.empty(max(1, need // 8), dtype=torch.float64)
     with pytest.raises(RuntimeError, match=r"lowbit CUDA grad_stats.*cudaError"):
-        _ext.C_CUDA.grad_stats([grad.data_ptr()], [64], 0, 0, 0.0, 0, stats.data_ptr(),
-                               workspace.data_ptr(), need, 0, 0)
+        _ext.C_CUDA.grad_stats([grad.data_ptr()], [64], 0, 0, 0.0, 0, stats.data_ptr(), 0, 0, 0,
+                               0, workspace.data_ptr(), need, 0, 0)
 
 
 def test_grad_stats_workspace_is_the_sims():

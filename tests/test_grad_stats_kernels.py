@@ -144,7 +144,8 @@ def test_cuda_workspace_is_checked():
     grads = [torch.randn(s) for s in sizes]
     out = torch.zeros(3, 4, dtype=torch.float64)
     ws = torch.empty(need // 8, dtype=torch.float64)
-    args = ([g.data_ptr() for g in grads], sizes, 0, 0, 0.0, 0, out.data_ptr(), ws.data_ptr())
+    args = ([g.data_ptr() for g in grads], sizes, 0, 0, 0.0, 0, out.data_ptr(), 0, 0, 0, 0,
+            ws.data_ptr())  # (tau, over, over_count, capacity: no capture)
     with pytest.raises(ValueError, match="grad_stats"):
         sim.grad_stats(*args, need - 1)
     sim.grad_stats(*args, need)

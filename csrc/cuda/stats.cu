@@ -13,6 +13,12 @@
 // (24-bit significand -> at most 48 bits), so sums differ from the reference's only by the
 // order of the float64 additions; counts and maxima are exact.
 //
+// Capture (StatsArgs::tau non-null, flags 0): every finite element with |g| > tau[t] takes a
+// slot from its tensor's int64 counter with one atomicAdd and stores |g| there while the slot is
+// below the capacity. Elements above tau are rare (tau tracks the largest |g| of recent steps), so
+// the atomics cost little; the counts are exact, the order of the stored values depends on
+// scheduling (the spec leaves it open). A template bool keeps the plain kernel unchanged.
+//
 // Multi-tensor table: as in optim.cu, per-tensor pointers, sizes and the prefix sums of work
 // items travel BY VALUE as a kernel parameter, one launch pair per chunk of up to kStatsChunk
 // tensors.
@@ -52,6 +58,12 @@ struct StatsChunk {
   int64_t item_start[kStatsChunk + 1];
   const ClipTensor* xform;  // device memory, or null
   double* out;              // device memory, 4 per tensor
+  // The capture's targets (device memory; null without a capture) at the chunk's first tensor,
+  // indexed by t like xform and out: four words instead of three pointers per tensor.
+  const float* tau;     // [count]
+  float* over;          // tensor t's row at over + t * capacity
+  int64_t* over_count;  // [count]
+  int64_t capacity;
   int count;
 };
 
@@ -64,13 +76,38 @@ constexpr uint64_t kNanCount = 1ull << 32;  // one NaN in the high half of a pac
 
 int64_t items_of(int64_t n) { return (n + kStatsItem - 1) / kStatsItem; }
 
+// One tensor's capture target as a block sees it. tau as |tau|'s bits, like the CPU kernel: for
+// finite |g| comparing the bit patterns orders like comparing the values.
+struct CaptureRow {
+  uint32_t tau_bits;
+  unsigned long long* count;  // the tensor's int64 counter (atomicAdd has no int64_t overload)
+  float* row;
+  unsigned long long capacity;
+};
+
+__device__ __forceinline__ CaptureRow capture_row(const StatsChunk& c, int t) {
+  return CaptureRow{abs_bits(c.tau[t]), reinterpret_cast<unsigned long long*>(c.over_count + t),
+                    c.over + t * c.capacity, (unsigned long long)c.capacity};
+}
+
+// Captures the raw element whose magnitude has the bits `ra`, if it is finite and above tau. The
+// slot is the count before this element's increment, so concurrent threads never share one.
+__device__ __forceinline__ void capture(uint32_t ra, const CaptureRow& cap) {
+  if (ra < 0x7F800000u && ra > cap.tau_bits) {
+    const unsigned long long slot = atomicAdd(cap.count, 1ull);
+    if (slot < cap.capacity) cap.row[slot] = bits_f32(ra);
+  }
+}
+
 // Element i of g into the thread's running statistics (`counts`: inf/NaN low, NaN high).
-template <int DT, bool XF>
+// With CAP, also the capture of the raw element (`cap` is unused otherwise).
+template <int DT, bool XF, bool CAP>
 __device__ __forceinline__ void accumulate(const void* g, int64_t i, int flags, float cv,
-                                           const ClipTensor& ct, double& sumsq, uint64_t& counts,
-                                           uint32_t& max_bits) {
+                                           const ClipTensor& ct, const CaptureRow& cap,
+                                           double& sumsq, uint64_t& counts, uint32_t& max_bits) {
   const float raw = load_f32(g, DT, i);
   const uint32_t ra = abs_bits(raw);
+  if (CAP) capture(ra, cap);
   const bool finite = ra < 0x7F800000u;
   counts += (finite ? 0u : 1u) + (ra > 0x7F800000u ? kNanCount : 0u);
   bool clipped;  // the step's counter, not a statistic
@@ -81,8 +118,8 @@ __device__ __forceinline__ void accumulate(const void* g, int64_t i, int flags, 
   max_bits = finite && a > max_bits ? a : max_bits;
 }
 
-// One CUDA block per work item; its partial goes to parts[blockIdx.x].
-template <int DT, bool XF>
+// One CUDA block per work item; its partial goes to parts[blockIdx.x]. CAP: with the capture.
+template <int DT, bool XF, bool CAP>
 __global__ void __launch_bounds__(kStatsThreads)
 stats_kernel(const StatsChunk c, const float cv, const int flags, StatsPart* __restrict__ parts) {
   __shared__ double s_sum[kMaxWarps + 1];
@@ -97,12 +134,13 @@ stats_kernel(const StatsChunk c, const float cv, const int flags, StatsPart* __r
   const int64_t end = begin + kStatsItem < c.n[t] ? begin + kStatsItem : c.n[t];
   const void* __restrict__ g = c.g[t];
   const ClipTensor ct = XF && c.xform ? c.xform[t] : ClipTensor{1.0f, 0.0f, 1.0f, 1.0f};
+  const CaptureRow cap = CAP ? capture_row(c, t) : CaptureRow{};
 
   double sumsq = 0.0;
   uint64_t counts = 0;
   uint32_t max_bits = 0;
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x)  // coalesced
-    accumulate<DT, XF>(g, i, flags, cv, ct, sumsq, counts, max_bits);
+    accumulate<DT, XF, CAP>(g, i, flags, cv, ct, cap, sumsq, counts, max_bits);
 
   // Fixed-shape trees (block_allreduce): the same order on every run.
   sumsq = block_allreduce(sumsq, SumF64(), 0.0, s_sum);
@@ -156,20 +194,26 @@ int64_t fill_stats_chunk(StatsChunk& c, const StatsArgs& a, int first) {
   c.item_start[c.count] = total;
   c.xform = a.xform ? a.xform + first : nullptr;
   c.out = a.out + 4 * (int64_t)first;
+  if (a.tau) {
+    c.tau = a.tau + first;
+    c.over = a.over + first * a.capacity;
+    c.over_count = a.over_count + first;
+    c.capacity = a.capacity;
+  }
   return total;
 }
 
-// Every chunk of the call with the kernel instance for (DT, XF). Chunk k's partials take the
+// Every chunk of the call with the kernel instance for (DT, XF, CAP). Chunk k's partials take the
 // workspace slots after chunk k-1's, so no launch overwrites a slot another still has to read
 // (stream order would allow reuse; disjoint slots keep that reasoning out of the picture).
-template <int DT, bool XF>
+template <int DT, bool XF, bool CAP>
 cudaError_t run_stats(const StatsArgs& a, StatsPart* parts, cudaStream_t stream) {
   for (int first = 0; first < a.ntensors; first += kStatsChunk) {
     StatsChunk c;
     const int64_t items = fill_stats_chunk(c, a, first);
     if (items > 0x7FFFFFFF) return cudaErrorInvalidValue;  // gridDim.x limit
     if (items > 0) {  // an empty grid is an invalid configuration on CUDA
-      auto kernel = stats_kernel<DT, XF>;
+      auto kernel = stats_kernel<DT, XF, CAP>;
       LOWBIT_LAUNCH(kernel, dim3((unsigned)items), dim3(kStatsThreads), 0, stream, c, a.cv,
                     a.flags, parts);
     }
@@ -185,9 +229,11 @@ cudaError_t run_stats(const StatsArgs& a, StatsPart* parts, cudaStream_t stream)
 
 template <int DT>
 cudaError_t stats_by_flags(const StatsArgs& a, StatsPart* parts, cudaStream_t stream) {
-  // Without a transform the instance carries no transform code at all.
-  if (a.flags != 0) return run_stats<DT, true>(a, parts, stream);
-  return run_stats<DT, false>(a, parts, stream);
+  // Without a transform the instance carries no transform code at all; the capture comes only
+  // without one (valid_stats_args), so it needs no transform instance.
+  if (a.tau) return run_stats<DT, false, true>(a, parts, stream);
+  if (a.flags != 0) return run_stats<DT, true, false>(a, parts, stream);
+  return run_stats<DT, false, false>(a, parts, stream);
 }
 
 bool valid_stats_args(const StatsArgs& a) {
@@ -196,6 +242,9 @@ bool valid_stats_args(const StatsArgs& a) {
   if (a.dtype != kF32 && a.dtype != kBF16 && a.dtype != kF16) return false;
   if ((a.flags & ~kStatsFlags) != 0) return false;
   if ((a.flags & kStatsRowFlags) != 0 && a.xform == nullptr) return false;
+  // the capture works on the raw gradients (as the bindings check: stats_lists.h)
+  if (a.tau && (a.flags != 0 || a.over == nullptr || a.over_count == nullptr || a.capacity < 0))
+    return false;
   for (int i = 0; i < a.ntensors; ++i)
     if (a.n[i] < 0) return false;
   return true;
