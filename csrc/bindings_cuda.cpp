@@ -114,11 +114,13 @@ void py_optim_step(int kind, const std::vector<uintptr_t>& p, const std::vector<
                    int writeback, const std::vector<double>& scalars, int flags,
                    uintptr_t clip_table, uintptr_t clipped, uintptr_t rms,
                    const std::vector<int64_t>& v_cols, const std::vector<uintptr_t>& s2_colmax,
-                   const std::vector<uintptr_t>& v_scratch, int device, uintptr_t stream) {
+                   const std::vector<uintptr_t>& v_scratch,
+                   const std::vector<uintptr_t>& hess, int device, uintptr_t stream) {
   lowbit::OptCall call;
   lowbit::optim_call(call, kind, p, g, numel, s1, s1_absmax, s2, s2_absmax, comp, keys,
                      state_bits, block, code1, mids1, code2, mids2, ncode, dtype, writeback,
-                     scalars, flags, clip_table, clipped, rms, v_cols, s2_colmax, v_scratch);
+                     scalars, flags, clip_table, clipped, rms, v_cols, s2_colmax, v_scratch,
+                     hess);
   cudaError_t err;
   {
     py::gil_scoped_release release;

@@ -22,6 +22,7 @@ struct OptCall {
 // [n] sums of the update-clipping statistics or 0 (with it, the call only adds to them). v_cols,
 // s2_colmax and v_scratch (rank-1 second states, optim_args.h) are all empty when every tensor's
 // second state is block-wise; otherwise one entry per tensor (0 / null for block-wise ones).
+// hess: one fp32 Hessian-diagonal estimate per tensor with kHessEma, else empty.
 inline void optim_call(OptCall& c, int kind, const std::vector<uintptr_t>& p,
                        const std::vector<uintptr_t>& g, const std::vector<int64_t>& numel,
                        const std::vector<uintptr_t>& s1, const std::vector<uintptr_t>& s1_absmax,
@@ -33,7 +34,8 @@ inline void optim_call(OptCall& c, int kind, const std::vector<uintptr_t>& p,
                        uintptr_t clipped, uintptr_t rms,
                        const std::vector<int64_t>& v_cols,
                        const std::vector<uintptr_t>& s2_colmax,
-                       const std::vector<uintptr_t>& v_scratch) {
+                       const std::vector<uintptr_t>& v_scratch,
+                       const std::vector<uintptr_t>& hess) {
   const size_t n = p.size();
   const int nstates = s2.empty() ? (s1.empty() ? 0 : 1) : 2;
   const bool quantized = state_bits != 32;
@@ -50,6 +52,16 @@ inline void optim_call(OptCall& c, int kind, const std::vector<uintptr_t>& p,
     throw std::invalid_argument("optim_step: the per-tensor clip flags need the clip table");
   if ((rms != 0 || (flags & kUpdateScale)) && kind != kAdam)
     throw std::invalid_argument("optim_step: update clipping (rms, kUpdateScale) needs Adam");
+  const int hess_flags = kHessEma | kHessV | kQuarter | kSophiaAddEps;
+  if ((flags & hess_flags) && kind != kAdam && kind != kSophia)
+    throw std::invalid_argument("optim_step: the Hessian flags need Adam (AdaHessian) or Sophia");
+  if ((flags & kHessEma) ? hess.size() != n : !hess.empty())
+    throw std::invalid_argument("optim_step: kHessEma takes one Hessian estimate per tensor");
+  if ((flags & hess_flags) && (rms != 0 || (flags & (kUpdateScale | kSpikeClip))))
+    throw std::invalid_argument(
+        "optim_step: the Hessian flags do not combine with update or spike clipping");
+  if (kind == kSophia && nstates != 2)
+    throw std::invalid_argument("optim_step: Sophia takes two states (exp_avg, hessian)");
   if (state_bits != 32 && state_bits != 8 && state_bits != 4)
     throw std::invalid_argument("optim_step: state_bits must be 32, 8 or 4");
   if (quantized && nstates > 0 && ncode != (state_bits == 8 ? 256 : 16))
@@ -66,7 +78,7 @@ inline void optim_call(OptCall& c, int kind, const std::vector<uintptr_t>& p,
     if (kind != kAdam || state_bits != 4 || nstates != 2)
       throw std::invalid_argument("optim_step: rank-1 second states need Adam with 4-bit states");
     // the rank-1 prepass computes the new v without the clipping steps (adam_new_v)
-    if ((flags & kAnyClip) || rms != 0)
+    if ((flags & kAnyClip) || rms != 0)  // (kAnyClip includes the Hessian flags)
       throw std::invalid_argument(
           "optim_step: rank-1 second states do not support the clip flags yet");
     if (v_cols[i] < 0 || numel[i] % v_cols[i] != 0 || s2_colmax[i] == 0 || v_scratch[i] == 0)
@@ -91,7 +103,8 @@ inline void optim_call(OptCall& c, int kind, const std::vector<uintptr_t>& p,
                              rms ? reinterpret_cast<double*>(rms) + i : nullptr,
                              i < v_cols.size() ? v_cols[i] : 0,
                              i < v_cols.size() ? (float*)at(s2_colmax, i) : nullptr,
-                             i < v_cols.size() ? (float*)at(v_scratch, i) : nullptr};
+                             i < v_cols.size() ? (float*)at(v_scratch, i) : nullptr,
+                             i < hess.size() ? (const float*)at(hess, i) : nullptr};
     if (numel[i] < 0) throw std::invalid_argument("optim_step: negative element count");
   }
   OptArgs& a = c.args;

@@ -32,14 +32,15 @@ RULES = {
 def _make(kind, sizes, dtype, state_bits, writeback, momentum=True, block=0):
     """Params, and (state1, absmax1, state2, absmax2, comps) lists, freshly initialised."""
     params = [(torch.randn(n) * 0.1).to(dtype) for n in sizes]
-    nstates = {"adam": 2, "lion": 1, "sgd": 1 if momentum else 0}[kind]
+    nstates = {"adam": 2, "lion": 1, "sgd": 1 if momentum else 0, "sophia": 2}[kind]
     lists = [[], [], [], []]
     for p in params:
         for j in range(nstates):
             if state_bits == 32:
                 lists[2 * j].append(torch.zeros(p.shape))
             else:
-                codes, absmax = ref.quantize_state(torch.zeros(p.numel()), j, state_bits, block)
+                codes, absmax = ref.quantize_state(torch.zeros(p.numel()), j, state_bits, block,
+                                                   kind)
                 lists[2 * j].append(codes)
                 lists[2 * j + 1].append(absmax)
     comps = [torch.zeros_like(p) for p in params] if writeback == "kahan" else []

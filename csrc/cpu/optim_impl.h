@@ -73,7 +73,7 @@ static inline float widen(ParamT<DT> h) {
 // vectorize most of the copies; as selects, the flags cost a blend each.
 // CLIP / SPIKE: the rule with the clipping steps / the spike clip (update_rule); the clipped
 // elements are counted into *nclip.
-template <int KIND, int DT, int WB, int NST, bool CLIP, bool SPIKE>
+template <int KIND, int DT, int WB, int NST, bool CLIP, bool SPIKE, bool HESS>
 __attribute__((optimize("no-unswitch-loops")))
 static void update_run(const OptArgs& a, const OptTensor& t, int64_t begin, int64_t len,
                        int64_t sub, float* __restrict m, float* __restrict v,
@@ -91,6 +91,7 @@ static void update_run(const OptArgs& a, const OptTensor& t, int64_t begin, int6
   const P* __restrict g = (const P*)t.g + begin;
   P* __restrict comp = WB == kWbKahan ? (P*)t.comp + begin : nullptr;
   const uint32_t* __restrict r = rbuf;
+  const float* __restrict hz = HESS ? t.hess + begin : nullptr;  // the Hessian estimate
   const Fmt fmt = fmt_of(DT);
   int32_t clipped = 0;  // (runs are at most kOptChunk elements)
   for (int64_t s0 = 0, j = 0; s0 < len; s0 += sub, ++j) {
@@ -101,8 +102,8 @@ static void update_run(const OptArgs& a, const OptTensor& t, int64_t begin, int6
       float x = widen<DT>(p[i]);
       if (WB == kWbKahan) x = x + widen<DT>(comp[i]);
       float s1 = NST >= 1 ? m[i] : 0.0f, s2 = NST >= 2 ? v[i] : 0.0f;
-      const bool c =
-          update_rule<KIND, CLIP, SPIKE, true>(fs, flags, x, widen<DT>(g[i]), s1, s2, ct);
+      const bool c = update_rule<KIND, CLIP, SPIKE, true>(fs, flags, x, widen<DT>(g[i]), s1, s2,
+                                                          ct, HESS ? hz[i] : 0.0f);
       if (CLIP) clipped += c ? 1 : 0;
       if (NST >= 1) m[i] = s1;
       if (NST >= 2) v[i] = s2;
@@ -350,7 +351,7 @@ static void encode_rank1(const float* vals, int64_t begin, int64_t len, const Ra
 // ---- the step ----------------------------------------------------------------------------------
 
 // Returns the number of clipped elements of the chunk.
-template <int KIND, int DT, int WB, int NST, int NCODE, bool CLIP, bool SPIKE>
+template <int KIND, int DT, int WB, int NST, int NCODE, bool CLIP, bool SPIKE, bool HESS>
 static int64_t step_chunk(const OptimCpuArgs& ca, const OptTensor& t, const Rank1Info* r1,
                           int64_t begin, int64_t len) {
   const OptArgs& a = ca.a;
@@ -359,8 +360,8 @@ static int64_t step_chunk(const OptimCpuArgs& ca, const OptTensor& t, const Rank
     float* m = NST >= 1 ? (float*)t.s1 + begin : nullptr;
     float* v = NST >= 2 ? (float*)t.s2 + begin : nullptr;
     uint32_t unused1, unused2;
-    update_run<KIND, DT, WB, NST, CLIP, SPIKE>(a, t, begin, len, len, m, v, &unused1, &unused2,
-                                               &nclip);
+    update_run<KIND, DT, WB, NST, CLIP, SPIKE, HESS>(a, t, begin, len, len, m, v, &unused1,
+                                                     &unused2, &nclip);
     return nclip;
   }
   // quantized states: decode the chunk's blocks, one update run over the chunk, encode them
@@ -379,8 +380,8 @@ static int64_t step_chunk(const OptimCpuArgs& ca, const OptTensor& t, const Rank
     if (NST >= 2 && rank1) decode_rank1(c2, b0, blen, a.code2, *r1, vbuf + off);
     else if (NST >= 2) decode_block<NCODE>(c2, b0, blen, a.code2, t.s2_absmax[b], vbuf + off);
   }
-  update_run<KIND, DT, WB, NST, CLIP, SPIKE>(a, t, begin, len, block, mbuf, vbuf, am1, am2,
-                                             &nclip);
+  update_run<KIND, DT, WB, NST, CLIP, SPIKE, HESS>(a, t, begin, len, block, mbuf, vbuf, am1,
+                                                   am2, &nclip);
   for (int64_t b0 = begin, j = 0; b0 < begin + len; b0 += block, ++j) {
     const int64_t blen = begin + len - b0 < block ? begin + len - b0 : block;
     const int64_t b = b0 / block, off = b0 - begin;
@@ -459,7 +460,7 @@ static void rms_all(const OptArgs& a, const std::vector<OptWork>& work, int64_t 
   for (int64_t w = 0; w < nwork; ++w) *a.tensors[work[w].tensor].rms += part[w];
 }
 
-template <int KIND, int DT, int WB, int NST, int NCODE, bool CLIP, bool SPIKE>
+template <int KIND, int DT, int WB, int NST, int NCODE, bool CLIP, bool SPIKE, bool HESS>
 static void step_all(const OptimCpuArgs& ca, const std::vector<Rank1Info>& r1) {
   const OptArgs& a = ca.a;
   std::vector<OptWork> work;
@@ -468,7 +469,7 @@ static void step_all(const OptimCpuArgs& ca, const std::vector<Rank1Info>& r1) {
     for (int64_t b = 0; b < a.tensors[t].n; b += kOptChunk) work.push_back({t, b});
     total += a.tensors[t].n;
   }
-  if constexpr (KIND == kAdam && NST == 2) {
+  if constexpr (KIND == kAdam && NST == 2 && !HESS) {
     if (a.rms_pass) return rms_all<DT, WB, NCODE, CLIP, SPIKE>(a, work, total);
   }
   const int64_t nwork = (int64_t)work.size();
@@ -478,7 +479,8 @@ static void step_all(const OptimCpuArgs& ca, const std::vector<Rank1Info>& r1) {
     const int64_t begin = work[w].begin;
     const int64_t len = t.n - begin < kOptChunk ? t.n - begin : kOptChunk;
     const Rank1Info* ri = t.v_cols ? &r1[work[w].tensor] : nullptr;
-    const int64_t nclip = step_chunk<KIND, DT, WB, NST, NCODE, CLIP, SPIKE>(ca, t, ri, begin, len);
+    const int64_t nclip =
+        step_chunk<KIND, DT, WB, NST, NCODE, CLIP, SPIKE, HESS>(ca, t, ri, begin, len);
     if (CLIP && t.clipped && nclip) {
 #pragma omp atomic
       *t.clipped += nclip;
@@ -497,7 +499,7 @@ static void rank1_prepass(const OptArgs& a, std::vector<Rank1Info>& info,
 
 // The step over every tensor; with rank-1 tensors, their prepass before it and the new maxima
 // moved into the states after it (the step decodes with the old ones to the very end).
-template <int KIND, int DT, int WB, int NST, int NCODE, bool CLIP, bool SPIKE>
+template <int KIND, int DT, int WB, int NST, int NCODE, bool CLIP, bool SPIKE, bool HESS>
 static void step_with_rank1(const OptimCpuArgs& ca) {
   const OptArgs& a = ca.a;
   bool any = false;
@@ -505,7 +507,7 @@ static void step_with_rank1(const OptimCpuArgs& ca) {
   std::vector<Rank1Info> info(any ? a.ntensors : 0);
   std::vector<float> inv;
   if (KIND == kAdam && NCODE == 16 && any) rank1_prepass<DT, WB>(a, info, inv);
-  step_all<KIND, DT, WB, NST, NCODE, CLIP, SPIKE>(ca, info);
+  step_all<KIND, DT, WB, NST, NCODE, CLIP, SPIKE, HESS>(ca, info);
   for (int ti = 0; any && ti < a.ntensors; ++ti) {
     const OptTensor& t = a.tensors[ti];
     if (t.v_cols == 0) continue;
@@ -516,21 +518,25 @@ static void step_with_rank1(const OptimCpuArgs& ca) {
 }
 
 // Runtime arguments -> template instance, one level at a time.
-template <int KIND, int DT, int WB, int NST, int NCODE, bool CLIP, bool SPIKE>
+template <int KIND, int DT, int WB, int NST, int NCODE, bool CLIP, bool SPIKE, bool HESS>
 static void run_layout(const OptimCpuArgs& ca) {
-  if (NCODE == 16) step_with_rank1<KIND, DT, WB, NST, NCODE, CLIP, SPIKE>(ca);
-  else step_all<KIND, DT, WB, NST, NCODE, CLIP, SPIKE>(ca, {});
+  if (NCODE == 16) step_with_rank1<KIND, DT, WB, NST, NCODE, CLIP, SPIKE, HESS>(ca);
+  else step_all<KIND, DT, WB, NST, NCODE, CLIP, SPIKE, HESS>(ca, {});
 }
 
-// Three instances: plain, clipping without the spike clip, and (Adam only) with it.
+// Three instances: plain, clipping without the spike clip, and (Adam only) with it; Adam
+// (AdaHessian) and Sophia have a fourth that reads the Hessian estimate (kHessEma).
 template <int KIND, int DT, int WB, int NST, int NCODE>
 static void by_clip(const OptimCpuArgs& ca) {
   const int flags = ca.a.s.flags;
-  if constexpr (KIND == kAdam) {
-    if (flags & kSpikeClip) return run_layout<KIND, DT, WB, NST, NCODE, true, true>(ca);
+  if constexpr (KIND == kAdam || KIND == kSophia) {
+    if (flags & kHessEma) return run_layout<KIND, DT, WB, NST, NCODE, true, false, true>(ca);
   }
-  if (flags & kAnyClip) run_layout<KIND, DT, WB, NST, NCODE, true, false>(ca);
-  else run_layout<KIND, DT, WB, NST, NCODE, false, false>(ca);
+  if constexpr (KIND == kAdam) {
+    if (flags & kSpikeClip) return run_layout<KIND, DT, WB, NST, NCODE, true, true, false>(ca);
+  }
+  if (flags & kAnyClip) run_layout<KIND, DT, WB, NST, NCODE, true, false, false>(ca);
+  else run_layout<KIND, DT, WB, NST, NCODE, false, false, false>(ca);
 }
 
 template <int KIND, int DT, int WB, int NST>
@@ -543,7 +549,7 @@ static void by_layout(const OptimCpuArgs& ca) {
 
 template <int KIND, int DT, int WB>
 static void by_nstates(const OptimCpuArgs& ca) {
-  if (KIND == kAdam) by_layout<KIND, DT, WB, 2>(ca);
+  if (KIND == kAdam || KIND == kSophia) by_layout<KIND, DT, WB, 2>(ca);
   else if (ca.a.nstates == 0) by_layout<KIND, DT, WB, 0>(ca);
   else by_layout<KIND, DT, WB, 1>(ca);
 }
@@ -570,6 +576,7 @@ void optim_step(const OptimCpuArgs& ca) {
   switch (ca.a.s.kind) {
     case kAdam: return by_dtype<kAdam>(ca);
     case kLion: return by_dtype<kLion>(ca);
+    case kSophia: return by_dtype<kSophia>(ca);
     default: return by_dtype<kSgd>(ca);
   }
 }

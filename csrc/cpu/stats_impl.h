@@ -39,10 +39,6 @@ struct StatsPart {
 // One tensor's capture target (StatsArgs): elements with |g| > tau get a slot of `row` from the
 // tensor's counter. Rare by construction (tau is near the largest |g| of recent steps), so an
 // atomic per captured element costs nothing measurable.
-// The bits |g| is compared with: those of tau for tau >= 0 (-0 included: 0 bits); a negative
-// tau takes every finite element (the callers test tau < 0 first); NaN takes none.
-static inline uint32_t capture_bits(float tau) { return tau < 0.0f ? 0u : abs_bits(tau); }
-
 struct Capture {
   float tau;
   int64_t* count;
@@ -65,8 +61,7 @@ template <int DT, bool XF, bool CAP>
 static StatsPart stats_run(const void* __restrict g, int64_t begin, int64_t end, int flags,
                            float cv, ClipTensor xf, const Capture& cap) {
 #if defined(LOWBIT_ISA_AVX512)
-  // (the capture compares bit patterns, which order like the values among finite |g| >= 0)
-  const __m512i tau_bits = _mm512_set1_epi32((int)capture_bits(cap.tau));
+  const __m512i floor_bits = _mm512_set1_epi32((int)capture_floor_bits(cap.tau));
   // gcc vectorizes the mixed float/double/count reduction below poorly (2.5x slower than this)
   __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd();
   __m512i mx = _mm512_setzero_si512(), bad = _mm512_setzero_si512(), nan = bad;
@@ -79,8 +74,7 @@ static StatsPart stats_run(const void* __restrict g, int64_t begin, int64_t end,
     const __m512i ra = _mm512_and_si512(_mm512_castps_si512(raw), abs_mask);
     const __mmask16 finite = _mm512_mask_cmplt_epu32_mask(m, ra, inf_bits);
     if (CAP) {
-      const __mmask16 above = cap.tau < 0.0f ? finite
-                                             : _mm512_mask_cmpgt_epu32_mask(finite, ra, tau_bits);
+      const __mmask16 above = _mm512_mask_cmpge_epu32_mask(finite, ra, floor_bits);
       if (__builtin_expect(above != 0, 0)) {
         alignas(64) float lanes[16];
         _mm512_store_ps(lanes, _mm512_castsi512_ps(ra));
@@ -121,10 +115,10 @@ static StatsPart stats_run(const void* __restrict g, int64_t begin, int64_t end,
     mx = finite && a > mx ? a : mx;
   }
   if (CAP) {  // (a second, scalar look at the chunk: the fallback clones only)
-    const uint32_t tb = capture_bits(cap.tau);
+    const uint32_t lo = capture_floor_bits(cap.tau);
     for (int64_t i = begin; i < end; ++i) {
       const uint32_t ra = abs_bits(load_t<DT>(g, i));
-      if (ra < 0x7F800000u && (cap.tau < 0.0f || ra > tb)) cap.add(bits_f32(ra));
+      if (ra < 0x7F800000u && ra >= lo) cap.add(bits_f32(ra));
     }
   }
   return {s, bad, nan, mx};

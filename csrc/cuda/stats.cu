@@ -76,24 +76,24 @@ constexpr uint64_t kNanCount = 1ull << 32;  // one NaN in the high half of a pac
 
 int64_t items_of(int64_t n) { return (n + kStatsItem - 1) / kStatsItem; }
 
-// One tensor's capture target as a block sees it. tau as |tau|'s bits, like the CPU kernel: for
-// finite |g| comparing the bit patterns orders like comparing the values.
+// One tensor's capture target as a block sees it; tau as the smallest bit pattern of |g| it
+// takes (capture_floor_bits, shared with the CPU kernel).
 struct CaptureRow {
-  uint32_t tau_bits;
+  uint32_t floor_bits;
   unsigned long long* count;  // the tensor's int64 counter (atomicAdd has no int64_t overload)
   float* row;
   unsigned long long capacity;
 };
 
 __device__ __forceinline__ CaptureRow capture_row(const StatsChunk& c, int t) {
-  return CaptureRow{abs_bits(c.tau[t]), reinterpret_cast<unsigned long long*>(c.over_count + t),
+  return CaptureRow{capture_floor_bits(c.tau[t]), reinterpret_cast<unsigned long long*>(c.over_count + t),
                     c.over + t * c.capacity, (unsigned long long)c.capacity};
 }
 
 // Captures the raw element whose magnitude has the bits `ra`, if it is finite and above tau. The
 // slot is the count before this element's increment, so concurrent threads never share one.
 __device__ __forceinline__ void capture(uint32_t ra, const CaptureRow& cap) {
-  if (ra < 0x7F800000u && ra > cap.tau_bits) {
+  if (ra < 0x7F800000u && ra >= cap.floor_bits) {
     const unsigned long long slot = atomicAdd(cap.count, 1ull);
     if (slot < cap.capacity) cap.row[slot] = bits_f32(ra);
   }

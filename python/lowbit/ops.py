@@ -133,41 +133,50 @@ def _(x, out, seed, offset, backend):
     "lowbit::optim_step",
     mutates_args=("params", "state1", "absmax1", "state2", "absmax2", "comps", "v_colmax",
                   "clipped", "rms"))
-def optim_step(params: list[torch.Tensor], grads: list[torch.Tensor],
-               state1: list[torch.Tensor], absmax1: list[torch.Tensor],
-               state2: list[torch.Tensor], absmax2: list[torch.Tensor],
-               comps: list[torch.Tensor], keys: list[int], kind: str, state_bits: int,
-               block_size: int, scalars: list[float], flags: int, writeback: str,
-               backend: str, v_cols: list[int], v_colmax: list[torch.Tensor],
-               clip: Optional[torch.Tensor] = None,
-               clipped: Optional[torch.Tensor] = None,
-               rms: Optional[torch.Tensor] = None) -> None:
-    """One fused optimizer step over tensors sharing a rule, param dtype and state format; the
-    contract is lowbit.reference.optim.fused_step (kind "adam" | "lion" | "sgd"; writeback "f32"
-    | "nearest" | "stochastic" | "kahan"; block_size 0 = the state format's default; scalars
-    (reference.optim.NSCALARS) and flags from reference.optim). v_cols / v_colmax: per tensor,
-    the column count of a rank-1 second moment (0: block-wise) and its column maxima; both empty
-    when every tensor's second moment is block-wise (the schema has no default for a tensor
-    list, so callers pass [], []). clip: fp32 [len(params), 6] rows (s, thr, r, k, step size,
-    decay) on the params' device, needed with the per-tensor flags; clipped: int64 [len(params)]
-    counters the step adds its clipped elements to. rms: float64 [len(params)] (Adam only): the
-    call writes nothing else and adds each tensor's update-clipping sum into it (StableAdamW's
-    statistics pass, reference.optim)."""
+def _optim_step_op(params: list[torch.Tensor], grads: list[torch.Tensor],
+                   state1: list[torch.Tensor], absmax1: list[torch.Tensor],
+                   state2: list[torch.Tensor], absmax2: list[torch.Tensor],
+                   comps: list[torch.Tensor], keys: list[int], kind: str, state_bits: int,
+                   block_size: int, scalars: list[float], flags: int, writeback: str,
+                   backend: str, v_cols: list[int], v_colmax: list[torch.Tensor],
+                   clip: Optional[torch.Tensor], clipped: Optional[torch.Tensor],
+                   rms: Optional[torch.Tensor], hess: list[torch.Tensor]) -> None:
     if params:
         _backend_impl(backend).optim_step(params, grads, state1, absmax1, state2, absmax2, comps,
                                           keys, kind, state_bits, block_size, scalars, flags,
-                                          writeback, v_cols, v_colmax, clip, clipped, rms)
+                                          writeback, v_cols, v_colmax, clip, clipped, rms, hess)
 
 
-@optim_step.register_fake
+@_optim_step_op.register_fake
 def _(params, grads, state1, absmax1, state2, absmax2, comps, keys, kind, state_bits, block_size,
-      scalars, flags, writeback, backend, v_cols, v_colmax, clip=None, clipped=None, rms=None):
+      scalars, flags, writeback, backend, v_cols, v_colmax, clip, clipped, rms, hess):
     return None
+
+
+def optim_step(params, grads, state1, absmax1, state2, absmax2, comps, keys, kind, state_bits,
+               block_size, scalars, flags, writeback, backend, v_cols=(), v_colmax=(), clip=None,
+               clipped=None, rms=None, hess=()) -> None:
+    """One fused optimizer step over tensors sharing a rule, param dtype and state format (the
+    custom op lowbit::optim_step, so torch.compile keeps it whole); the contract is
+    lowbit.reference.optim.fused_step (kind "adam" | "lion" | "sgd" | "sophia"; writeback "f32"
+    | "nearest" | "stochastic" | "kahan"; block_size 0 = the state format's default; scalars
+    (reference.optim.NSCALARS) and flags from reference.optim). v_cols / v_colmax: per tensor,
+    the column count of a rank-1 second moment (0: block-wise) and its column maxima; both empty
+    when every tensor's second moment is block-wise. clip: fp32 [len(params), 6] rows (s, thr,
+    r, k, step size, decay) on the params' device, needed with the per-tensor flags; clipped:
+    int64 [len(params)] counters the step adds its clipped elements to. rms: float64
+    [len(params)] (Adam only): the call writes nothing else and adds each tensor's
+    update-clipping sum into it (StableAdamW's statistics pass, reference.optim). hess: per
+    tensor, the fp32 Hessian-diagonal estimate (contiguous, shaped like the param) that
+    HESS_EMA reads (Sophia, AdaHessian); empty otherwise."""
+    _optim_step_op(params, grads, state1, absmax1, state2, absmax2, comps, keys, kind, state_bits,
+                   block_size, scalars, flags, writeback, backend, list(v_cols), list(v_colmax),
+                   clip, clipped, rms, list(hess))
 
 
 def optim_step_eager(params, grads, state1, absmax1, state2, absmax2, comps, keys, kind,
                      state_bits, block_size, scalars, flags, writeback, backend, v_cols=(),
-                     v_colmax=(), clip=None, clipped=None, rms=None) -> None:
+                     v_colmax=(), clip=None, clipped=None, rms=None, hess=()) -> None:
     """optim_step called on the backend directly, for eager callers (lowbit.optim's step, which
     never runs under torch.compile): the custom-op dispatch costs a few microseconds per tensor in
     version and alias bookkeeping, milliseconds per step for hundreds of parameters. The caller
@@ -176,7 +185,7 @@ def optim_step_eager(params, grads, state1, absmax1, state2, absmax2, comps, key
         _backend_impl(backend).optim_step(params, grads, state1, absmax1, state2, absmax2, comps,
                                           keys, kind, state_bits, block_size, scalars, flags,
                                           writeback, list(v_cols), list(v_colmax), clip,
-                                          clipped, rms)
+                                          clipped, rms, list(hess))
 
 
 @torch.library.custom_op("lowbit::grad_stats", mutates_args=("over", "over_count"))

@@ -56,7 +56,8 @@ LOWBIT_HD float clip_transform_all(float g, float cv, const ClipTensor& ct, bool
   return g;
 }
 
-// (value-clip bound, row) for clip_transform_all from the flags: the identity for steps that are off.
+// (value-clip bound, row) for clip_transform_all from the flags: the identity for the steps that
+// are off.
 LOWBIT_HD void identity_row(int flags, float& cv, ClipTensor& ct) {
   const float inf = __builtin_inff();
   cv = (flags & kValueClip) ? cv : inf;

@@ -32,6 +32,7 @@ struct OptTensor {
   int64_t v_cols;     // 0: block-wise second state; C: rank-1
   float* s2_colmax;   // rank-1: C column maxima
   float* v_scratch;   // rank-1: R + C floats
+  const float* hess;  // the Hessian-diagonal estimate (fp32, n elements) with kHessEma, or null
 };
 
 struct OptArgs {

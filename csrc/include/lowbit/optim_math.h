@@ -12,7 +12,7 @@
 
 namespace lowbit {
 
-enum OptKind : int { kAdam = 0, kLion = 1, kSgd = 2 };
+enum OptKind : int { kAdam = 0, kLion = 1, kSgd = 2, kSophia = 3 };
 
 // Which branches of a rule run. Decided on the host (lowbit.reference.optim.step_flags), so every
 // backend evaluates the same operations: "p * 1" and "g + 0 * p" are not identities for -0, inf
@@ -28,12 +28,19 @@ enum OptFlag : int {
   kSpikeClip = 1024,  // Adam: g = copysign(sqrt(lim), g) where g * g > lim = theta * max(v, floor)
   kReset = 2048,      // the loaded states count as zero (momentum reset)
   kDecayAfter = 4096,  // decoupled decay after the update instead of before (SPAM)
-  kUpdateScale = 8192  // Adam: step size and decay from the tensor's clip row (StableAdamW)
+  kUpdateScale = 8192,  // Adam: step size and decay from the tensor's clip row (StableAdamW)
+  // The curvature optimizers (lowbit.optim.SophiaH / SophiaG / AdaHessian):
+  kHessEma = 16384,     // Sophia: s2 = s2 * b2 + a2 * h; Adam with kHessV: v from h * h
+  kHessV = 32768,       // Adam (AdaHessian): v takes the Hessian estimate h instead of g
+  kQuarter = 65536,     // Adam (AdaHessian, hessian_power 1/2): d = sqrt(sqrt(v)) + eps_t
+  kSophiaAddEps = 131072  // Sophia: d = gamma * s2 + eps (official SophiaG) for max(., eps)
 };
 
 // Every flag that only lowbit.clip's policies set: kernels without them compile the plain rule.
+// (the curvature flags are "clip" flags in this sense: only the full rule has them)
 constexpr int kAnyClip = kValueClip | kTensorScale | kAdaClip | kNormScale | kSpikeClip |
-                         kReset | kDecayAfter | kUpdateScale;
+                         kReset | kDecayAfter | kUpdateScale | kHessEma | kHessV | kQuarter |
+                         kSophiaAddEps;
 
 // How the new fp32 parameter is stored (reference.optim.WRITEBACK).
 enum WriteBack : int {
@@ -62,6 +69,7 @@ LOWBIT_HD OptClipRow no_clip_row() {
 //          as bitsandbytes does: one division per element instead of two)
 //   kLion: decay, b1, a1 = 1-beta1, b2, a2 = 1-beta2, lr, -, -
 //   kSgd:  wd, momentum, damp = 1-dampening, lr, -, -, -, -
+//   kSophia: decay, gamma, a1 = 1-beta1, b2, a2 = 1-beta2, eps, lr, clip threshold c
 // followed by the clip scalars: f[8] = value-clip bound cv, f[9] = SPAM's threshold theta,
 // f[10] = the floor of v in the spike test (a v quantized to 0 must not clamp every gradient).
 constexpr int kNumScalars = 11;
@@ -147,7 +155,7 @@ LOWBIT_HD float rule_grad(const float* f, int flags, float& p, float g, float& s
       g = over ? (g < 0.0f ? -root : root) : g;
       clipped = clipped | over;
     }
-  } else if (KIND == kLion) {
+  } else if (KIND == kLion || KIND == kSophia) {
     p = decay_now ? mul_rn(p, decay) : p;
   } else {  // kSgd
     g = (flags & kL2) ? add_rn(g, mul_rn(f[0], p)) : g;
@@ -171,18 +179,33 @@ LOWBIT_HD float adam_decay_factor(const float* f, int flags, const OptClipRow& c
 // the spike clip (flags & kSpikeClip must be 0): the CPU's plain steps pay nothing for them, and
 // only SPAM's pay for the spike clip's square root. ct: the tensor's clip row. Returns whether an
 // element-wise clip (value clip, AdaClip, spike clip) changed the gradient.
+// h: the Hessian-diagonal estimate of this element (read with kHessEma only).
 template <int KIND, bool CLIP = true, bool SPIKE = CLIP, bool ALL = false>
 LOWBIT_HD bool update_rule(const float* f, int flags, float& p, float g, float& s1, float& s2,
-                           const OptClipRow& ct) {
+                           const OptClipRow& ct, float h = 0.0f) {
   const float decay = KIND == kAdam ? adam_decay_factor<CLIP>(f, flags, ct) : f[0];
   bool clipped;
   g = rule_grad<KIND, CLIP, SPIKE, ALL>(f, flags, p, g, s1, s2, ct, decay, clipped);
+  const bool hess_ema = CLIP && (flags & kHessEma);
   if (KIND == kAdam) {
     s1 = add_rn(s1, mul_rn(f[2], sub_rn(g, s1)));
-    s2 = adam_second_moment(f, s2, g);
-    const float d = add_rn(sqrt_rn(s2), f[5]);
+    if (CLIP && (flags & kHessV)) {  // AdaHessian: v follows the Hessian estimate, not g
+      s2 = hess_ema ? adam_second_moment(f, s2, h) : s2;
+    } else {
+      s2 = adam_second_moment(f, s2, g);
+    }
+    const float root = (CLIP && (flags & kQuarter)) ? sqrt_rn(sqrt_rn(s2)) : sqrt_rn(s2);
+    const float d = add_rn(root, f[5]);
     const float step = (CLIP && (flags & kUpdateScale)) ? ct.step : f[6];
     p = sub_rn(p, mul_rn(step, div_rn(s1, d)));
+  } else if (KIND == kSophia) {
+    s1 = add_rn(s1, mul_rn(f[2], sub_rn(g, s1)));
+    s2 = hess_ema ? add_rn(mul_rn(s2, f[3]), mul_rn(f[4], h)) : s2;
+    const float gh = mul_rn(f[1], s2);
+    const float d = (CLIP && (flags & kSophiaAddEps)) ? add_rn(gh, f[5]) : (gh > f[5] ? gh : f[5]);
+    float u = div_rn(s1, d);
+    u = u > f[7] ? f[7] : (u < -f[7] ? -f[7] : u);
+    p = sub_rn(p, mul_rn(f[6], u));
   } else if (KIND == kLion) {
     const float c = add_rn(mul_rn(f[1], s1), mul_rn(f[2], g));
     p = sub_rn(p, mul_rn(f[5], sign_of(c)));
@@ -194,7 +217,8 @@ LOWBIT_HD bool update_rule(const float* f, int flags, float& p, float g, float& 
     s1 = plain ? s1 : b;
     p = sub_rn(p, mul_rn(f[3], plain ? g : d));
   }
-  if (CLIP && KIND != kSgd) p = (flags & kDecay) && (flags & kDecayAfter) ? mul_rn(p, decay) : p;
+  if (CLIP && (KIND == kAdam || KIND == kLion))
+    p = (flags & kDecay) && (flags & kDecayAfter) ? mul_rn(p, decay) : p;
   (void)s2;
   return clipped;
 }

@@ -5,6 +5,7 @@
 #include <stdint.h>
 
 #include "clip_math.h"
+#include "quant.h"
 
 namespace lowbit {
 
@@ -30,6 +31,13 @@ struct StatsArgs {
   int64_t* over_count;
   int64_t capacity;
 };
+
+// The capture's test on bit patterns: for finite g, |g| > tau exactly when abs_bits(g) >=
+// capture_floor_bits(tau) (finite magnitudes order like their bits). A negative tau takes every
+// finite element, -0 the nonzero ones, +inf and NaN none.
+LOWBIT_HD uint32_t capture_floor_bits(float tau) {
+  return tau < 0.0f ? 0u : abs_bits(tau) + 1u;
+}
 
 // The flags the statistics pass understands: the clip transform's steps, nothing else.
 constexpr int kStatsFlags = kValueClip | kTensorScale | kAdaClip | kNormScale;

@@ -37,12 +37,12 @@ class NativeBackend:
 
     def optim_step(self, params, grads, state1, absmax1, state2, absmax2, comps, keys, kind,
                    state_bits, block_size, scalars, flags, writeback, v_cols=(), v_colmax=(),
-                   clip=None, clipped=None, rms=None):
+                   clip=None, clipped=None, rms=None, hess=()):
         from ..reference import optim as ref
         ptrs = lambda ts: [t.data_ptr() for t in ts]  # noqa: E731
         block, ncode = 0, 0
         # The kernels read the code / mids tables from the params' memory (device, for CUDA).
-        tables = _state_tables(state_bits, params[0].device)
+        tables = _state_tables(state_bits, params[0].device, kind in ref.SIGNED_SECOND)
         if state_bits != 32:
             block = block_size or ref.STATE_FORMATS[state_bits][2]
             ncode = tables[0].numel()
@@ -55,7 +55,7 @@ class NativeBackend:
             ref.WRITEBACK[writeback], list(scalars), flags,
             0 if clip is None else clip.data_ptr(), 0 if clipped is None else clipped.data_ptr(),
             0 if rms is None else rms.data_ptr(),
-            v_cols, colmax_ptrs, scratch_ptrs,
+            v_cols, colmax_ptrs, scratch_ptrs, ptrs(hess),
             *self._stream(params[0]))
 
     def grad_stats(self, grads, out, xform=None, cv=0.0, flags=0, tau=None, over=None,
@@ -118,14 +118,15 @@ def _rank1_lists(params, v_cols, v_colmax):
 
 
 @functools.lru_cache(maxsize=None)
-def _state_tables(state_bits: int, device: torch.device):
+def _state_tables(state_bits: int, device: torch.device, signed_second: bool = False):
     """(code1, mids1, code2, mids2) fp32 tables of a quantized state format on `device` (one
-    placeholder for 32-bit states, whose kernels never read them); made once per format."""
+    placeholder for 32-bit states, whose kernels never read them); made once per format.
+    signed_second: the second state takes the first's (signed) codebook (Sophia)."""
     from ..codebooks import codebook
     from ..reference.optim import STATE_FORMATS
     from ..reference.quant import midpoints
     if state_bits == 32:
         return (torch.zeros(1, device=device),) * 4
     first, second, _ = STATE_FORMATS[state_bits]
-    c1, c2 = codebook(first), codebook(second)
+    c1, c2 = codebook(first), codebook(first if signed_second else second)
     return tuple(t.to(device).contiguous() for t in (c1, midpoints(c1), c2, midpoints(c2)))

@@ -21,11 +21,11 @@ def stochastic_round(x, out, seed, offset):
 
 def optim_step(params, grads, state1, absmax1, state2, absmax2, comps, keys, kind, state_bits,
                block_size, scalars, flags, writeback, v_cols=(), v_colmax=(), clip=None,
-               clipped=None, rms=None):
+               clipped=None, rms=None, hess=()):
     from ..reference import optim
     optim.fused_step(kind, params, grads, state1, absmax1, state2, absmax2, comps, keys,
                      state_bits, block_size, scalars, flags, writeback, v_cols, v_colmax, clip,
-                     clipped, rms)
+                     clipped, rms, hess)
 
 
 def grad_stats(grads, out, xform=None, cv=0.0, flags=0, tau=None, over=None, over_count=None):

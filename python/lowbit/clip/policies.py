@@ -14,10 +14,10 @@ them in:
     20 NormClip         torch clip_grad_norm_ (scope="global") or per tensor  scalar per tensor
     30 AdaGC            per-tensor EMA threshold, global-norm warmup          scalar per tensor
     40 AdaClip          Stable-SPAM: rescale |g| > EMA of max|g|              element-wise
-    50 AdaGN            Stable-SPAM: norm stabiliser (needs a second pass)    scalar per tensor
+    50 AdaGN            Stable-SPAM: norm stabiliser (norm after AdaClip)     scalar per tensor
     60 SpikeClip        SPAM: clamp g^2 > theta * v_{t-1}                     element-wise, in-kernel
     70 MomentumReset    SPAM / Stable-SPAM: zero m, v every `interval` steps  flag (+ lr warmup)
-    90 UpdateClip       StableAdamW: lr / max(1, RMS(g / sqrt(v_t)))          step size per tensor
+    90 UpdateClip       StableAdamW: lr / max(1, RMS(g / sqrt(v_t)))          lr per tensor
 
 Norm-based statistics of later policies see the earlier ones exactly where that is algebra
 (a scale s multiplies norms and maxima by s; a clamp at c caps the maximum at c) and through one

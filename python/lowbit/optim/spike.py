@@ -1,7 +1,7 @@
 """The spike-robust Adam variants users search for, as presets of lowbit's clip policies on the
-fused AdamW step, each with 32/8/4-bit states: SPAM, StableSPAM, AdaGC and StableAdamW. Names, arguments and
-defaults follow pytorch-optimizer 4.1.0 (research/clipping.md §8); further lowbit.clip policies
-can be added with clip=.
+fused AdamW step, each with 32/8/4-bit states: SPAM, StableSPAM, AdaGC and StableAdamW. Names,
+arguments and defaults follow pytorch-optimizer 4.1.0 (research/clipping.md §8); further
+lowbit.clip policies can be added with clip=.
 """
 from ._base import FusedOptimizer
 from .adam import _check_common

@@ -26,6 +26,18 @@ Per element, every operation rounded once in fp32, in this order:
            x = x * decay                                if DECAY and DECAY_AFTER (SPAM's order)
            (torch's sqrt(v) / bc2 + eps with both bias corrections folded into the scalars, as
            bitsandbytes does: one division per element instead of two, equal up to rounding)
+           (with HESS_V, AdaHessian: v takes the Hessian-diagonal estimate h instead of g:
+           v = v * b2 + a2 * (h * h) with HESS_EMA, v unchanged without; with QUARTER,
+           d = sqrt(sqrt(v)) + eps_t, hessian_power 1/2 with the bias corrections folded
+           likewise)
+  Sophia   x = x * decay                                if DECAY
+           m = m + a1 * (g - m)
+           s = s * b2 + a2 * h                          if HESS_EMA (h: the estimate, fp32)
+           d = max(gamma * s, eps)                      (gamma * s + eps with SOPHIA_ADD_EPS,
+                                                        the official SophiaG code's form;
+                                                        max: gamma * s > eps ? gamma * s : eps)
+           u = clamp(m / d, -c, c)                      (c: the clip threshold)
+           x = x - lr * u
   Lion     x = x * decay                                if DECAY   (decay = 1 - lr*wd)
            m = 0                                        if RESET
            c = b1 * m + a1 * g                          (Chen et al. 2023, Alg. 2)
@@ -51,7 +63,8 @@ lowbit.clip.UpdateClip turns the sums into each tensor's StableAdamW step size.
 
 Host scalars are computed in float64 and rounded to fp32 once. Quantized states (first state,
 signed: 8-bit "dynamic" / 4-bit "dynamic4"; second state, unsigned: "udynamic" /
-"linear4_nozero"; blocks of 256 / 128) are dequantized before the update; the parameter update
+"linear4_nozero", except Sophia's, whose Hessian EMA can be negative: signed like the first;
+blocks of 256 / 128) are dequantized before the update; the parameter update
 uses the unquantized new states, which are then quantized with nearest rounding against the
 absmax of the new values (lowbit.reference.quant).
 
@@ -77,12 +90,17 @@ from .. import codebooks
 # state_bits -> (first-state codebook, second-state codebook, block size)
 STATE_FORMATS = {8: ("dynamic", "udynamic", 256), 4: ("dynamic4", "linear4_nozero", 128)}
 
-KINDS = {"adam": 0, "lion": 1, "sgd": 2}
+KINDS = {"adam": 0, "lion": 1, "sgd": 2, "sophia": 3}
 MAXIMIZE, DECAY, L2, NESTEROV, FIRST_STEP, NO_MOMENTUM = 1, 2, 4, 8, 16, 32
 # The clipping bits (lowbit.clip): the gradient transform's (reference.clip: VALUE_CLIP 64,
 # TENSOR_SCALE 128, ADA_CLIP 256, NORM_SCALE 512), then these.
 SPIKE_CLIP, RESET, DECAY_AFTER, UPDATE_SCALE = 1024, 2048, 4096, 8192
 CLIP_FLAGS = clip.TRANSFORM_FLAGS | SPIKE_CLIP | RESET | DECAY_AFTER | UPDATE_SCALE
+# The curvature optimizers' bits: the step takes a Hessian-diagonal estimate (HESS_EMA; Sophia's
+# EMA, or AdaHessian's v with HESS_V), AdaHessian's hessian_power 1/2 (QUARTER), and the
+# official SophiaG denominator gamma * h + eps (SOPHIA_ADD_EPS).
+HESS_EMA, HESS_V, QUARTER, SOPHIA_ADD_EPS = 16384, 32768, 65536, 131072
+HESS_FLAGS = HESS_EMA | HESS_V | QUARTER | SOPHIA_ADD_EPS
 # Scalars per step: the rule's 8 (below), then the value-clip bound, SPAM's threshold theta and
 # the floor of v in its spike test.
 NSCALARS = 11
@@ -95,7 +113,9 @@ WRITEBACK = {"f32": 0, "nearest": 1, "stochastic": 2, "kahan": 3}
 
 # State tensor names per rule (torch's names where torch has the optimizer).
 STATE_NAMES = {"adam": ("exp_avg", "exp_avg_sq"), "lion": ("exp_avg",),
-               "sgd": ("momentum_buffer",)}
+               "sgd": ("momentum_buffer",), "sophia": ("exp_avg", "hessian")}
+# Rules whose second state is signed (quantized with the first state's codebook).
+SIGNED_SECOND = ("sophia",)
 
 
 def f32(x: float) -> float:
@@ -126,6 +146,14 @@ def lion_scalars(lr, beta1, beta2, weight_decay) -> list:
                               f32(beta2), f32(1.0 - beta2), f32(lr), 0.0, 0.0])
 
 
+def sophia_scalars(lr, beta1, beta2, gamma, eps, clip_threshold, weight_decay) -> list:
+    """[decay, gamma, a1, b2, a2, eps, lr, c] of one Sophia step (decoupled weight decay), then
+    the clip scalars."""
+    return with_clip_scalars([f32(1.0 - lr * weight_decay), f32(gamma), f32(1.0 - beta1),
+                              f32(beta2), f32(1.0 - beta2), f32(eps), f32(lr),
+                              f32(clip_threshold)])
+
+
 def sgd_scalars(lr, momentum, dampening, weight_decay) -> list:
     """[wd, momentum, 1 - dampening, lr, 0, 0, 0, 0] of one SGD step, then the clip scalars."""
     return with_clip_scalars([f32(weight_decay), f32(momentum), f32(1.0 - dampening), f32(lr),
@@ -135,7 +163,7 @@ def sgd_scalars(lr, momentum, dampening, weight_decay) -> list:
 def step_flags(kind: str, scalars, maximize=False, nesterov=False, first_step=False) -> int:
     """The branch flags of one step, decided from the scalars as every backend must."""
     flags = MAXIMIZE if maximize else 0
-    if kind in ("adam", "lion") and scalars[0] != 1.0:
+    if kind in ("adam", "lion", "sophia") and scalars[0] != 1.0:
         flags |= DECAY
     if kind == "adam" and scalars[1] != 0.0:
         flags |= L2
@@ -185,9 +213,10 @@ def _sign(c: torch.Tensor) -> torch.Tensor:
     return torch.where(c > 0, _t(1.0), torch.where(c < 0, _t(-1.0), c))
 
 
-def update(kind: str, x, g, s1, s2, sc, flags, ct=NO_CLIP, rms_terms=False):
+def update(kind: str, x, g, s1, s2, sc, flags, ct=NO_CLIP, rms_terms=False, h=None):
     """One fp32 update (module docstring) of parameter value x by gradient g with states s1, s2
-    (None where the rule has none); ct: the tensor's clip row (s, thr, r, k, step size, decay).
+    (None where the rule has none); ct: the tensor's clip row (s, thr, r, k, step size, decay);
+    h: the Hessian-diagonal estimate (fp32, read with HESS_EMA).
     Returns the new (x, s1, s2) and the mask of the elements whose gradient an element-wise clip
     (value clip, AdaClip, SPAM's spike clip) changed. With rms_terms (Adam), returns only the
     per-element terms q of the update-clipping statistics instead."""
@@ -215,12 +244,31 @@ def update(kind: str, x, g, s1, s2, sc, flags, ct=NO_CLIP, rms_terms=False):
             g = torch.where(over, torch.copysign(_sqrt(lim), g), g)
             clipped = clipped | over
         s1 = s1 + _t(sc[2]) * (g - s1)
-        s2 = s2 * _t(sc[3]) + _t(sc[4]) * (g * g)
+        if not flags & HESS_V:
+            s2 = s2 * _t(sc[3]) + _t(sc[4]) * (g * g)
+        elif flags & HESS_EMA:
+            h = h.float()
+            s2 = s2 * _t(sc[3]) + _t(sc[4]) * (h * h)
         if rms_terms:
             floor = _t(sc[5]) * _t(sc[5])
             return _div(g * g, torch.where(s2 > floor, s2, floor))
-        d = _sqrt(s2) + _t(sc[5])
+        root = _sqrt(_sqrt(s2)) if flags & QUARTER else _sqrt(s2)
+        d = root + _t(sc[5])
         x = x - _t(ct[4] if per_tensor_step else sc[6]) * _div(s1, d)
+    elif kind == "sophia":
+        if decay_now:
+            x = x * _t(decay)
+        s1 = s1 + _t(sc[2]) * (g - s1)
+        if flags & HESS_EMA:
+            s2 = s2 * _t(sc[3]) + _t(sc[4]) * h.float()
+        gh = _t(sc[1]) * s2
+        if flags & SOPHIA_ADD_EPS:
+            d = gh + _t(sc[5])
+        else:
+            d = torch.where(gh > sc[5], gh, _t(sc[5]))
+        u = _div(s1, d)
+        u = torch.where(u > sc[7], _t(sc[7]), torch.where(u < -sc[7], _t(-sc[7]), u))
+        x = x - _t(sc[6]) * u
     elif kind == "lion":
         if decay_now:
             x = x * _t(decay)
@@ -235,7 +283,7 @@ def update(kind: str, x, g, s1, s2, sc, flags, ct=NO_CLIP, rms_terms=False):
             s1 = g.clone() if flags & FIRST_STEP else _t(sc[1]) * s1 + _t(sc[2]) * g
             d = g + _t(sc[1]) * s1 if flags & NESTEROV else s1
         x = x - _t(sc[3]) * d
-    if kind != "sgd" and flags & DECAY and flags & DECAY_AFTER:
+    if kind in ("adam", "lion") and flags & DECAY and flags & DECAY_AFTER:
         x = x * _t(decay)
     return x, s1, s2, clipped
 
@@ -265,22 +313,25 @@ def store_param(x: torch.Tensor, dtype: torch.dtype, writeback: str, key: int = 
 BLOCK_SIZES = tuple(2**k for k in range(5, 13))  # 32 .. 4096: what every backend supports
 
 
-def state_codebook(index: int, state_bits: int, block_size: int = 0) -> tuple:
-    """(codebook name, block size) of state `index` (0: signed first state, 1: unsigned second);
-    block_size 0 means the format's default (256 for 8-bit, 128 for 4-bit)."""
+def state_codebook(index: int, state_bits: int, block_size: int = 0, kind: str = "adam") -> tuple:
+    """(codebook name, block size) of state `index` (0: signed first state, 1: the second,
+    unsigned but for the rules of SIGNED_SECOND); block_size 0 means the format's default (256
+    for 8-bit, 128 for 4-bit)."""
     first, second, block = STATE_FORMATS[state_bits]
-    return (first if index == 0 else second), block_size or block
+    signed = index == 0 or kind in SIGNED_SECOND
+    return (first if signed else second), block_size or block
 
 
-def quantize_state(x: torch.Tensor, index: int, state_bits: int, block_size: int = 0):
+def quantize_state(x: torch.Tensor, index: int, state_bits: int, block_size: int = 0,
+                   kind: str = "adam"):
     """(flat uint8 codes, fp32 absmax per block) of fp32 state values, nearest rounding."""
-    name, block = state_codebook(index, state_bits, block_size)
+    name, block = state_codebook(index, state_bits, block_size, kind)
     return quantize_blockwise(x.reshape(-1).float(), codebooks.codebook(name), block)
 
 
 def dequantize_state(codes, absmax, index: int, state_bits: int, shape,
-                     block_size: int = 0) -> torch.Tensor:
-    name, block = state_codebook(index, state_bits, block_size)
+                     block_size: int = 0, kind: str = "adam") -> torch.Tensor:
+    name, block = state_codebook(index, state_bits, block_size, kind)
     return dequantize_blockwise(codes, absmax, codebooks.codebook(name), block, shape,
                                 torch.float32)
 
@@ -298,7 +349,8 @@ def dequantize_state_rank1(codes, row_max, col_max, shape) -> torch.Tensor:
 
 def fused_step(kind: str, params, grads, state1, absmax1, state2, absmax2, comps, keys,
                state_bits: int, block_size: int, scalars, flags: int, writeback: str,
-               v_cols=(), v_colmax=(), clip_table=None, clipped=None, rms=None) -> None:
+               v_cols=(), v_colmax=(), clip_table=None, clipped=None, rms=None,
+               hess=()) -> None:
     """lowbit.ops.optim_step's contract, one tensor at a time, in place. state1/state2 are fp32
     tensors shaped like the params (state_bits 32) or flat uint8 codes with fp32 absmax per block;
     empty lists where the rule has no such state. comps: kahan compensations (else empty); keys:
@@ -309,14 +361,21 @@ def fused_step(kind: str, params, grads, state1, absmax1, state2, absmax2, comps
     clip_table: fp32 [n, 6] clip rows (s, thr, r, k, step size, decay) or None; clipped: int64
     [n] counters of the elements an element-wise clip changed, or None. rms: float64 [n], or
     None: with it (Adam only), the call writes nothing and adds each tensor's update-clipping
-    sum (module docstring) into rms[i]."""
+    sum (module docstring) into rms[i]. hess: per tensor, the fp32 Hessian-diagonal estimate
+    shaped like the param, needed with HESS_EMA (else empty)."""
     if len(scalars) != NSCALARS:
         raise ValueError(f"expected {NSCALARS} scalars (with_clip_scalars), got {len(scalars)}")
     if flags & PER_TENSOR_FLAGS and clip_table is None:
         raise ValueError("the per-tensor clip flags need the clip table (clip_table)")
     if (rms is not None or flags & UPDATE_SCALE) and kind != "adam":
         raise ValueError("update clipping (rms, UPDATE_SCALE) needs the Adam rule")
-    if any(v_cols) and (flags & CLIP_FLAGS or rms is not None):
+    if flags & HESS_FLAGS and kind not in ("adam", "sophia"):
+        raise ValueError("the Hessian flags need the Adam (AdaHessian) or Sophia rule")
+    if flags & HESS_EMA and len(hess) != len(params):
+        raise ValueError("HESS_EMA needs one Hessian-diagonal estimate per tensor (hess)")
+    if flags & HESS_FLAGS and (rms is not None or flags & (UPDATE_SCALE | SPIKE_CLIP)):
+        raise ValueError("the Hessian flags do not combine with update or spike clipping")
+    if any(v_cols) and (flags & (CLIP_FLAGS | HESS_FLAGS) or rms is not None):
         # the backends' rank-1 prepass computes the new v without the clipping steps
         raise ValueError("rank-1 second states do not support the clip flags yet")
     nstates = 2 if state2 else (1 if state1 else 0)
@@ -334,12 +393,13 @@ def fused_step(kind: str, params, grads, state1, absmax1, state2, absmax2, comps
             elif j == 1 and cols:
                 s[j] = dequantize_state_rank1(st[i], am[i], v_colmax[i], p.shape)
             else:
-                s[j] = dequantize_state(st[i], am[i], j, state_bits, p.shape, block_size)
+                s[j] = dequantize_state(st[i], am[i], j, state_bits, p.shape, block_size, kind)
         ct = NO_CLIP if clip_table is None else tuple(clip_table[i].tolist())
         if rms is not None:
             rms[i] += update(kind, x, g, s[0], s[1], scalars, flags, ct, True).double().sum()
             continue
-        x, s[0], s[1], changed = update(kind, x, g, s[0], s[1], scalars, flags, ct)
+        x, s[0], s[1], changed = update(kind, x, g, s[0], s[1], scalars, flags, ct,
+                                        h=hess[i] if flags & HESS_EMA else None)
         if clipped is not None:
             clipped[i] += int(changed.sum())
         for j, (st, am) in enumerate(((state1, absmax1), (state2, absmax2))[:nstates]):
@@ -351,7 +411,7 @@ def fused_step(kind: str, params, grads, state1, absmax1, state2, absmax2, comps
                 am[i].copy_(r)
                 v_colmax[i].copy_(c)
             else:
-                codes, a = quantize_state(s[j], j, state_bits, block_size)
+                codes, a = quantize_state(s[j], j, state_bits, block_size, kind)
                 st[i].copy_(codes)
                 am[i].copy_(a)
         new_p, new_c = store_param(x, p.dtype, writeback, keys[i] if keys else 0)
