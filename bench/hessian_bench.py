@@ -1,0 +1,204 @@
+#!/usr/bin/env python
+"""Curvature benchmark: the cost of one Hessian-vector product per route relative to one
+gradient, each route's peak memory, and the cost of a top-eigenvalue reading — lowbit.hessian
+against PyHessian / hessian-eigenthings when installed — on a small transformer, on the CPU.
+
+The model is a byte-level decoder (2 layers, d=128, 4 heads, sequence 64, batch 8) written with
+explicit attention so every route applies (fused scaled_dot_product_attention has no double
+backward on CPU). Times are medians of interleaved repetitions, reported as ratios to the
+gradient's time measured in the same run (issue 5's target: double backward <= 2.5x a gradient).
+Peak memory: each route runs in a fresh process, and its peak resident set minus that of a
+process that only takes gradients is reported.
+
+Usage: python bench/hessian_bench.py [--quick] [--threads T] [--reps R]
+Writes bench/out/hessian_report.md and bench/out/hessian_results.json.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+ROUTES = ("double_backward", "forward_over_reverse", "finite_difference", "ggn")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer repetitions, no memory runs")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 9)")
+    p.add_argument("--memory-route", default=None, help=argparse.SUPPRESS)  # child process
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
+    a = p.parse_args(argv)
+    a.reps = a.reps or (3 if a.quick else 9)
+    return a
+
+
+class Block(torch.nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+        self.qkv, self.proj = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
+        self.up, self.down = torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).unbind(2)
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))
+        att = (q @ k.transpose(-1, -2)) / (d // self.heads) ** 0.5
+        mask = torch.ones(t, t, dtype=torch.bool).triu(1)
+        att = att.masked_fill(mask, float("-inf")).softmax(-1)
+        x = x + self.proj((att @ v).transpose(1, 2).reshape(b, t, d))
+        return x + self.down(F.gelu(self.up(self.ln2(x))))
+
+
+class TinyLM(torch.nn.Module):
+    def __init__(self, vocab=256, d=128, layers=2, heads=4, seq=64):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, d)
+        self.pos = torch.nn.Parameter(torch.randn(seq, d) * 0.02)
+        self.blocks = torch.nn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.head = torch.nn.Linear(d, vocab)
+
+    def forward(self, idx):
+        x = self.emb(idx) + self.pos[: idx.shape[1]]
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(x)
+
+
+def setup(seed=0):
+    torch.manual_seed(seed)
+    model = TinyLM()
+    data = torch.randint(0, 256, (8, 65))
+    x, y = data[:, :-1], data[:, 1:]
+    params = [p for p in model.parameters()]
+
+    def loss_fn():
+        return F.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1))
+
+    v = [torch.randn_like(p) for p in params]
+    return model, params, loss_fn, x, y, v
+
+
+def route_fn(route, model, params, loss_fn, x, y, v):
+    """A callable computing one product (or, for "gradient", one gradient)."""
+    from lowbit import hessian
+    if route == "gradient":
+        return lambda: torch.autograd.grad(loss_fn(), params)
+    if route == "ggn":
+        return lambda: hessian.ggn_vp(lambda: model(x).reshape(-1, 256), params, v,
+                                      y.reshape(-1), loss="cross_entropy")
+    return lambda: hessian.hvp(loss_fn, params, v, method=route, module=model)
+
+
+def time_routes(args):
+    model, params, loss_fn, x, y, v = setup()
+    fns = {r: route_fn(r, model, params, loss_fn, x, y, v) for r in ("gradient",) + ROUTES}
+    for fn in fns.values():  # warm-up (and the first-call costs of torch.func)
+        fn()
+    times = {r: [] for r in fns}
+    for _ in range(args.reps):
+        for r, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[r].append(time.perf_counter() - t0)
+    return {r: statistics.median(ts) for r, ts in times.items()}
+
+
+def peak_rss_mib(route):
+    """Peak resident set of a fresh process that runs the route 3 times (MiB)."""
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-route", route],
+                         capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def memory_child(route):
+    model, params, loss_fn, x, y, v = setup()
+    fn = route_fn(route, model, params, loss_fn, x, y, v)
+    for _ in range(3):
+        fn()
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
+
+
+def eigen_readings(args):
+    """(name, seconds, top eigenvalue, products) of lowbit's Lanczos and power iteration and of
+    the installed peers on the same loss."""
+    from lowbit import hessian
+    model, params, loss_fn, x, y, _ = setup()
+    rows = []
+    for method in ("lanczos", "power"):
+        op = hessian.HessianOperator(loss_fn, params)
+        t0 = time.perf_counter()
+        if method == "lanczos":
+            res = hessian.lanczos(op, 1, which="LA", seed=1)
+        else:
+            res = hessian.power_iteration(op, 1, seed=1)
+        rows.append((f"lowbit {method}", time.perf_counter() - t0,
+                     float(res.eigenvalues[0]), res.num_matvecs))
+    try:
+        from pyhessian import hessian as pyh  # noqa: F401
+        crit = torch.nn.CrossEntropyLoss()
+
+        class Flat(torch.nn.Module):  # PyHessian calls model(inputs) and criterion(out, targets)
+            def __init__(self, m):
+                super().__init__()
+                self.m = m
+
+            def forward(self, z):
+                return self.m(z).reshape(-1, 256)
+        comp = pyh(Flat(model), crit, data=(x, y.reshape(-1)), cuda=False)
+        t0 = time.perf_counter()
+        vals, _ = comp.eigenvalues(top_n=1)
+        rows.append(("PyHessian eigenvalues(top_n=1)", time.perf_counter() - t0, float(vals[0]),
+                     None))
+    except ImportError:
+        pass
+    return rows
+
+
+def main(args):
+    torch.set_num_threads(args.threads)
+    times = time_routes(args)
+    grad = times["gradient"]
+    memory = {}
+    if not args.quick:
+        base = peak_rss_mib("gradient")
+        memory = {r: peak_rss_mib(r) - base for r in ROUTES}
+    lines = [f"Hessian-vector products on a 2-layer d=128 byte-level transformer (8 x 64 tokens), "
+             f"CPU, {args.threads} threads (`python bench/hessian_bench.py"
+             f"{' --quick' if args.quick else ''}`).", "",
+             "| route | ms | x one gradient | extra peak memory (MiB) |", "|---|---|---|---|",
+             f"| gradient (baseline) | {grad * 1e3:.2f} | 1.00 | 0 |"]
+    for r in ROUTES:
+        mem = f"{memory[r]:.0f}" if r in memory else "-"
+        lines.append(f"| {r} | {times[r] * 1e3:.2f} | {times[r] / grad:.2f} | {mem} |")
+    eig = eigen_readings(args)
+    lines += ["", "Top Hessian eigenvalue of the same loss:", "",
+              "| method | seconds | lambda_max | Hessian-vector products |", "|---|---|---|---|"]
+    for name, secs, val, n in eig:
+        lines.append(f"| {name} | {secs:.2f} | {val:.4f} | {n if n is not None else '-'} |")
+    text = "\n".join(lines)
+    print("\n" + text)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "hessian_report.md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(args.out, "hessian_results.json"), "w") as f:
+        json.dump({"times_s": times, "extra_peak_mib": memory,
+                   "eigen": [list(r) for r in eig]}, f, indent=1)
+
+
+if __name__ == "__main__":
+    a = parse_args()
+    if a.memory_route:
+        torch.set_num_threads(a.threads)
+        memory_child(a.memory_route)
+    else:
+        main(a)
