@@ -97,6 +97,13 @@ def _variants():
                ("lion", 1, 32, SMALL, torch.float32, "f32", ref.DECAY | ref.CLIP_FLAGS),
                ("sgd", 1, 32, SMALL, torch.float32, "f32",
                 clip_ref.VALUE_CLIP | clip_ref.NORM_SCALE)]
+    # the curvature optimizers: Sophia (Hessian EMA, clipped ratio, signed second state) and
+    # AdaHessian (Adam's v from the estimate, hessian_power 1/2: two square roots)
+    clipped += [("sophia", 2, 8, SMALL, torch.bfloat16, "stochastic",
+                 ref.DECAY | ref.HESS_EMA | clip_ref.VALUE_CLIP),
+                ("sophia", 2, 4, SMALL, torch.float32, "f32", ref.HESS_EMA | ref.SOPHIA_ADD_EPS),
+                ("adam", 2, 8, SMALL, torch.float32, "f32",
+                 ref.DECAY | ref.HESS_V | ref.HESS_EMA | ref.QUARTER)]
     first_clipped = len(optim)
     optim += clipped
     # the update-clipping statistics pass (RMS: no stores, a float64 atomic sum per program)
@@ -124,12 +131,14 @@ def _variants():
                          ("TENSOR_SCALE", clip_ref.TENSOR_SCALE),
                          ("ADA_CLIP", clip_ref.ADA_CLIP), ("NORM_SCALE", clip_ref.NORM_SCALE),
                          ("SPIKE_CLIP", ref.SPIKE_CLIP), ("RESET", ref.RESET),
-                         ("DECAY_AFTER", ref.DECAY_AFTER), ("UPDATE_SCALE", ref.UPDATE_SCALE))},
+                         ("DECAY_AFTER", ref.DECAY_AFTER), ("UPDATE_SCALE", ref.UPDATE_SCALE),
+                         ("HESS_EMA", ref.HESS_EMA), ("HESS_V", ref.HESS_V),
+                         ("QUARTER", ref.QUARTER), ("SOPHIA_ADD_EPS", ref.SOPHIA_ADD_EPS))},
                      HAS_CLIP_ROW=bool(flags & ref.PER_TENSOR_FLAGS),
                      COUNT=first_clipped <= number < first_rms, RMS=number >= first_rms)
         out.append((f"optim {kind} state_bits={bits} {dtype} {writeback} flags={flags} "
                     f"block={block} rows={rows} rank1={const['RANK1']}", "optim._optim_kernel",
-                    sig, const, kind == "adam" or bits != 32))
+                    sig, const, kind in ("adam", "sophia") or bits != 32))
     # the rank-1 prepass (no division: it only decodes, computes v and takes maxima)
     for dtype, writeback, flags, (tr, tc) in (
             (torch.float32, "f32", ref.DECAY, (2, 64)),

@@ -1,10 +1,10 @@
-"""Fused multi-tensor optimizer step (Adam/AdamW, Lion, SGD with momentum) in Triton. Spec:
+"""Fused multi-tensor optimizer step (Adam/AdamW, Lion, SGD with momentum, Sophia) in Triton. Spec:
 lowbit.reference.optim.fused_step; per-element math: csrc/include/lowbit/optim_math.h.
 
 One launch per call updates every tensor of a parameter group: the host builds a pointer table
 (int64 addresses of param, grad, state1, absmax1, state2, absmax2, kahan compensation, the
-stochastic-rounding key and the element count of each tensor, its rank-1 fields, its clip row and
-its clipped-element counter) and a work table of (tensor, first
+stochastic-rounding key and the element count of each tensor, its rank-1 fields, its clip row,
+its clipped-element counter and its Hessian-diagonal estimate) and a work table of (tensor, first
 block) items; program w loads item w, casts the addresses back to typed pointers and updates ROWS
 consecutive blocks of that tensor as a [ROWS, BLOCK] tile. Checked: the int64 -> pointer cast
 works under TRITON_INTERPRET=1 and compiles for sm_80/sm_90 (tests/test_triton_aot.py).
@@ -33,6 +33,13 @@ q = g*g / max(v, eps_t*eps_t) (div_rn) summed per program in float64 and added b
 into the tensor's rms slot (carried in the pointer table's counter column); no stores. The sums'
 order differs from the CPU's (float64 rounding only). Rank-1 second states are refused there, as
 with every clip flag.
+
+Curvature optimizers: Sophia (KIND 3: decay, m lerp, with HESS_EMA the Hessian EMA s = s*b2 + a2*h,
+d = max(gamma*s, eps) or gamma*s + eps with SOPHIA_ADD_EPS, u = clamp(div_rn(m, d), -c, c),
+x - lr*u; its second state is signed, quantized with the first state's codebook) and AdaHessian
+(Adam with HESS_V: v from h*h with HESS_EMA, unchanged without; QUARTER: sqrt_rn(sqrt_rn(v))). The
+per-element fp32 estimate h comes from the pointer table's last column and is loaded only with
+the constexpr HESS_EMA.
 """
 import torch
 import triton
@@ -113,7 +120,7 @@ def _rule_grad(x, g, s1, s2, sc_ptr, ct_ptr, decay_ptr, KIND: tl.constexpr,
             root = tl.math.sqrt_rn(lim)
             g = tl.where(over, tl.where(g < 0.0, neg(root), root), g)
             clipped = clipped | over
-    elif KIND == 1:  # Lion: decay, b1, a1, b2, a2, lr
+    elif KIND == 1 or KIND == 3:  # Lion: decay, b1, a1, b2, a2, lr; Sophia: decay, gamma, ...
         if DECAY and not DECAY_AFTER:
             x = x * tl.load(decay_ptr)
     else:  # SGD: wd, momentum, damp, lr
@@ -135,23 +142,46 @@ def _adam_ptrs(sc_ptr, ct_ptr, KIND: tl.constexpr, UPDATE_SCALE: tl.constexpr):
 
 
 @triton.jit
-def _update(x, g, s1, s2, sc_ptr, ct_ptr, KIND: tl.constexpr, MAXIMIZE: tl.constexpr,
+def _update(x, g, s1, s2, h, sc_ptr, ct_ptr, KIND: tl.constexpr, MAXIMIZE: tl.constexpr,
             DECAY: tl.constexpr, L2: tl.constexpr, NESTEROV: tl.constexpr,
             FIRST_STEP: tl.constexpr, NO_MOMENTUM: tl.constexpr, VALUE_CLIP: tl.constexpr,
             TENSOR_SCALE: tl.constexpr, ADA_CLIP: tl.constexpr, NORM_SCALE: tl.constexpr,
             SPIKE_CLIP: tl.constexpr, RESET: tl.constexpr, DECAY_AFTER: tl.constexpr,
-            UPDATE_SCALE: tl.constexpr):
+            UPDATE_SCALE: tl.constexpr, HESS_EMA: tl.constexpr, HESS_V: tl.constexpr,
+            QUARTER: tl.constexpr, SOPHIA_ADD_EPS: tl.constexpr):
     """update_rule of optim_math.h: the new (x, s1, s2) and the clipped mask. Scalars
-    sc_ptr[0..10] as there; ct_ptr: the tensor's clip row (s, thr, r, k, step size, decay)."""
+    sc_ptr[0..10] as there; ct_ptr: the tensor's clip row (s, thr, r, k, step size, decay);
+    h: the Hessian-diagonal estimate (read only with HESS_EMA)."""
     decay_ptr, step_ptr = _adam_ptrs(sc_ptr, ct_ptr, KIND, UPDATE_SCALE)
     x, g, s1, s2, clipped = _rule_grad(x, g, s1, s2, sc_ptr, ct_ptr, decay_ptr, KIND, MAXIMIZE,
                                        DECAY, L2, VALUE_CLIP, TENSOR_SCALE, ADA_CLIP,
                                        NORM_SCALE, SPIKE_CLIP, RESET, DECAY_AFTER)
     if KIND == 0:  # Adam
         s1 = s1 + tl.load(sc_ptr + 2) * (g - s1)
-        s2 = _adam_second_moment(s2, g, sc_ptr)
-        d = tl.math.sqrt_rn(s2) + tl.load(sc_ptr + 5)
+        if HESS_V:  # AdaHessian: v follows the Hessian estimate, not g (frozen without HESS_EMA)
+            if HESS_EMA:
+                s2 = _adam_second_moment(s2, h, sc_ptr)
+        else:
+            s2 = _adam_second_moment(s2, g, sc_ptr)
+        root = tl.math.sqrt_rn(s2)
+        if QUARTER:  # hessian_power 1/2
+            root = tl.math.sqrt_rn(root)
+        d = root + tl.load(sc_ptr + 5)
         x = x - tl.load(step_ptr) * tl.math.div_rn(s1, d)
+    elif KIND == 3:  # Sophia: decay, gamma, a1, b2, a2, eps, lr, c
+        s1 = s1 + tl.load(sc_ptr + 2) * (g - s1)
+        if HESS_EMA:
+            s2 = s2 * tl.load(sc_ptr + 3) + tl.load(sc_ptr + 4) * h
+        gh = tl.load(sc_ptr + 1) * s2
+        eps = tl.load(sc_ptr + 5)
+        if SOPHIA_ADD_EPS:  # the official SophiaG code's gamma * h + eps
+            d = gh + eps
+        else:
+            d = tl.where(gh > eps, gh, eps)
+        u = tl.math.div_rn(s1, d)
+        c = tl.load(sc_ptr + 7)
+        u = tl.where(u > c, c, tl.where(u < neg(c), neg(c), u))
+        x = x - tl.load(sc_ptr + 6) * u
     elif KIND == 1:  # Lion
         c = tl.load(sc_ptr + 1) * s1 + tl.load(sc_ptr + 2) * g
         x = x - tl.load(sc_ptr + 5) * _sign(c)
@@ -168,7 +198,7 @@ def _update(x, g, s1, s2, sc_ptr, ct_ptr, KIND: tl.constexpr, MAXIMIZE: tl.const
             else:
                 d = s1
         x = x - tl.load(sc_ptr + 3) * d
-    if KIND != 2 and DECAY and DECAY_AFTER:
+    if (KIND == 0 or KIND == 1) and DECAY and DECAY_AFTER:
         x = x * tl.load(decay_ptr)
     return x, s1, s2, clipped
 
@@ -284,8 +314,9 @@ def _store_state(s, addr, abs_addr, code_ptr, mids_ptr, rows, row_ok, idx, msk, 
 # rank-1 fields v_cols (0: block-wise), column maxima, scratch (R new row maxima, C new column
 # maxima; both addresses are s2_absmax's for block-wise tensors, never read through), then the
 # tensor's clip row (s, thr, r, k, step size, decay) and its int64 clipped-element counter (0 when
-# unused), or in the statistics pass (RMS) its float64 rms slot.
-TAB_COLS = tl.constexpr(14)
+# unused), or in the statistics pass (RMS) its float64 rms slot, then its fp32 Hessian-diagonal
+# estimate (0 unless HESS_EMA).
+TAB_COLS = tl.constexpr(15)
 
 
 @triton.jit
@@ -326,7 +357,8 @@ def _optim_kernel(work_ptr, tab_ptr, sc_ptr, code1_ptr, mids1_ptr, code2_ptr, mi
                   VALUE_CLIP: tl.constexpr, TENSOR_SCALE: tl.constexpr, ADA_CLIP: tl.constexpr,
                   NORM_SCALE: tl.constexpr, SPIKE_CLIP: tl.constexpr, RESET: tl.constexpr,
                   DECAY_AFTER: tl.constexpr, HAS_CLIP_ROW: tl.constexpr, COUNT: tl.constexpr,
-                  UPDATE_SCALE: tl.constexpr, RMS: tl.constexpr):
+                  UPDATE_SCALE: tl.constexpr, RMS: tl.constexpr, HESS_EMA: tl.constexpr,
+                  HESS_V: tl.constexpr, QUARTER: tl.constexpr, SOPHIA_ADD_EPS: tl.constexpr):
     """The step over work item w (module docstring). RMS (Adam, block-wise states): the
     update-clipping statistics pass instead: the sum of the tile's _adam_rms_term in float64 is
     added atomically to the tensor's rms slot (the table's counter column), nothing is stored."""
@@ -383,10 +415,14 @@ def _optim_kernel(work_ptr, tab_ptr, sc_ptr, code1_ptr, mids1_ptr, code2_ptr, mi
         part = tl.sum(tl.sum(tl.where(msk, q, 0.0).to(tl.float64), axis=1), axis=0)
         tl.atomic_add(tl.load(row + 13).to(tl.pointer_type(tl.float64)), part)
     else:
-        x, s1, s2, clipped = _update(x, g, s1, s2, sc_ptr, ct_ptr, KIND, MAXIMIZE, DECAY, L2,
+        h = 0.0  # the Hessian-diagonal estimate: read only with HESS_EMA
+        if HESS_EMA:
+            h_ptr = tl.load(row + 14).to(tl.pointer_type(tl.float32))
+            h = tl.load(h_ptr + idx, mask=msk, other=0.0)
+        x, s1, s2, clipped = _update(x, g, s1, s2, h, sc_ptr, ct_ptr, KIND, MAXIMIZE, DECAY, L2,
                                      NESTEROV, FIRST_STEP, NO_MOMENTUM, VALUE_CLIP, TENSOR_SCALE,
                                      ADA_CLIP, NORM_SCALE, SPIKE_CLIP, RESET, DECAY_AFTER,
-                                     UPDATE_SCALE)
+                                     UPDATE_SCALE, HESS_EMA, HESS_V, QUARTER, SOPHIA_ADD_EPS)
         if COUNT:
             count = tl.sum(tl.sum((clipped & msk).to(tl.int64), axis=1), axis=0)
             tl.atomic_add(tl.load(row + 13).to(tl.pointer_type(tl.int64)), count)
@@ -473,14 +509,15 @@ def _rank1_tile(shapes) -> tuple:
 _tables_cache = {}
 
 
-def _tables(state_bits: int, device):
-    """(code1, mids1, code2, mids2) of a quantized state format, on `device`."""
-    key = (state_bits, str(device))
+def _tables(state_bits: int, device, signed_second: bool = False):
+    """(code1, mids1, code2, mids2) of a quantized state format, on `device`. signed_second: the
+    second state takes the first's (signed) codebook (the rules of ref.SIGNED_SECOND: Sophia)."""
+    key = (state_bits, str(device), signed_second)
     if key not in _tables_cache:
         from ..codebooks import codebook
         from ..reference.quant import midpoints
         first, second, _ = ref.STATE_FORMATS[state_bits]
-        c1, c2 = codebook(first), codebook(second)
+        c1, c2 = codebook(first), codebook(first if signed_second else second)
         _tables_cache[key] = tuple(t.to(device=device, dtype=torch.float32).contiguous()
                                    for t in (c1, midpoints(c1), c2, midpoints(c2)))
     return _tables_cache[key]
@@ -518,7 +555,8 @@ def _check(params, grads, state1, absmax1, state2, absmax2, comps, keys, kind, s
     if len(scalars) != ref.NSCALARS:
         raise ValueError(f"expected {ref.NSCALARS} scalars, got {len(scalars)}")
     nstates = 2 if state2 else (1 if state1 else 0)
-    want = {"adam": 2, "lion": 1, "sgd": 0 if flags & ref.NO_MOMENTUM else 1}[kind]
+    want = {"adam": 2, "lion": 1, "sgd": 0 if flags & ref.NO_MOMENTUM else 1,
+            "sophia": 2}[kind]
     if nstates != want:
         raise ValueError(f"{kind} with flags {flags} takes {want} state(s), got {nstates}")
     n = len(params)
@@ -580,22 +618,44 @@ def _check_clip(params, clip, clipped, rms, kind, flags, per_tensor) -> None:
             raise ValueError(f"{name} must be {n} contiguous {dtype} on the params' device")
 
 
+def _check_hess(params, hess, rms, kind, flags) -> None:
+    """The curvature arguments' rules (as csrc/optim_lists.h checks them, plus the estimates'
+    sizes, which the kernel reads through raw addresses)."""
+    if flags & ref.HESS_FLAGS and kind not in ("adam", "sophia"):
+        raise ValueError("the Hessian flags need the Adam (AdaHessian) or Sophia rule")
+    if (len(hess) != len(params)) if flags & ref.HESS_EMA else len(hess):
+        raise ValueError(f"HESS_EMA takes one Hessian-diagonal estimate per tensor (hess), none "
+                         f"without it; got {len(hess)} for {len(params)} params")
+    if flags & ref.HESS_FLAGS and (rms is not None
+                                   or flags & (ref.UPDATE_SCALE | ref.SPIKE_CLIP)):
+        raise ValueError("the Hessian flags do not combine with update or spike clipping")
+    device = params[0].device
+    for i, (p, h) in enumerate(zip(params, hess)):
+        if (h.dtype != torch.float32 or h.numel() != p.numel() or not h.is_contiguous()
+                or h.device != device):
+            raise ValueError(f"tensor {i}: the Hessian estimate must be {p.numel()} contiguous "
+                             "fp32 elements on the params' device")
+
+
 def optim_step(params, grads, state1, absmax1, state2, absmax2, comps, keys, kind, state_bits,
                block_size, scalars, flags, writeback, v_cols=(), v_colmax=(), clip=None,
-               clipped=None, rms=None) -> None:
+               clipped=None, rms=None, hess=()) -> None:
     """One fused optimizer step over all tensors (lowbit.ops.optim_step's contract,
     lowbit.reference.optim.fused_step): everything is written in place, in a single launch (three
     with rank-1 second states: the prepass, the step, and the copy of the new maxima). With rms
     (Adam): the update-clipping statistics pass instead, one launch of the step kernel in RMS
-    mode that writes nothing but adds each tensor's sum into rms[i]."""
+    mode that writes nothing but adds each tensor's sum into rms[i]. hess: per tensor, the fp32
+    Hessian-diagonal estimate that HESS_EMA reads (Sophia, AdaHessian); empty otherwise."""
     if not params:
         return
+    hess = list(hess)
     per_tensor = flags & ref.PER_TENSOR_FLAGS
     _check_clip(params, clip, clipped, rms, kind, flags, per_tensor)
+    _check_hess(params, hess, rms, kind, flags)
     block = (block_size or ref.STATE_FORMATS[state_bits][2]) if state_bits != 32 else 1
     nstates = _check(params, grads, state1, absmax1, state2, absmax2, comps, keys, kind,
                      state_bits, block, scalars, flags, writeback, v_cols, v_colmax)
-    if v_cols and any(v_cols) and (flags & ref.CLIP_FLAGS or rms is not None):
+    if v_cols and any(v_cols) and (flags & (ref.CLIP_FLAGS | ref.HESS_FLAGS) or rms is not None):
         # the rank-1 prepass computes the new v without the clipping steps
         raise ValueError("rank-1 second states do not support the clip flags yet")
     stats_pass = rms is not None
@@ -604,12 +664,13 @@ def optim_step(params, grads, state1, absmax1, state2, absmax2, comps, keys, kin
     device = params[0].device
     quantized = state_bits != 32 and nstates > 0
     if quantized:
-        code_tabs = _tables(state_bits, device)
+        code_tabs = _tables(state_bits, device, kind in ref.SIGNED_SECOND)
         ncode = code_tabs[0].numel()
     else:  # no quantization blocks: the code tables are never read
         block, ncode = F32_BLOCK, 0
         code_tabs = (torch.zeros(1, dtype=torch.float32, device=device),) * 4
     kahan, stochastic = writeback == "kahan", writeback == "stochastic"
+    hess_ema = bool(flags & ref.HESS_EMA)
 
     def addr(lst, i, used):
         return lst[i].data_ptr() if used else 0
@@ -639,7 +700,8 @@ def optim_step(params, grads, state1, absmax1, state2, absmax2, comps, keys, kin
                     cols, colmax, fresh,
                     clip[i].data_ptr() if per_tensor else 0,
                     rms[i].data_ptr() if stats_pass
-                    else clipped[i].data_ptr() if clipped is not None else 0])
+                    else clipped[i].data_ptr() if clipped is not None else 0,
+                    addr(hess, i, hess_ema)])
         nblocks.append(triton.cdiv(n, block))
     if not tab:
         return
@@ -670,7 +732,9 @@ def optim_step(params, grads, state1, absmax1, state2, absmax2, comps, keys, kin
             SPIKE_CLIP=bool(flags & ref.SPIKE_CLIP), RESET=bool(flags & ref.RESET),
             DECAY_AFTER=bool(flags & ref.DECAY_AFTER), HAS_CLIP_ROW=bool(per_tensor),
             COUNT=clipped is not None, UPDATE_SCALE=bool(flags & ref.UPDATE_SCALE),
-            RMS=stats_pass, num_warps=num_warps, **LAUNCH_OPTS)
+            RMS=stats_pass, HESS_EMA=hess_ema, HESS_V=bool(flags & ref.HESS_V),
+            QUARTER=bool(flags & ref.QUARTER), SOPHIA_ADD_EPS=bool(flags & ref.SOPHIA_ADD_EPS),
+            num_warps=num_warps, **LAUNCH_OPTS)
     # the step decoded with the old maxima to the end: now the new ones replace them
     for _, nrows, cols, off, i in rank1:
         absmax2[i].copy_(scratch[off:off + nrows])
