@@ -48,7 +48,7 @@ def test_launch_without_device_raises_runtime_error():
     with pytest.raises(RuntimeError, match=r"lowbit CUDA optim_step.*cudaError"):
         _ext.C_CUDA.optim_step(2, [x.data_ptr()], [grad.data_ptr()], [64], [state.data_ptr()], [],
                                [], [], [], [], 32, 0, 0, 0, 0, 0, 0, 0, 0, [0.0] * 11, 0, 0, 0,
-                               0, [], [], [], 0, 0)
+                               0, [], [], [], [], 0, 0)
     stats = torch.zeros(1, 4, dtype=torch.float64)
     need = _ext.C_CUDA.grad_stats_workspace([64])
     workspace = torch.empty(max(1, need // 8), dtype=torch.float64)

@@ -1,18 +1,19 @@
 // CUDA kernels of the fused multi-tensor optimizer step (lowbit::optim_step; spec:
-// lowbit.reference.optim): Adam/AdamW, Lion and SGD; fp32, bf16 or fp16 params written back as
-// fp32, nearest, stochastic or kahan; fp32 or 8/4-bit block-quantized states. One launch per
-// chunk of tensors updates a whole parameter group, reading grad, param, compensation and
-// states once and writing param, compensation and states once. Per-element math is
-// lowbit/optim_math.h and state quantization lowbit/quant.h, the code the CPU kernel
-// (csrc/cpu/optim_impl.h) runs, so the results equal lowbit._C and the torch reference bit for
-// bit; these kernels only add the parallel structure.
+// lowbit.reference.optim): Adam/AdamW (AdaHessian too), Lion, SGD and Sophia; fp32, bf16 or fp16
+// params written back as fp32, nearest, stochastic or kahan; fp32 or 8/4-bit block-quantized
+// states. One launch per chunk of tensors updates a whole parameter group, reading grad, param,
+// compensation, states (and the Hessian estimate) once and writing param, compensation and
+// states once. Per-element math is lowbit/optim_math.h and state quantization lowbit/quant.h, the
+// code the CPU kernel (csrc/cpu/optim_impl.h) runs, so the results equal lowbit._C and the torch
+// reference bit for bit; these kernels only add the parallel structure.
 //
-// Every kernel is a template over the rule, the param dtype, the write-back, the number of states
-// and (quantized states) the codebook size and elements per thread, so each instance is
-// branch-free except for the flags (selects, as in optim_math.h).
+// Every kernel is a template over the rule, the param dtype, the write-back, the number of states,
+// whether it reads a Hessian estimate (HESS: kHessEma, Adam and Sophia only, so the plain
+// instances never load it) and (quantized states) the codebook size and elements per thread, so
+// each instance is branch-free except for the flags (selects, as in optim_math.h).
 //
 // Multi-tensor table: the per-tensor pointers, keys and block prefix sums travel BY VALUE as a
-// kernel parameter (OptChunk, 3.8 KB: kernel parameters must stay within the classic 4 KB limit,
+// kernel parameter (OptChunk, 3.5 KB: kernel parameters must stay within the classic 4 KB limit,
 // checked below), launched once per chunk of up to kChunkTensors tensors — the multi_tensor_apply
 // approach. A table in device memory would need an allocation plus an H2D copy per step, and its
 // lifetime would have to outlast the asynchronous launch; parameters are copied by the launch
@@ -48,7 +49,13 @@ namespace {
 #define LOWBIT_UNROLL
 #endif
 
-constexpr int kChunkTensors = 32;          // tensors per launch (kernel-parameter budget)
+// Tensors per launch, from the kernel-parameter budget: OptChunk holds 16 words per tensor (8
+// bytes each), so 28 tensors take 3.5 KB and leave room for StateTables and StepScalars plus one
+// more per-tensor array. (It was 32 until the Hessian estimate's array came: 32 * 16 words alone
+// are 4 KB. A union with the rank-1 fields would have kept 32, since the host refuses rank-1
+// states with the Hessian flags today, but that refusal is a "not yet"; a few more launches for
+// very long parameter lists cost next to nothing.)
+constexpr int kChunkTensors = 28;
 constexpr int kOptThreads = 256;           // max threads per CUDA block
 constexpr int64_t kOptMaxBlocks = 65536;   // grid cap of the 32-bit (grid-stride) kernel
 constexpr int kMaxParamBytes = 4096;       // classic kernel-parameter limit
@@ -72,6 +79,7 @@ struct OptChunk {
   int64_t v_cols[kChunkTensors];   // rank-1 second state: columns (0: block-wise)
   float* s2_colmax[kChunkTensors];  // rank-1: old column maxima (s2_absmax: old row maxima)
   float* v_scratch[kChunkTensors];  // rank-1: new row maxima, then new column maxima
+  const float* hess[kChunkTensors];  // fp32 Hessian-diagonal estimate (kHessEma), or null
   int count;
 };
 
@@ -116,22 +124,24 @@ __device__ __forceinline__ void count_clipped(const OptChunk& c, int t, int64_t 
     atomicAdd(reinterpret_cast<unsigned long long*>(c.clipped[t]), (unsigned long long)count);
 }
 
-// One element k of tensor (p, g, comp, key): load the fp32 value, apply rule KIND to it and to
-// the fp32 states s1, s2 (updated in place), store it back. Returns whether an element-wise clip
-// changed the gradient.
-template <int KIND, int DT, int WB>
+// One element k of tensor (p, g, comp, key, hess): load the fp32 value, apply rule KIND to it and
+// to the fp32 states s1, s2 (updated in place), store it back. HESS: pass the element's Hessian
+// estimate hess[k] to the rule (other instances never touch hess, which is null for them).
+// Returns whether an element-wise clip changed the gradient.
+template <int KIND, int DT, int WB, bool HESS>
 __device__ __forceinline__ bool step_element(const Scalars& s, const OptClipRow& ct, void* p,
-                                             const void* g, void* comp, uint64_t key, int64_t k,
-                                             float& s1, float& s2) {
+                                             const void* g, void* comp, const float* hess,
+                                             uint64_t key, int64_t k, float& s1, float& s2) {
   float x = load_param(p, comp, DT, WB, k);
-  const bool clipped = update_rule<KIND>(s.f, s.flags, x, load_f32(g, DT, k), s1, s2, ct);
+  const float h = HESS ? hess[k] : 0.0f;
+  const bool clipped = update_rule<KIND>(s.f, s.flags, x, load_f32(g, DT, k), s1, s2, ct, h);
   store_param(p, comp, DT, WB, key, k, x);
   return clipped;
 }
 
 // 32-bit states (or none): each thread walks every tensor of the chunk with a grid-stride loop
 // (coalesced within a tensor; no per-element table search).
-template <int KIND, int DT, int WB, int NST>
+template <int KIND, int DT, int WB, int NST, bool HESS>
 __global__ void __launch_bounds__(kOptThreads)
 step32_kernel(const OptChunk c, const StepScalars ss) {
   const Scalars s = scalars_of(ss);
@@ -141,13 +151,15 @@ step32_kernel(const OptChunk c, const StepScalars ss) {
     void* __restrict__ comp = c.comp[t];
     float* __restrict__ m = (float*)c.s1[t];
     float* __restrict__ v = (float*)c.s2[t];
+    const float* __restrict__ hess = c.hess[t];
     const uint64_t key = c.key[t];
     const int64_t n = c.n[t];
     const OptClipRow ct = clip_row(c, t);
     int64_t clipped = 0;
     for (int64_t i = global_thread(); i < n; i += grid_stride()) {
       float s1 = NST >= 1 ? m[i] : 0.0f, s2 = NST >= 2 ? v[i] : 0.0f;
-      clipped += step_element<KIND, DT, WB>(s, ct, p, g, comp, key, i, s1, s2) ? 1 : 0;
+      clipped +=
+          step_element<KIND, DT, WB, HESS>(s, ct, p, g, comp, hess, key, i, s1, s2) ? 1 : 0;
       if (NST >= 1) m[i] = s1;
       if (NST >= 2) v[i] = s2;
     }
@@ -220,12 +232,13 @@ struct AbsmaxReduce<2> {
 // Quantized states (NST 1 or 2, NC-entry codebooks): one CUDA block per quantization block of
 // `block` = E * blockDim.x elements. Each thread keeps its E new states in registers between the
 // update and the requantization.
-template <int KIND, int DT, int WB, int NST, int NC, int E>
+template <int KIND, int DT, int WB, int NST, int NC, int E, bool HESS>
 __global__ void __launch_bounds__(kOptThreads)
 stepq_kernel(const OptChunk c, const StateTables q, const StepScalars ss) {
   static_assert(NST == 1 || NST == 2, "quantized kernel needs one or two states");
-  // only the 4-bit Adam instances can meet a rank-1 second state (optim_call checks)
-  constexpr bool kRank1 = KIND == kAdam && NST == 2 && NC == 16;
+  // only the 4-bit Adam instances without the Hessian flags can meet a rank-1 second state
+  // (optim_call and valid_args check)
+  constexpr bool kRank1 = KIND == kAdam && NST == 2 && NC == 16 && !HESS;
   using Red = AbsmaxReduce<NST>;
   constexpr int NC2 = NST >= 2 ? NC : 1;
   __shared__ float s_code1[NC], s_mids1[NC], s_code2[NC2], s_mids2[NC2];
@@ -245,6 +258,7 @@ stepq_kernel(const OptChunk c, const StateTables q, const StepScalars ss) {
   void* __restrict__ p = c.p[ti];
   const void* __restrict__ g = c.g[ti];
   void* __restrict__ comp = c.comp[ti];
+  const float* __restrict__ hess = c.hess[ti];
   const uint64_t key = c.key[ti];
   uint8_t* __restrict__ c1 = (uint8_t*)c.s1[ti];
   uint8_t* __restrict__ c2 = (uint8_t*)c.s2[ti];
@@ -303,7 +317,8 @@ LOWBIT_UNROLL
         }
         v2[j] = dequant_value(s_code2[load_code<NC>(c2, k)], scale2);
       }
-      clipped += step_element<KIND, DT, WB>(s, ct, p, g, comp, key, k, v1[j], v2[j]) ? 1 : 0;
+      clipped +=
+          step_element<KIND, DT, WB, HESS>(s, ct, p, g, comp, hess, key, k, v1[j], v2[j]) ? 1 : 0;
       mx1 = MaxU32()(mx1, abs_bits(v1[j]));
       if (NST >= 2) mx2 = MaxU32()(mx2, abs_bits(v2[j]));
     }
@@ -334,9 +349,9 @@ LOWBIT_UNROLL
 // ---- the update-clipping statistics pass (Adam, OptArgs::rms_pass) ----------------------------
 
 // Up to kChunkTensors tensors of an rms pass. A table of its own rather than OptChunk: the pass
-// reads only these fields (and writes nothing but rms), and one more per-tensor array would take
-// OptChunk past the 4 KB parameter budget. s2: the second states, fp32 or codes; s2_absmax: their
-// block maxima (quantized states only).
+// reads only these fields (and writes nothing but rms), so it takes no more of the 4 KB parameter
+// budget than they need. s2: the second states, fp32 or codes; s2_absmax: their block maxima
+// (quantized states only).
 struct RmsChunk {
   const void* p[kChunkTensors];
   const void* g[kChunkTensors];
@@ -535,6 +550,7 @@ int64_t fill_chunk(OptChunk& c, const OptArgs& a, int first, bool quantized) {
     c.v_cols[j] = x.v_cols;
     c.s2_colmax[j] = x.s2_colmax;
     c.v_scratch[j] = x.v_scratch;
+    c.hess[j] = x.hess;
     c.block_start[j] = total;
     total += quantized ? (x.n + a.block - 1) / a.block : x.n;
   }
@@ -661,10 +677,10 @@ cudaError_t rms_all(const OptArgs& a, cudaStream_t stream) {
   return cudaSuccess;
 }
 
-template <int KIND, int DT, int WB, int NST, int NC, int E>
+template <int KIND, int DT, int WB, int NST, int NC, int E, bool HESS>
 void launch_q(const OptChunk& c, const StateTables& q, const StepScalars& s, int64_t nblocks,
               cudaStream_t stream) {
-  auto kernel = stepq_kernel<KIND, DT, WB, NST, NC, E>;
+  auto kernel = stepq_kernel<KIND, DT, WB, NST, NC, E, HESS>;
   LOWBIT_LAUNCH(kernel, dim3((unsigned)nblocks), dim3(q.block / E), 0, stream, c, q, s);
 }
 
@@ -672,24 +688,26 @@ void launch_q(const OptChunk& c, const StateTables& q, const StepScalars& s, int
 // most kOptThreads. E = 1 up to kOptThreads (the 8-bit 256 and 4-bit 128 blocks of
 // reference.optim.STATE_FORMATS); larger blocks take 4 or 16 per thread (128 or 256 threads), so
 // only three E instances of every kernel are compiled.
-template <int KIND, int DT, int WB, int NST, int NC>
+template <int KIND, int DT, int WB, int NST, int NC, bool HESS>
 void dispatch_q(const OptChunk& c, const StateTables& q, const StepScalars& s, int64_t nblocks,
                 cudaStream_t stream) {
-  if (q.block <= kOptThreads) return launch_q<KIND, DT, WB, NST, NC, 1>(c, q, s, nblocks, stream);
+  if (q.block <= kOptThreads)
+    return launch_q<KIND, DT, WB, NST, NC, 1, HESS>(c, q, s, nblocks, stream);
   if (q.block <= 4 * kOptThreads)
-    return launch_q<KIND, DT, WB, NST, NC, 4>(c, q, s, nblocks, stream);
-  return launch_q<KIND, DT, WB, NST, NC, 16>(c, q, s, nblocks, stream);
+    return launch_q<KIND, DT, WB, NST, NC, 4, HESS>(c, q, s, nblocks, stream);
+  return launch_q<KIND, DT, WB, NST, NC, 16, HESS>(c, q, s, nblocks, stream);
 }
 
-// Every chunk of the step, with the kernel instance for (KIND, DT, WB, NST, NC); NC 0: fp32
-// states (or none).
-template <int KIND, int DT, int WB, int NST, int NC>
+// Every chunk of the step, with the kernel instance for (KIND, DT, WB, NST, NC, HESS); NC 0:
+// fp32 states (or none). The rms pass and rank-1 states never come with the Hessian flags
+// (valid_args), so the HESS instances compile neither.
+template <int KIND, int DT, int WB, int NST, int NC, bool HESS>
 cudaError_t run(const OptArgs& a, cudaStream_t stream) {
   const StateTables q{a.code1, a.mids1, a.code2, a.mids2, a.block};
-  if constexpr (KIND == kAdam && NST == 2) {
+  if constexpr (KIND == kAdam && NST == 2 && !HESS) {
     if (a.rms_pass) return rms_all<DT, WB, NC>(a, stream);
   }
-  constexpr bool kRank1 = KIND == kAdam && NST == 2 && NC == 16;
+  constexpr bool kRank1 = KIND == kAdam && NST == 2 && NC == 16 && !HESS;
   if constexpr (kRank1) {
     const cudaError_t err = rank1_prepass<DT, WB>(a, stream);
     if (err != cudaSuccess) return err;
@@ -700,11 +718,11 @@ cudaError_t run(const OptArgs& a, cudaStream_t stream) {
     if (total == 0) continue;  // an empty grid is an invalid configuration on CUDA
     if constexpr (NC != 0) {
       if (total > 0x7FFFFFFF) return cudaErrorInvalidValue;  // gridDim.x limit
-      dispatch_q<KIND, DT, WB, NST, NC>(c, q, a.s, total, stream);
+      dispatch_q<KIND, DT, WB, NST, NC, HESS>(c, q, a.s, total, stream);
     } else {
       int64_t nb = (total + kOptThreads - 1) / kOptThreads;
       nb = nb < kOptMaxBlocks ? nb : kOptMaxBlocks;
-      auto kernel = step32_kernel<KIND, DT, WB, NST>;
+      auto kernel = step32_kernel<KIND, DT, WB, NST, HESS>;
       LOWBIT_LAUNCH(kernel, dim3((unsigned)nb), dim3(kOptThreads), 0, stream, c, a.s);
     }
     const cudaError_t err = cudaGetLastError();
@@ -715,49 +733,71 @@ cudaError_t run(const OptArgs& a, cudaStream_t stream) {
 }
 
 // Runtime arguments -> template instance, one level at a time (as csrc/cpu/optim_impl.h).
-template <int KIND, int DT, int WB, int NST>
+template <int KIND, int DT, int WB, int NST, bool HESS>
 cudaError_t by_layout(const OptArgs& a, cudaStream_t stream) {
   if constexpr (NST == 0) {
-    return run<KIND, DT, WB, 0, 0>(a, stream);
+    return run<KIND, DT, WB, 0, 0, HESS>(a, stream);
   } else {
-    if (a.state_bits == 32) return run<KIND, DT, WB, NST, 0>(a, stream);
-    if (a.ncode == 16) return run<KIND, DT, WB, NST, 16>(a, stream);
-    return run<KIND, DT, WB, NST, 256>(a, stream);
+    if (a.state_bits == 32) return run<KIND, DT, WB, NST, 0, HESS>(a, stream);
+    if (a.ncode == 16) return run<KIND, DT, WB, NST, 16, HESS>(a, stream);
+    return run<KIND, DT, WB, NST, 256, HESS>(a, stream);
   }
 }
 
-template <int KIND, int DT, int WB>
+// Adam and Sophia keep two states, Lion one, SGD one or none (momentum 0). Compile-time
+// branches: every rule instantiates only the state counts it can have.
+template <int KIND, int DT, int WB, bool HESS>
 cudaError_t by_nstates(const OptArgs& a, cudaStream_t stream) {
-  if (KIND == kAdam) return by_layout<KIND, DT, WB, 2>(a, stream);
-  if (KIND == kSgd && a.nstates == 0) return by_layout<KIND, DT, WB, 0>(a, stream);
-  return by_layout<KIND, DT, WB, 1>(a, stream);
+  if constexpr (KIND == kAdam || KIND == kSophia) {
+    return by_layout<KIND, DT, WB, 2, HESS>(a, stream);
+  } else if constexpr (KIND == kSgd) {
+    if (a.nstates == 0) return by_layout<KIND, DT, WB, 0, HESS>(a, stream);
+    return by_layout<KIND, DT, WB, 1, HESS>(a, stream);
+  } else {
+    return by_layout<KIND, DT, WB, 1, HESS>(a, stream);
+  }
 }
 
-template <int KIND, int DT>
+template <int KIND, int DT, bool HESS>
 cudaError_t by_writeback(const OptArgs& a, cudaStream_t stream) {
   switch (a.writeback) {
-    case kWbStochastic: return by_nstates<KIND, DT, kWbStochastic>(a, stream);
-    case kWbKahan: return by_nstates<KIND, DT, kWbKahan>(a, stream);
-    default: return by_nstates<KIND, DT, kWbNearest>(a, stream);
+    case kWbStochastic: return by_nstates<KIND, DT, kWbStochastic, HESS>(a, stream);
+    case kWbKahan: return by_nstates<KIND, DT, kWbKahan, HESS>(a, stream);
+    default: return by_nstates<KIND, DT, kWbNearest, HESS>(a, stream);
   }
 }
 
-template <int KIND>
+template <int KIND, bool HESS>
 cudaError_t by_dtype(const OptArgs& a, cudaStream_t stream) {
   switch (a.dtype) {
-    case kBF16: return by_writeback<KIND, kBF16>(a, stream);
-    case kF16: return by_writeback<KIND, kF16>(a, stream);
-    default: return by_nstates<KIND, kF32, kWbF32>(a, stream);
+    case kBF16: return by_writeback<KIND, kBF16, HESS>(a, stream);
+    case kF16: return by_writeback<KIND, kF16, HESS>(a, stream);
+    default: return by_nstates<KIND, kF32, kWbF32, HESS>(a, stream);
   }
 }
+
+// The instance that reads the Hessian estimate only when the step refreshes from it (kHessEma):
+// Adam (AdaHessian) and Sophia, the rules that have one (valid_args).
+template <int KIND>
+cudaError_t by_hess(const OptArgs& a, cudaStream_t stream) {
+  if (a.s.flags & kHessEma) return by_dtype<KIND, true>(a, stream);
+  return by_dtype<KIND, false>(a, stream);
+}
+
+constexpr int kHessFlags = kHessEma | kHessV | kQuarter | kSophiaAddEps;
 
 // The argument combinations the kernels implement (optim_call checks the same for Python).
 bool valid_args(const OptArgs& a) {
   if (a.ntensors < 0 || (a.ntensors > 0 && a.tensors == nullptr)) return false;
   const int kind = a.s.kind;
-  if (kind != kAdam && kind != kLion && kind != kSgd) return false;
-  const int want = kind == kAdam ? 2 : 1;
+  if (kind != kAdam && kind != kLion && kind != kSgd && kind != kSophia) return false;
+  const int want = kind == kAdam || kind == kSophia ? 2 : 1;
   if (a.nstates != want && !(kind == kSgd && a.nstates == 0)) return false;
+  // the Hessian flags: Adam (AdaHessian) or Sophia, never with update clipping or the spike clip
+  const int flags = a.s.flags;
+  if ((flags & kHessFlags) &&
+      ((kind != kAdam && kind != kSophia) || a.rms_pass || (flags & (kUpdateScale | kSpikeClip))))
+    return false;
   if (a.dtype != kF32 && a.dtype != kBF16 && a.dtype != kF16) return false;
   if (a.dtype == kF32 ? a.writeback != kWbF32
                       : (a.writeback != kWbNearest && a.writeback != kWbStochastic &&
@@ -774,12 +814,16 @@ bool valid_args(const OptArgs& a) {
   for (int i = 0; i < a.ntensors; ++i) {
     const OptTensor& t = a.tensors[i];
     if (t.n < 0 || t.v_cols < 0) return false;
+    // kHessEma reads an estimate of every tensor (the HESS instances load it unchecked)
+    if ((flags & kHessEma) && t.hess == nullptr) return false;
     // the rms pass: a sum for every tensor; rank-1 second states are not supported yet
     if (a.rms_pass && (t.rms == nullptr || t.v_cols > 0)) return false;
-    // rank-1 second states: 4-bit Adam, a whole number of rows, maxima and scratch given
+    // rank-1 second states: 4-bit Adam without the clip (or Hessian) flags, which the prepass
+    // (adam_new_v) does not apply, a whole number of rows, maxima and scratch given
     if (t.v_cols > 0 &&
-        (kind != kAdam || a.state_bits != 4 || a.ncode != 16 || a.nstates != 2 ||
-         t.n % t.v_cols != 0 || t.s2_colmax == nullptr || t.v_scratch == nullptr))
+        (kind != kAdam || (flags & kAnyClip) || a.state_bits != 4 || a.ncode != 16 ||
+         a.nstates != 2 || t.n % t.v_cols != 0 || t.s2_colmax == nullptr ||
+         t.v_scratch == nullptr))
       return false;
   }
   return true;
@@ -789,10 +833,13 @@ bool valid_args(const OptArgs& a) {
 
 cudaError_t optim_step(const OptArgs& a, cudaStream_t stream) {
   if (!valid_args(a)) return cudaErrorInvalidValue;
+  // every kind by name: an unknown one must not run some other rule (valid_args refuses it too)
   switch (a.s.kind) {
-    case kAdam: return by_dtype<kAdam>(a, stream);
-    case kLion: return by_dtype<kLion>(a, stream);
-    default: return by_dtype<kSgd>(a, stream);
+    case kAdam: return by_hess<kAdam>(a, stream);
+    case kSophia: return by_hess<kSophia>(a, stream);
+    case kLion: return by_dtype<kLion, false>(a, stream);
+    case kSgd: return by_dtype<kSgd, false>(a, stream);
+    default: return cudaErrorInvalidValue;
   }
 }
 
