@@ -122,7 +122,7 @@ def test_other_rules_low_precision_params(backend, rule, state_bits, writeback):
 @pytest.mark.parametrize("backend", kernel_backend_params())
 @pytest.mark.parametrize("state_bits", [32, 8, 4])
 def test_many_tensors_in_one_call(backend, state_bits):
-    # More tensors than one CUDA launch's parameter table holds (32), empty ones included.
+    # More tensors than one CUDA launch's parameter table holds (28), empty ones included.
     torch.manual_seed(1)
     sizes = [0, 1] + torch.randint(2, 700, (38,)).tolist()
     _run(backend, "adamw", state_bits, torch.bfloat16, "stochastic", sizes=sizes, steps=2)

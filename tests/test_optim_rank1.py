@@ -195,7 +195,7 @@ def test_other_block_sizes(backend, block):
 
 @pytest.mark.parametrize("backend", kernel_backend_params())
 def test_many_rank1_tensors_in_one_call(backend):
-    # more rank-1 tensors than one CUDA launch's tables hold (32), mixed with block-wise ones
+    # more rank-1 tensors than one CUDA launch's tables hold (28), mixed with block-wise ones
     gen = torch.Generator().manual_seed(5)
     shapes = [(int(r), int(c)) for r, c in torch.randint(2, 24, (40, 2), generator=gen)]
     shapes += [(300,), (1, 77)]
