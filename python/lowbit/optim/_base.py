@@ -114,6 +114,19 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
     def _state_names(self, group):
         return ref.STATE_NAMES[self._kind][:self._nstates(group)]
 
+    def _bucket_extra(self, p, group):
+        """What besides the step count this parameter's scalars depend on (None: nothing); the
+        fused calls are bucketed by it and it reaches _scalars(group, step, extra)."""
+        return None
+
+    def _hessian_args(self, group, params) -> tuple:
+        """(per-tensor fp32 Hessian-diagonal estimates, extra flags) of one fused call over
+        `params` (the curvature optimizers; none by default)."""
+        return [], 0
+
+    def _after_fused(self, group, params):
+        """Called after each fused call over `params` (state bookkeeping of subclasses)."""
+
     def _v_cols(self, p, group, bits: int) -> int:
         """Columns of the rank-1 view of p's second state; 0 when it is block-wise (the default,
         and the only format of rules other than the Adam family)."""
@@ -137,13 +150,14 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
         return tuple(fmt) if len(fmt) == 3 else (*fmt, 0)
 
     @staticmethod
-    def _quantize_into(state, name, j, values, fmt, device):
-        """Quantized state `name` (index j: 0 first, 1 second) of fp32 `values` into `state`."""
+    def _quantize_into(state, name, j, values, fmt, device, kind="adam"):
+        """Quantized state `name` (index j: 0 first, 1 second) of fp32 `values` into `state`;
+        `kind` picks the codebooks (Sophia's second state is signed)."""
         bits, block, cols = FusedOptimizer._unpack(fmt)
         if j == 1 and cols:
             codes, *scales = ref.quantize_state_rank1(values.cpu(), cols)
         else:
-            codes, *scales = ref.quantize_state(values.cpu(), j, bits, block)
+            codes, *scales = ref.quantize_state(values.cpu(), j, bits, block, kind)
         state[name + "_codes"] = codes.to(device)
         for key, scale in zip(_scale_keys(name, cols if j == 1 else 0), scales):
             state[key] = scale.to(device)
@@ -164,7 +178,8 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
                 state[name] = torch.zeros_like(p, dtype=torch.float32,
                                                memory_format=torch.contiguous_format)
             else:
-                self._quantize_into(state, name, j, torch.zeros(p.numel()), fmt, p.device)
+                self._quantize_into(state, name, j, torch.zeros(p.numel()), fmt, p.device,
+                                    self._kind)
         if self._writeback(p, group) == "kahan":
             state["kahan_comp"] = torch.zeros_like(p)
         state.update(self._fresh_clip_state(p))
@@ -225,7 +240,7 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
         return bits, block, cols if j == 1 else 0
 
     @staticmethod
-    def _state_fp32(p, state, name, j, fmt) -> torch.Tensor:
+    def _state_fp32(p, state, name, j, fmt, kind="adam") -> torch.Tensor:
         bits, block, cols = FusedOptimizer._state_format(fmt, j)
         if bits == 32:
             return state[name].float()
@@ -234,11 +249,12 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
                 state[name + "_codes"].cpu(), state[name + "_row_max"].cpu(),
                 state[name + "_col_max"].cpu(), p.shape).to(p.device)
         return ref.dequantize_state(state[name + "_codes"].cpu(), state[name + "_absmax"].cpu(),
-                                    j, bits, p.shape, block).to(p.device)
+                                    j, bits, p.shape, block, kind).to(p.device)
 
     def _moments_fp32(self, p, state, names, fmt):
         """The rule's states as fp32 tensors shaped like p."""
-        return [self._state_fp32(p, state, name, j, fmt) for j, name in enumerate(names)]
+        return [self._state_fp32(p, state, name, j, fmt, self._kind)
+                for j, name in enumerate(names)]
 
     def _adopt_state(self, p, state, group, saved_group, where) -> dict:
         """A loaded state converted to this optimizer's format for p (state_bits, block_size,
@@ -266,14 +282,14 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
         for j, name in enumerate(names):
             if self._state_format(src, j) == self._state_format(want, j):
                 continue
-            value = self._state_fp32(p, state, name, j, src)
+            value = self._state_fp32(p, state, name, j, src, self._kind)
             for k in (name, name + "_codes", name + "_absmax", name + "_row_max",
                       name + "_col_max"):
                 state.pop(k, None)
             if want[0] == 32:
                 state[name] = value.contiguous()
             else:
-                self._quantize_into(state, name, j, value, want, p.device)
+                self._quantize_into(state, name, j, value, want, p.device, self._kind)
         comp = state.pop("kahan_comp", None)
         if self._writeback(p, group) == "kahan":
             ok = comp is not None and comp.shape == p.shape and comp.dtype == p.dtype
@@ -443,9 +459,10 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
         for i, ((pid, p, where), step) in enumerate(zip(live, steps)):
             step = int(step) + 1
             bits, block, cols = self._format_for(p, group)
-            key = ((bits, block), step, p.device, p.dtype, self._writeback(p, group))
+            key = ((bits, block), step, p.device, p.dtype, self._writeback(p, group),
+                   self._bucket_extra(p, group))
             buckets.setdefault(key, []).append((pid, p, cols, row0 + i))
-        for ((bits, block), step, device, dtype, wb), items in buckets.items():
+        for ((bits, block), step, device, dtype, wb, extra), items in buckets.items():
             ps = [p for _, p, _, _ in items]
             v_cols = [cols for _, _, cols, _ in items] if any(c for _, _, c, _ in items) else []
             states = [[], [], [], []]
@@ -465,7 +482,10 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
             keys = ([ref.sr_key(group["seed"], pid, step) for pid, _, _, _ in items]
                     if wb == "stochastic" else [])
             scalars, flags, table, counts = self._step_args(group, step, ctx,
-                                                            [r for _, _, _, r in items], device)
+                                                            [r for _, _, _, r in items], device,
+                                                            extra)
+            hess, hess_flags = self._hessian_args(group, ps)
+            flags |= hess_flags
             backend = ops.resolve_backend(self.backend, device)
             data, grads = [p.data for p in ps], [p.grad.contiguous() for p in ps]
             if ctx is not None and ctx.update_clip is not None:
@@ -477,7 +497,8 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
                                                  table, scalars, flags,
                                                  [p.numel() for p in ps], rms_pass)
             ops.optim_step_eager(data, grads, *states, comps, keys, self._kind, bits, block,
-                                 scalars, flags, wb, backend, v_cols, v_colmax, table, counts)
+                                 scalars, flags, wb, backend, v_cols, v_colmax, table, counts,
+                                 hess=hess)
             if counts is not None:
                 ctx.clipped.index_add_(0, torch.tensor([r for _, _, _, r in items],
                                                        device=ctx.clipped.device),
@@ -485,3 +506,4 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
             # as an in-place torch op on the parameters would (torch.optim's updates do this too)
             torch.autograd.graph.increment_version(ps)
             torch._foreach_add_([self.state[p]["step"] for p in ps], 1.0)
+            self._after_fused(group, ps)

@@ -85,11 +85,13 @@ class ClipSteps:
         info.update(ctx.telemetry)
         self.last_clip_info = info
 
-    def _step_args(self, group, step, ctx, rows, device):
+    def _step_args(self, group, step, ctx, rows, device, extra=None):
         """(scalars, flags, clip table rows, clipped counters) of one fused call over the live
-        tensors `rows` of the clip context (None: no clipping)."""
+        tensors `rows` of the clip context (None: no clipping); extra: the bucket's
+        _bucket_extra, passed on to _scalars when not None."""
         if ctx is None:
-            scalars, flag_kw = self._scalars(group, step)
+            scalars, flag_kw = (self._scalars(group, step) if extra is None
+                                else self._scalars(group, step, extra))
             return scalars, ref.step_flags(self._kind, scalars, **flag_kw), None, None
         scalars, flag_kw = self._scalars(group, step, beta1_scale=ctx.beta1_scale)
         scalars = list(scalars)
