@@ -13,6 +13,7 @@ from lowbit.optim import AdaHessian, AdaHessian4bit, AdaHessian8bit
 from lowbit.optim._curvature import probe_seed
 from lowbit.optim.adahessian import spatial_average
 from lowbit.reference import curvature as cref
+from conftest import kernel_backend_params
 from curvature_helpers import EmaBound, block_absmax, fp32_states, quant_delta, same_state
 
 SHAPES = [(7,), (5, 6), (2, 3, 2, 2)]
@@ -168,11 +169,12 @@ def test_quantized_states_track_the_32bit_run_within_the_derived_bound(bits):
     assert drift < (0.05 if bits == 8 else 0.5) * trivial
 
 
+@pytest.mark.parametrize("backend", kernel_backend_params())
 @pytest.mark.parametrize("bits", [32, 8, 4])
 @pytest.mark.parametrize("power", [1, 0.5])
-def test_cpu_equals_reference_bit_for_bit(bits, power):
+def test_kernels_equal_reference_bit_for_bit(backend, bits, power):
     runs = []
-    for backend in ("cpu", "reference"):
+    for backend in (backend, "reference"):
         ps = _params(6)
         opt = AdaHessian(ps, state_bits=bits, min_quant_numel=0, hessian_power=power,
                          update_period=2, weight_decay=0.01, backend=backend, seed=3)

@@ -17,6 +17,7 @@ from lowbit.hessian import gnb_estimate, probe, sample_labels
 from lowbit.optim import SophiaG, SophiaG4bit, SophiaG8bit, SophiaH, SophiaH4bit, SophiaH8bit
 from lowbit.optim._curvature import probe_seed
 from lowbit.reference import curvature as cref
+from conftest import kernel_backend_params
 from curvature_helpers import EmaBound, block_absmax, fp32_states, quant_delta, same_state
 
 SHAPES = [(7,), (5, 6), (3, 4, 2)]
@@ -323,11 +324,12 @@ def test_quantized_states_track_the_32bit_run_within_the_derived_bound(bits):
     assert drift.median() < (0.01 if bits == 8 else 0.1) * trivial
 
 
+@pytest.mark.parametrize("backend", kernel_backend_params())
 @pytest.mark.parametrize("cls", [SophiaH, SophiaG])
 @pytest.mark.parametrize("bits", [32, 8, 4])
-def test_cpu_equals_reference_bit_for_bit(cls, bits):
+def test_kernels_equal_reference_bit_for_bit(backend, cls, bits):
     runs = []
-    for backend in ("cpu", "reference"):
+    for backend in (backend, "reference"):
         ps = _params(6)
         opt = cls(ps, state_bits=bits, min_quant_numel=0, backend=backend, seed=11,
                   **({"update_period": 2} if cls is SophiaH else {"weight_decay": 0.1}))
