@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Curvature benchmark: the cost of one Hessian-vector product per route relative to one
-gradient, each route's peak memory, and the cost of a top-eigenvalue reading — lowbit.hessian
-against PyHessian / hessian-eigenthings when installed — on a small transformer, on the CPU.
+gradient, each route's peak memory, the cost of a top-eigenvalue reading (lowbit.hessian against
+PyHessian when installed) on a small transformer, and the Sophia optimizer step (lowbit's fused
+SophiaG / SophiaH against the official code's SophiaG, pip sophia-opt, and pytorch-optimizer's
+SophiaH, when installed) on N parameters in 8 tensors — all on the CPU.
 
 The model is a byte-level decoder (2 layers, d=128, 4 heads, sequence 64, batch 8) written with
 explicit attention so every route applies (fused scaled_dot_product_attention has no double
@@ -10,7 +12,12 @@ gradient's time measured in the same run (issue 5's target: double backward <= 2
 Peak memory: each route runs in a fresh process, and its peak resident set minus that of a
 process that only takes gradients is reported.
 
-Usage: python bench/hessian_bench.py [--quick] [--threads T] [--reps R]
+Sophia steps are timed apart for the two kinds of step: plain ones (the gradient EMA and the
+clipped update) and refresh ones (which also fold a Hessian estimate, given, into the EMA; the
+estimate's own cost is the HVP's above). Each timed step follows one timed fp32 copy of N
+elements, and "x copy" is their ratio (robust to the shared machine's noise).
+
+Usage: python bench/hessian_bench.py [--quick] [--threads T] [--reps R] [--n N]
 Writes bench/out/hessian_report.md and bench/out/hessian_results.json.
 """
 import argparse
@@ -33,6 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="fewer repetitions, no memory runs")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 9)")
+    p.add_argument("--n", type=int, default=2**22, help="Sophia step: parameters (default 2**22)")
     p.add_argument("--memory-route", default=None, help=argparse.SUPPRESS)  # child process
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
     a = p.parse_args(argv)
@@ -164,6 +172,72 @@ def eigen_readings(args):
     return rows
 
 
+def sophia_rows():
+    """(name, make(params) -> optimizer, step(opt, estimate or None)) of the Sophia steps."""
+    import lowbit.optim as lo
+    rows = [("lowbit SophiaG (32-bit states)", lambda ps: lo.SophiaG(ps),
+             lambda o, e: o.step(bs=5120, hessian=e)),
+            ("lowbit SophiaG8bit", lambda ps: lo.SophiaG8bit(ps),
+             lambda o, e: o.step(bs=5120, hessian=e)),
+            ("lowbit SophiaH (32-bit states)", lambda ps: lo.SophiaH(ps, update_period=10**9),
+             lambda o, e: o.step(hessian=e)),
+            ("lowbit SophiaH8bit", lambda ps: lo.SophiaH8bit(ps, update_period=10**9),
+             lambda o, e: o.step(hessian=e))]
+    try:
+        import sophia_opt
+
+        def official(o, e):  # its update_hessian() reads .grad: the estimate's unit g*g
+            if e is not None:
+                saved = [p.grad for p in o.param_groups[0]["params"]]
+                for p, x in zip(o.param_groups[0]["params"], e):
+                    p.grad = x
+                o.update_hessian()
+                for p, g in zip(o.param_groups[0]["params"], saved):
+                    p.grad = g
+            o.step(bs=5120)
+        rows.append(("official SophiaG (sophia-opt)", lambda ps: sophia_opt.SophiaG(ps),
+                     official))
+    except ImportError:
+        pass
+    try:
+        import pytorch_optimizer as pto
+        rows.append(("pytorch-optimizer SophiaH", lambda ps: pto.SophiaH(ps, update_period=10**9),
+                     lambda o, e: o.step(hessian=e) if e is not None else o.step()))
+    except ImportError:
+        pass
+    return rows
+
+
+def time_sophia(args):
+    """{name: (plain step s, refresh step s, plain x copy)} medians over interleaved steps."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from optim_bench import copy_timer
+    copy = copy_timer(args.n)
+    rows = sophia_rows()
+    g = torch.Generator().manual_seed(0)
+    runs = []
+    for name, make, step in rows:
+        ps = [torch.nn.Parameter(torch.randn(args.n // 8, generator=g) * 0.1) for _ in range(8)]
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=g)
+        est = [torch.rand(p.shape, generator=g) for p in ps]
+        opt = make(ps)
+        step(opt, est)  # states created, a first estimate in
+        runs.append((name, opt, step, est))
+    out = {name: ([], [], []) for name, *_ in runs}
+    for rep in range(args.reps):
+        for name, opt, step, est in runs:
+            for refresh in (False, True):
+                c = copy()
+                t0 = time.perf_counter()
+                step(opt, est if refresh else None)
+                dt = time.perf_counter() - t0
+                out[name][1 if refresh else 0].append(dt)
+                if not refresh:
+                    out[name][2].append(dt / c)
+    return {k: tuple(statistics.median(x) for x in v) for k, v in out.items()}
+
+
 def main(args):
     torch.set_num_threads(args.threads)
     times = time_routes(args)
@@ -185,6 +259,12 @@ def main(args):
               "| method | seconds | lambda_max | Hessian-vector products |", "|---|---|---|---|"]
     for name, secs, val, n in eig:
         lines.append(f"| {name} | {secs:.2f} | {val:.4f} | {n if n is not None else '-'} |")
+    sophia = time_sophia(args)
+    lines += ["", f"Sophia optimizer steps, {args.n} parameters in 8 fp32 tensors (the estimate "
+              "given, not computed):", "",
+              "| optimizer | plain step ms | x copy | refresh step ms |", "|---|---|---|---|"]
+    for name, (plain, refresh, xcopy) in sophia.items():
+        lines.append(f"| {name} | {plain * 1e3:.2f} | {xcopy:.2f} | {refresh * 1e3:.2f} |")
     text = "\n".join(lines)
     print("\n" + text)
     os.makedirs(args.out, exist_ok=True)
@@ -192,7 +272,7 @@ def main(args):
         f.write(text + "\n")
     with open(os.path.join(args.out, "hessian_results.json"), "w") as f:
         json.dump({"times_s": times, "extra_peak_mib": memory,
-                   "eigen": [list(r) for r in eig]}, f, indent=1)
+                   "eigen": [list(r) for r in eig], "sophia_s": sophia}, f, indent=1)
 
 
 if __name__ == "__main__":
