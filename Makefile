@@ -59,6 +59,10 @@ bench: build
 	$(PY) bench/run.py
 	$(PY) bench/optim_bench.py --torchao
 	$(PY) bench/clip_bench.py
+	# the curvature bench's peers (their only requirement, torch, is already in; --no-deps
+	# keeps pip from resolving another torch)
+	$(PY) -m pip install -q --no-deps sophia-opt==0.2.2 pyhessian==0.1
+	$(PY) bench/hessian_bench.py
 
 clean:
 	rm -rf build $(VENV) $(NEWEST_VENV) python/lowbit/*.so *.egg-info
