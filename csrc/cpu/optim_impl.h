@@ -27,6 +27,9 @@ namespace LOWBIT_ISA_NS {
 
 // Work unit: a multiple of every state block size (<= 4096, powers of two).
 static const int64_t kOptChunk = 4096;
+// The Hessian estimate of a curvature step that does not refresh (read by the rule's selects,
+// never used).
+static const float kZeroRun[kOptChunk] = {};
 
 // Codes of elements [begin, begin+len) of a state -> fp32 values in `out` (out[0] = element begin).
 template <int NCODE>
@@ -91,7 +94,8 @@ static void update_run(const OptArgs& a, const OptTensor& t, int64_t begin, int6
   const P* __restrict g = (const P*)t.g + begin;
   P* __restrict comp = WB == kWbKahan ? (P*)t.comp + begin : nullptr;
   const uint32_t* __restrict r = rbuf;
-  const float* __restrict hz = HESS ? t.hess + begin : nullptr;  // the Hessian estimate
+  // the Hessian estimate (zeros when this step does not refresh: never read then)
+  const float* __restrict hz = HESS ? (t.hess ? t.hess + begin : kZeroRun) : nullptr;
   const Fmt fmt = fmt_of(DT);
   int32_t clipped = 0;  // (runs are at most kOptChunk elements)
   for (int64_t s0 = 0, j = 0; s0 < len; s0 += sub, ++j) {
@@ -102,8 +106,8 @@ static void update_run(const OptArgs& a, const OptTensor& t, int64_t begin, int6
       float x = widen<DT>(p[i]);
       if (WB == kWbKahan) x = x + widen<DT>(comp[i]);
       float s1 = NST >= 1 ? m[i] : 0.0f, s2 = NST >= 2 ? v[i] : 0.0f;
-      const bool c = update_rule<KIND, CLIP, SPIKE, true>(fs, flags, x, widen<DT>(g[i]), s1, s2,
-                                                          ct, HESS ? hz[i] : 0.0f);
+      const bool c = update_rule<KIND, CLIP, SPIKE, true, HESS>(fs, flags, x, widen<DT>(g[i]),
+                                                                s1, s2, ct, HESS ? hz[i] : 0.0f);
       if (CLIP) clipped += c ? 1 : 0;
       if (NST >= 1) m[i] = s1;
       if (NST >= 2) v[i] = s2;
@@ -525,12 +529,13 @@ static void run_layout(const OptimCpuArgs& ca) {
 }
 
 // Three instances: plain, clipping without the spike clip, and (Adam only) with it; Adam
-// (AdaHessian) and Sophia have a fourth that reads the Hessian estimate (kHessEma).
+// (AdaHessian) and Sophia have a fourth with the curvature flags (HESS: it reads the Hessian
+// estimate of refresh steps).
 template <int KIND, int DT, int WB, int NST, int NCODE>
 static void by_clip(const OptimCpuArgs& ca) {
   const int flags = ca.a.s.flags;
   if constexpr (KIND == kAdam || KIND == kSophia) {
-    if (flags & kHessEma) return run_layout<KIND, DT, WB, NST, NCODE, true, false, true>(ca);
+    if (flags & kCurvFlags) return run_layout<KIND, DT, WB, NST, NCODE, true, false, true>(ca);
   }
   if constexpr (KIND == kAdam) {
     if (flags & kSpikeClip) return run_layout<KIND, DT, WB, NST, NCODE, true, true, false>(ca);

@@ -8,9 +8,10 @@
 // reference bit for bit; these kernels only add the parallel structure.
 //
 // Every kernel is a template over the rule, the param dtype, the write-back, the number of states,
-// whether it reads a Hessian estimate (HESS: kHessEma, Adam and Sophia only, so the plain
-// instances never load it) and (quantized states) the codebook size and elements per thread, so
-// each instance is branch-free except for the flags (selects, as in optim_math.h).
+// whether it has the curvature flags (HESS: Adam and Sophia only; it reads the Hessian estimate
+// with kHessEma, and the plain instances never load it) and (quantized states) the codebook size
+// and elements per thread, so each instance is branch-free except for the flags (selects, as in
+// optim_math.h).
 //
 // Multi-tensor table: the per-tensor pointers, keys and block prefix sums travel BY VALUE as a
 // kernel parameter (OptChunk, 3.5 KB: kernel parameters must stay within the classic 4 KB limit,
@@ -125,16 +126,18 @@ __device__ __forceinline__ void count_clipped(const OptChunk& c, int t, int64_t 
 }
 
 // One element k of tensor (p, g, comp, key, hess): load the fp32 value, apply rule KIND to it and
-// to the fp32 states s1, s2 (updated in place), store it back. HESS: pass the element's Hessian
-// estimate hess[k] to the rule (other instances never touch hess, which is null for them).
+// to the fp32 states s1, s2 (updated in place), store it back. HESS: the rule with the curvature
+// flags, and the element's Hessian estimate hess[k] when the step refreshes (kHessEma; hess is
+// null otherwise, and other instances never touch it).
 // Returns whether an element-wise clip changed the gradient.
 template <int KIND, int DT, int WB, bool HESS>
 __device__ __forceinline__ bool step_element(const Scalars& s, const OptClipRow& ct, void* p,
                                              const void* g, void* comp, const float* hess,
                                              uint64_t key, int64_t k, float& s1, float& s2) {
   float x = load_param(p, comp, DT, WB, k);
-  const float h = HESS ? hess[k] : 0.0f;
-  const bool clipped = update_rule<KIND>(s.f, s.flags, x, load_f32(g, DT, k), s1, s2, ct, h);
+  const float h = HESS && (s.flags & kHessEma) ? hess[k] : 0.0f;
+  const bool clipped = update_rule<KIND, true, true, false, HESS>(s.f, s.flags, x,
+                                                                  load_f32(g, DT, k), s1, s2, ct, h);
   store_param(p, comp, DT, WB, key, k, x);
   return clipped;
 }
@@ -776,15 +779,16 @@ cudaError_t by_dtype(const OptArgs& a, cudaStream_t stream) {
   }
 }
 
-// The instance that reads the Hessian estimate only when the step refreshes from it (kHessEma):
-// Adam (AdaHessian) and Sophia, the rules that have one (valid_args).
+// The instance with the curvature flags (update_rule's CURV), which reads the Hessian estimate
+// on the steps that refresh from it (kHessEma): Adam (AdaHessian) and Sophia, the rules that
+// have them (valid_args).
 template <int KIND>
 cudaError_t by_hess(const OptArgs& a, cudaStream_t stream) {
-  if (a.s.flags & kHessEma) return by_dtype<KIND, true>(a, stream);
+  if (a.s.flags & kCurvFlags) return by_dtype<KIND, true>(a, stream);
   return by_dtype<KIND, false>(a, stream);
 }
 
-constexpr int kHessFlags = kHessEma | kHessV | kQuarter | kSophiaAddEps;
+constexpr int kHessFlags = kCurvFlags;
 
 // The argument combinations the kernels implement (optim_call checks the same for Python).
 bool valid_args(const OptArgs& a) {

@@ -37,10 +37,10 @@ enum OptFlag : int {
 };
 
 // Every flag that only lowbit.clip's policies set: kernels without them compile the plain rule.
-// (the curvature flags are "clip" flags in this sense: only the full rule has them)
 constexpr int kAnyClip = kValueClip | kTensorScale | kAdaClip | kNormScale | kSpikeClip |
-                         kReset | kDecayAfter | kUpdateScale | kHessEma | kHessV | kQuarter |
-                         kSophiaAddEps;
+                         kReset | kDecayAfter | kUpdateScale;
+// The curvature optimizers' flags: only update_rule<..., CURV = true> reads them.
+constexpr int kCurvFlags = kHessEma | kHessV | kQuarter | kSophiaAddEps;
 
 // How the new fp32 parameter is stored (reference.optim.WRITEBACK).
 enum WriteBack : int {
@@ -179,22 +179,27 @@ LOWBIT_HD float adam_decay_factor(const float* f, int flags, const OptClipRow& c
 // the spike clip (flags & kSpikeClip must be 0): the CPU's plain steps pay nothing for them, and
 // only SPAM's pay for the spike clip's square root. ct: the tensor's clip row. Returns whether an
 // element-wise clip (value clip, AdaClip, spike clip) changed the gradient.
+// CURV = false compiles the rule without the curvature flags (flags & kCurvFlags must then be
+// 0): their selects, and AdaHessian's second square root, cost the CPU's other steps nothing.
 // h: the Hessian-diagonal estimate of this element (read with kHessEma only).
-template <int KIND, bool CLIP = true, bool SPIKE = CLIP, bool ALL = false>
+template <int KIND, bool CLIP = true, bool SPIKE = CLIP, bool ALL = false, bool CURV = false>
 LOWBIT_HD bool update_rule(const float* f, int flags, float& p, float g, float& s1, float& s2,
                            const OptClipRow& ct, float h = 0.0f) {
   const float decay = KIND == kAdam ? adam_decay_factor<CLIP>(f, flags, ct) : f[0];
   bool clipped;
   g = rule_grad<KIND, CLIP, SPIKE, ALL>(f, flags, p, g, s1, s2, ct, decay, clipped);
-  const bool hess_ema = CLIP && (flags & kHessEma);
+  const bool hess_ema = CURV && (flags & kHessEma);
   if (KIND == kAdam) {
     s1 = add_rn(s1, mul_rn(f[2], sub_rn(g, s1)));
-    if (CLIP && (flags & kHessV)) {  // AdaHessian: v follows the Hessian estimate, not g
-      s2 = hess_ema ? adam_second_moment(f, s2, h) : s2;
+    const float v_g = adam_second_moment(f, s2, g);
+    if (CURV) {  // AdaHessian (kHessV): v follows the Hessian estimate, not g
+      const float v_h = hess_ema ? adam_second_moment(f, s2, h) : s2;
+      s2 = (flags & kHessV) ? v_h : v_g;
     } else {
-      s2 = adam_second_moment(f, s2, g);
+      s2 = v_g;
     }
-    const float root = (CLIP && (flags & kQuarter)) ? sqrt_rn(sqrt_rn(s2)) : sqrt_rn(s2);
+    float root = sqrt_rn(s2);
+    if (CURV) root = (flags & kQuarter) ? sqrt_rn(root) : root;
     const float d = add_rn(root, f[5]);
     const float step = (CLIP && (flags & kUpdateScale)) ? ct.step : f[6];
     p = sub_rn(p, mul_rn(step, div_rn(s1, d)));
@@ -202,7 +207,7 @@ LOWBIT_HD bool update_rule(const float* f, int flags, float& p, float g, float& 
     s1 = add_rn(s1, mul_rn(f[2], sub_rn(g, s1)));
     s2 = hess_ema ? add_rn(mul_rn(s2, f[3]), mul_rn(f[4], h)) : s2;
     const float gh = mul_rn(f[1], s2);
-    const float d = (CLIP && (flags & kSophiaAddEps)) ? add_rn(gh, f[5]) : (gh > f[5] ? gh : f[5]);
+    const float d = (CURV && (flags & kSophiaAddEps)) ? add_rn(gh, f[5]) : (gh > f[5] ? gh : f[5]);
     float u = div_rn(s1, d);
     u = u > f[7] ? f[7] : (u < -f[7] ? -f[7] : u);
     p = sub_rn(p, mul_rn(f[6], u));

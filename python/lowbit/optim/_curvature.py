@@ -36,7 +36,6 @@ FloatingPointError with nonfinite="raise".
 import torch
 
 from .. import ops
-
 from ..hessian.probes import probe as _probe
 from ..hessian._vectors import check_loss, require_graph
 from ..hessian.hvp import second_backward
