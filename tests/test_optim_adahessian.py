@@ -14,7 +14,8 @@ from lowbit.optim._curvature import probe_seed
 from lowbit.optim.adahessian import spatial_average
 from lowbit.reference import curvature as cref
 from conftest import kernel_backend_params
-from curvature_helpers import EmaBound, block_absmax, fp32_states, quant_delta, same_state
+from curvature_helpers import (EmaBound, block_absmax, fp32_states, quant_delta, same_state,
+                               softmax_regression_optimum)
 
 SHAPES = [(7,), (5, 6), (2, 3, 2, 2)]
 NONE = (1, 1, 1, 1)
@@ -120,17 +121,7 @@ def test_solves_softmax_regression():
     X = torch.randn(300, 5, generator=g)
     y = torch.multinomial(torch.softmax(X @ torch.randn(3, 5, generator=g).T, 1), 1,
                           generator=g).squeeze(1)
-    W = torch.zeros(3, 5, dtype=torch.float64, requires_grad=True)
-    lbfgs = torch.optim.LBFGS([W], max_iter=200, tolerance_grad=1e-12,
-                              line_search_fn="strong_wolfe")
-
-    def closure():
-        lbfgs.zero_grad()
-        loss = torch.nn.functional.cross_entropy(X.double() @ W.T, y)
-        loss.backward()
-        return loss
-    lbfgs.step(closure)
-    best = closure().item()
+    best = softmax_regression_optimum(X, y, 3)
     V = torch.nn.Parameter(torch.zeros(3, 5))
     opt = AdaHessian([V], lr=0.15, backend="cpu")
     first = None

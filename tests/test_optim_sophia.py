@@ -18,7 +18,8 @@ from lowbit.optim import SophiaG, SophiaG4bit, SophiaG8bit, SophiaH, SophiaH4bit
 from lowbit.optim._curvature import probe_seed
 from lowbit.reference import curvature as cref
 from conftest import kernel_backend_params
-from curvature_helpers import EmaBound, block_absmax, fp32_states, quant_delta, same_state
+from curvature_helpers import (EmaBound, block_absmax, fp32_states, quant_delta, same_state,
+                               softmax_regression_optimum)
 
 SHAPES = [(7,), (5, 6), (3, 4, 2)]
 
@@ -242,23 +243,9 @@ def _softmax_data(N=300, d=5, C=3, seed=0):
     return X, y
 
 
-def _optimum(X, y, C):
-    W = torch.zeros(C, X.shape[1], dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([W], lr=1, max_iter=200, tolerance_grad=1e-12,
-                            line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(X.double() @ W.T, y)
-        loss.backward()
-        return loss
-    opt.step(closure)
-    return closure().item()
-
-
 def test_sophiah_and_sophiag_solve_softmax_regression():
     X, y = _softmax_data()
-    best = _optimum(X, y, 3)
+    best = softmax_regression_optimum(X, y, 3)
     W = torch.nn.Parameter(torch.zeros(3, 5))
     loss0 = torch.nn.functional.cross_entropy(X @ W.T, y).item()
     opt = SophiaH([W], lr=0.5, p=1.0, betas=(0.9, 0.99), update_period=2,
