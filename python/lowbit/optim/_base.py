@@ -389,7 +389,8 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
         backend = ops.resolve_backend(self.backend, device)
         capture = None
         if tau is not None:
-            capture = (torch.zeros((len(grads), self._capture_capacity), device=device),
+            # (the rows are read only up to each count: no need to clear them)
+            capture = (torch.empty((len(grads), self._capture_capacity), device=device),
                        torch.zeros(len(grads), dtype=torch.int64, device=device))
             stats = ops.grad_stats(grads, backend, tau=tau.to(device), over=capture[0],
                                    over_count=capture[1])
