@@ -1,0 +1,1 @@
+"""Runnable examples: the low-precision pretraining demo (python -m lowbit.examples.pretrain)."""

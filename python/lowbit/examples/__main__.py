@@ -1,0 +1,5 @@
+import sys
+
+from .pretrain import main
+
+sys.exit(main())
