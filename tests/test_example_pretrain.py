@@ -10,9 +10,11 @@ import torch
 from lowbit.examples import corpus as data
 from lowbit.examples.model import Decoder, DecoderConfig, apply_rotary, lm_loss, rotary_tables
 from lowbit.examples.pretrain import PRESETS, estimate_memory, main
+from lowbit.examples.report import write_plots
 from lowbit.examples.runs import DEFAULT_RUNS, RunSpec, build_optimizer, parse_runs
 from lowbit.examples.train import TrainConfig, train_run
 
+PNG = b"\x89PNG\r\n\x1a\n"
 TINY = DecoderConfig(dim=32, n_layers=2, n_heads=2, seq_len=16)
 
 
@@ -180,7 +182,27 @@ def test_whole_tiny_demo(tmp_path, capsys):
         assert summary["val_loss"] < losses[0] and not summary["diverged"]
         assert run in text and run in (out / "summary.md").read_text()
     for png in ("loss_curves.png", "memory.png"):
-        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (out / png).read_bytes()[:8] == PNG
+
+
+def test_sharpness_curve(tmp_path):
+    folder = _text_folder(tmp_path / "texts")
+    spec = parse_runs("lowbit-adamw8bit")[0]
+    cfg = TrainConfig(model=TINY, batch_size=4, steps=12, warmup=2, eval_every=6, eval_batches=1,
+                      sharpness_every=4)
+    summary = train_run(spec, cfg, folder, str(tmp_path), resume=False)
+    d = tmp_path / "runs" / "lowbit-adamw8bit_fp32"
+    with open(d / "sharpness.csv", newline="") as f:
+        sharp = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in sharp] == [4, 8, 12]
+    # Adam's preconditioned sharpness, against its 38/lr threshold
+    assert all(float(r["sharpness"]) > 0 and r["rule"] == "adam" for r in sharp), sharp
+    assert {r["hvp_method"] for r in sharp} == {"double_backward"}  # exact HVPs, not FD
+    written = write_plots({spec.name: str(d / "steps.csv")}, [summary],
+                          {spec.name: str(d / "sharpness.csv")}, str(tmp_path))
+    assert [os.path.basename(p) for p in written] == ["loss_curves.png", "memory.png",
+                                                      "sharpness.png"]
+    assert (tmp_path / "sharpness.png").read_bytes()[:8] == PNG
 
 
 # ---- resume ---------------------------------------------------------------------------------------

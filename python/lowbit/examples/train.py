@@ -225,11 +225,20 @@ def _sophia_refresh(optimizer, model, x, step, seed):
 def _sharpness_monitor(cfg, model, optimizer, corpus, out, spec):
     if not cfg.sharpness_every:
         return None
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     from lowbit.hessian import SharpnessMonitor
     x, y = data.batch(corpus.train, -1_000_000, cfg.batch_size, cfg.model.seq_len, cfg.seed)
     xf = x[: max(1, cfg.batch_size // 4)]
     yf = y[: xf.shape[0]]
-    return SharpnessMonitor(lambda: lm_loss(model(xf), yf), model, every=cfg.sharpness_every,
+
+    def probe_loss():
+        # SDPA's math kernel: CPU flash attention has no double backward, which would force the
+        # HVPs onto finite differences (lowbit.hessian.hvp's auto route warns about it)
+        with sdpa_kernel(SDPBackend.MATH):
+            return lm_loss(model(xf), yf)
+
+    return SharpnessMonitor(probe_loss, model, every=cfg.sharpness_every,
                             optimizer=optimizer, max_steps=20, tol=1e-2, seed=cfg.seed,
                             csv_path=os.path.join(run_dir(out, spec), "sharpness.csv"))
 
