@@ -51,12 +51,12 @@ test-slow: build
 # optimizer-step and clipped-step benchmark tables on the embedded default input (2**24 fp32
 # elements).
 demo: build
-	$(PY) bench/run.py --quick
+	$(PY) bench/quant_bench.py --quick
 	$(PY) bench/optim_bench.py --quick
 	$(PY) bench/clip_bench.py --quick
 
 bench: build
-	$(PY) bench/run.py
+	$(PY) bench/quant_bench.py
 	$(PY) bench/optim_bench.py --torchao
 	$(PY) bench/clip_bench.py
 	# the curvature bench's peers (their only requirement, torch, is already in; --no-deps

@@ -15,23 +15,25 @@ every number compared only against baselines measured in the same run:
     the same op are charged the same bytes, so GB/s is an effective rate comparable across rows;
     a copy of fp32 is charged 8 B/elem (read + write), a uint8 copy 2 B/elem.
 
-The process re-executes itself once with glibc malloc set to never return large blocks to the
+The process re-executes itself once (bench/_timing.py) with glibc malloc set to never return large blocks to the
 OS (MALLOC_MMAP_MAX_=0, MALLOC_TRIM_THRESHOLD_ huge), so repeated 64 MB output allocations reuse
 memory instead of page-faulting fresh mmaps on every call (--no-malloc-tune to disable).
 
-Usage: python bench/run.py [--quick] [--n N] [--threads T] [--reps R] [--torchao-compile]
-Writes bench/out/report.md, bench/out/results.json and (with matplotlib) bench/out/quant_bench.png.
+Usage: python bench/quant_bench.py [--quick] [--n N] [--threads T] [--reps R] [--torchao-compile]
+Writes bench/out/quant_report.md, quant_results.json and (with matplotlib) quant_bench.png.
+`python bench/run.py` runs these rows with the other families in one report; `collect` is the
+function it calls.
 """
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
 import sys
 import time
 
-_REEXEC_FLAG = "LOWBIT_BENCH_REEXEC"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import Bench, Timing, reexec_steady, timed_plain  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -67,101 +69,11 @@ def parse_args(argv=None):
     return args
 
 
-def maybe_reexec(args):
-    """Re-run this script once with a steady malloc and the thread count in the environment
-    (both must be set before the process starts)."""
-    if os.environ.get(_REEXEC_FLAG) == "1":
-        return
-    env = dict(os.environ)
-    env[_REEXEC_FLAG] = "1"
-    env.setdefault("OMP_NUM_THREADS", str(args.threads))
-    if not args.no_malloc_tune:
-        env.setdefault("MALLOC_MMAP_MAX_", "0")
-        env.setdefault("MALLOC_TRIM_THRESHOLD_", str(1 << 40))
-    sys.stdout.flush()
-    try:
-        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__)] + sys.argv[1:], env)
-    except OSError as e:  # run in-process without the tuning rather than not at all
-        print(f"note: could not re-exec with the malloc setting ({e}); continuing without it")
-
-
 if __name__ == "__main__":
     ARGS = parse_args()
-    maybe_reexec(ARGS)
+    reexec_steady(__file__, ARGS.threads, not ARGS.no_malloc_tune)
 
 import torch  # noqa: E402  (after the re-exec, so the environment is in place)
-
-# ------------------------------------------------------------------------------------------
-# timing
-
-
-class Timing:
-    def __init__(self, times, copies, median=None, min_=None):
-        self.times = times      # seconds, one per timed repetition
-        self.copies = copies    # seconds of the fp32 copy timed just before each repetition
-        self._median, self._min = median, min_   # set for derived (summed) timings
-
-    @property
-    def median(self):
-        return self._median if self._median is not None else statistics.median(self.times)
-
-    @property
-    def min(self):
-        return self._min if self._min is not None else min(self.times)
-
-    @property
-    def copy_median(self):
-        return statistics.median(self.copies)
-
-
-class Bench:
-    def __init__(self, x, args):
-        self.args = args
-        self.n = x.numel()
-        # copy baseline on its own buffers, so it does not warm the op's input in cache
-        self.copy_src = torch.randn(self.n)
-        self.copy_dst = torch.empty_like(self.copy_src)
-        self.all_copies = []
-
-    def copy_once(self):
-        t0 = time.perf_counter()
-        self.copy_dst.copy_(self.copy_src)
-        return time.perf_counter() - t0
-
-    def time(self, fn, warmup=None):
-        a = self.args
-        for _ in range(a.warmup if warmup is None else warmup):
-            out = fn()
-            del out
-        self.copy_once()
-        times, copies = [], []
-        start = time.perf_counter()
-        for i in range(a.reps):
-            copies.append(self.copy_once())
-            t0 = time.perf_counter()
-            out = fn()
-            times.append(time.perf_counter() - t0)
-            del out
-            if i + 1 >= a.min_reps and time.perf_counter() - start > a.max_seconds:
-                break
-        self.all_copies += copies
-        return Timing(times, copies)
-
-
-def timed_plain(fn, args):
-    """Timing of a baseline with no interleaved copy (the copy rows themselves)."""
-    for _ in range(args.warmup):
-        fn()
-    times = []
-    start = time.perf_counter()
-    for i in range(max(args.reps, 5)):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-        if i + 1 >= max(args.min_reps, 5) and time.perf_counter() - start > args.max_seconds:
-            break
-    return Timing(times, times)
-
 
 # ------------------------------------------------------------------------------------------
 # rows and tables
@@ -319,27 +231,16 @@ def mean_abs(a, b):
     return (a.float().reshape(-1) - b.float().reshape(-1)).abs().mean().item()
 
 
-def run(args):
+def require_lowbit_cpu():
     import lowbit
     if lowbit._ext.C is None or "cpu" not in lowbit.available_backends():
         sys.exit("lowbit's CPU module (lowbit._C) is not built; run `make build` first")
-    torch.set_num_threads(args.threads)
-    if args.wait_quiet > 0:
-        deadline = time.time() + args.wait_quiet
-        while os.getloadavg()[0] >= 0.5 and time.time() < deadline:
-            time.sleep(2.0)
-        print(f"load average after waiting: {os.getloadavg()[0]:.2f}")
-    wall0 = time.perf_counter()
-    header = machine_header(args)
-    print("\n".join(header), flush=True)
 
-    torch.manual_seed(args.seed)
-    n = args.n
-    x = torch.randn(n)
-    bench = Bench(x, args)
 
-    # -- bandwidth baselines ---------------------------------------------------------------
-    print("timing (live):", flush=True)
+def copy_baselines(bench, args):
+    """The fp32 and uint8 memory-copy rows (no interleaving: they are the baselines); returns
+    the fp32 copy's Timing."""
+    n = bench.n
     t_copy = timed_plain(lambda: bench.copy_dst.copy_(bench.copy_src), args)
     add_row("bandwidth", "copy fp32", "torch dst.copy_(src)", "baseline", 8 * n, t_copy,
             note=f"{4 * n / 2**20:.0f} MiB read + written")
@@ -348,7 +249,16 @@ def run(args):
     t_u8 = timed_plain(lambda: u8_dst.copy_(u8_src), args)
     add_row("bandwidth", "copy uint8", "torch dst.copy_(src)", "baseline", 2 * n, t_u8,
             note=f"{n / 2**20:.0f} MiB read + written")
-    del u8_src, u8_dst
+    return t_copy
+
+
+def collect(args, x, bench, families=("quantize", "sr")):
+    """Time the block-wise quantization rows ("quantize": quantize, dequantize and their sum)
+    and/or the stochastic-rounding rows ("sr") on x with the copy-interleaved `bench`; returns
+    the rows added to ROWS (NOTES gets the skipped peers)."""
+    import lowbit
+    first = len(ROWS)
+    n = x.numel()
 
     def add(family, group, label, kind, nbytes, timing, err=None, note=""):
         r = add_row(family, group, label, kind, nbytes, timing, err, note)
@@ -372,7 +282,7 @@ def run(args):
     # -- block-wise quantization ------------------------------------------------------------
     formats = [("dynamic", 256, "dyn8 b256"), ("nf4", 64, "nf4 b64"), ("dynamic4", 128, "dyn4 b128")]
     sr_seed = 1234
-    for code, bs, group in formats:
+    for code, bs, group in (formats if "quantize" in families else []):
         book = lowbit.codebook(code)
         bits = 4 if book.numel() == 16 else 8
         nblocks = -(-n // bs)
@@ -466,7 +376,7 @@ def run(args):
 
     # -- stochastic rounding ----------------------------------------------------------------
     targets = [(torch.bfloat16, "bf16"), (torch.float16, "fp16"), (torch.float8_e4m3fn, "e4m3")]
-    for dt, short in targets:
+    for dt, short in (targets if "sr" in families else []):
         out_bytes = 4 * n + n * torch.empty(0, dtype=dt).element_size()
         impls = [("lowbit cpu stochastic_round", "lowbit",
                   lambda dt=dt: lowbit.stochastic_round(x, dt, seed=sr_seed, backend="cpu"), "")]
@@ -486,6 +396,29 @@ def run(args):
                     "; ".join(s for s in (note, f"mean err {bias:+.2e}") if s))
             except Exception as e:  # noqa: BLE001
                 skip(f"SR {short} {label}", f"{type(e).__name__}: {e}")
+
+    return ROWS[first:]
+
+
+def run(args):
+    require_lowbit_cpu()
+    torch.set_num_threads(args.threads)
+    if args.wait_quiet > 0:
+        deadline = time.time() + args.wait_quiet
+        while os.getloadavg()[0] >= 0.5 and time.time() < deadline:
+            time.sleep(2.0)
+        print(f"load average after waiting: {os.getloadavg()[0]:.2f}")
+    wall0 = time.perf_counter()
+    header = machine_header(args)
+    print("\n".join(header), flush=True)
+
+    torch.manual_seed(args.seed)
+    n = args.n
+    x = torch.randn(n)
+    bench = Bench(n, args)
+    print("timing (live):", flush=True)
+    t_copy = copy_baselines(bench, args)
+    collect(args, x, bench)
 
     wall = time.perf_counter() - wall0
     copy_bw_all = 8 * n / statistics.median(bench.all_copies) / 1e9 if bench.all_copies else \
@@ -507,15 +440,15 @@ def run(args):
     print(text, flush=True)
 
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "report.md"), "w") as f:
+    with open(os.path.join(args.out, "quant_report.md"), "w") as f:
         f.write(text + "\n")
-    with open(os.path.join(args.out, "results.json"), "w") as f:
+    with open(os.path.join(args.out, "quant_results.json"), "w") as f:
         json.dump({"n": n, "threads": args.threads, "quick": args.quick,
                    "copy_gbps_interleaved_median": copy_bw_all,
                    "rows": [{k: (v if k != "timing" else {"times_s": v.times, "copy_s": v.copies})
                              for k, v in r.items()} for r in ROWS]}, f, indent=1)
     plot(args.out, copy_bw_all)
-    print(f"wrote {os.path.join(args.out, 'report.md')} and results.json", flush=True)
+    print(f"wrote {os.path.join(args.out, 'quant_report.md')} and quant_results.json", flush=True)
 
 
 def plot(outdir, copy_bw):
