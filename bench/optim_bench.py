@@ -106,7 +106,9 @@ def optimizers(args, dtype):
         NOTES.append(f"bitsandbytes not importable: {type(e).__name__}: {e}")
     try:
         import optimi  # torch-optimi: Kahan summation on by default for bf16 params
-        rows.append(("torch-optimi AdamW", "peer", lambda ps: optimi.AdamW(ps)))
+        rows.append(("torch-optimi AdamW", "peer",  # with torch's AdamW defaults
+                     lambda ps: optimi.AdamW(ps, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+                                             weight_decay=1e-2)))
     except Exception as e:  # noqa: BLE001 - optional peer
         NOTES.append(f"torch-optimi (optimi) not importable: {type(e).__name__}: {e}")
     if args.torchao:

@@ -31,7 +31,9 @@ def _factory(impl):
         return bnb.optim.AdamW8bit
     if impl == "optimi-AdamW":
         optimi = pytest.importorskip("optimi")  # torch-optimi
-        return optimi.AdamW
+        # torch's AdamW defaults (optimi's are betas (0.9, 0.99), eps 1e-6, lr required)
+        return lambda ps: optimi.AdamW(ps, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+                                       weight_decay=1e-2)
     raise AssertionError(impl)
 
 
