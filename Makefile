@@ -56,14 +56,15 @@ demo: build
 	$(PY) -m lowbit.examples.pretrain --out $(DEMO_OUT)
 	@echo "plots: $(DEMO_OUT)/loss_curves.png $(DEMO_OUT)/memory.png; table: $(DEMO_OUT)/summary.md"
 
+# The microbenchmark suite: every op family against the peers installed, one report with charts
+# in bench/out. The peers are the [bench] extra of pyproject.toml (listed here too: installing
+# the extra itself would rebuild lowbit); torch is already in, and none of them pins another.
+BENCH_PEERS ?= bitsandbytes torchao pytorch-optimizer==4.1.0 sophia-opt==0.2.2 pyhessian==0.1 \
+	"torch-optimi; python_version >= '3.10'" matplotlib pytest-benchmark numpy
+
 bench: build
-	$(PY) bench/run.py
-	$(PY) bench/optim_bench.py --torchao
-	$(PY) bench/clip_bench.py
-	# the curvature bench's peers (their only requirement, torch, is already in; --no-deps
-	# keeps pip from resolving another torch)
-	$(PY) -m pip install -q --no-deps sophia-opt==0.2.2 pyhessian==0.1
-	$(PY) bench/hessian_bench.py
+	$(PY) -m pip install -q $(BENCH_PEERS)
+	$(PY) bench/run.py --torchao
 
 clean:
 	rm -rf build $(VENV) $(NEWEST_VENV) python/lowbit/*.so *.egg-info

@@ -9,7 +9,8 @@ its non-finite check); "x AdamW8bit" is each row's time over it. Issue 4's targe
 SPAM / Stable-SPAM at most 1.25x, and faster than every unfused peer.
 
 Usage: python bench/clip_bench.py [--quick] [--n N] [--threads T] [--reps R]
-Writes bench/out/clip_report.md and bench/out/clip_results.json.
+Writes bench/out/clip_report.md and bench/out/clip_results.json. `python bench/run.py` runs
+these rows with the other families in one report (it calls `collect`).
 """
 import os
 import sys
@@ -39,50 +40,54 @@ class ClipThenStep:
         self.opt.step()
 
 
-def rows(dtype):
+def rows(dtype, peers=True):
+    """(label, kind, factory) of the clipped steps; kind "lowbit" or "peer" (the unfused
+    sequences of other libraries)."""
     import lowbit.optim as lo
     from lowbit import clip
     out = [
-        ("lowbit AdamW8bit (no clipping)", lambda ps: lo.AdamW8bit(ps)),
-        ("lowbit AdamW8bit + NormClip(1.0), fused", lambda ps: lo.AdamW8bit(
+        ("lowbit AdamW8bit (no clipping)", "lowbit", lambda ps: lo.AdamW8bit(ps)),
+        ("lowbit AdamW8bit + NormClip(1.0), fused", "lowbit", lambda ps: lo.AdamW8bit(
             ps, clip=clip.NormClip(1.0))),
-        ("lowbit SPAM8bit", lambda ps: lo.SPAM8bit(ps)),
-        ("lowbit StableSPAM8bit", lambda ps: lo.StableSPAM8bit(ps)),
-        ("lowbit AdaGC8bit", lambda ps: lo.AdaGC8bit(ps)),
-        ("lowbit StableSPAM4bit", lambda ps: lo.StableSPAM4bit(ps)),
-        ("lowbit StableAdamW8bit", lambda ps: lo.StableAdamW8bit(ps)),
-        ("clip_grad_norm_ + lowbit AdamW8bit", lambda ps: ClipThenStep(ps, lo.AdamW8bit(ps))),
-        ("clip_grad_norm_ + torch AdamW fused", lambda ps: ClipThenStep(
+        ("lowbit SPAM8bit", "lowbit", lambda ps: lo.SPAM8bit(ps)),
+        ("lowbit StableSPAM8bit", "lowbit", lambda ps: lo.StableSPAM8bit(ps)),
+        ("lowbit AdaGC8bit", "lowbit", lambda ps: lo.AdaGC8bit(ps)),
+        ("lowbit StableSPAM4bit", "lowbit", lambda ps: lo.StableSPAM4bit(ps)),
+        ("lowbit StableAdamW8bit", "lowbit", lambda ps: lo.StableAdamW8bit(ps)),
+        ("clip_grad_norm_ + lowbit AdamW8bit", "lowbit", lambda ps: ClipThenStep(
+            ps, lo.AdamW8bit(ps))),
+        ("clip_grad_norm_ + torch AdamW fused", "peer", lambda ps: ClipThenStep(
             ps, torch.optim.AdamW(ps, fused=True))),
     ]
+    if not peers:  # lowbit and torch only (as optim_bench --no-peers)
+        return out
     try:
         import bitsandbytes as bnb
-        out.append(("clip_grad_norm_ + bitsandbytes AdamW8bit",
+        out.append(("clip_grad_norm_ + bitsandbytes AdamW8bit", "peer",
                     lambda ps: ClipThenStep(ps, bnb.optim.AdamW8bit(ps))))
     except Exception as e:  # noqa: BLE001 - optional peer
         NOTES.append(f"bitsandbytes not importable: {type(e).__name__}: {e}")
     try:
         import pytorch_optimizer as pto
-        out += [("pytorch-optimizer SPAM (32-bit)", lambda ps: pto.SPAM(ps)),
-                ("pytorch-optimizer StableSPAM (32-bit)", lambda ps: pto.StableSPAM(ps)),
-                ("pytorch-optimizer AdaGC (32-bit)", lambda ps: pto.AdaGC(ps)),
-                ("pytorch-optimizer StableAdamW (32-bit)", lambda ps: pto.StableAdamW(ps))]
+        out += [("pytorch-optimizer SPAM (32-bit)", "peer", lambda ps: pto.SPAM(ps)),
+                ("pytorch-optimizer StableSPAM (32-bit)", "peer", lambda ps: pto.StableSPAM(ps)),
+                ("pytorch-optimizer AdaGC (32-bit)", "peer", lambda ps: pto.AdaGC(ps)),
+                ("pytorch-optimizer StableAdamW (32-bit)", "peer", lambda ps: pto.StableAdamW(ps))]
     except Exception as e:  # noqa: BLE001
         NOTES.append(f"pytorch-optimizer not importable: {type(e).__name__}: {e}")
     return out
 
 
-def main(args):
-    torch.set_num_threads(args.threads)
+def collect(args, copy):
+    """Time every clipped-step row with `copy` (ob.copy_timer(args.n)) before each step;
+    returns the result dicts."""
     n = args.n
-    copy = ob.copy_timer(n)
-
     results = []
     dtypes = [torch.float32] + ([] if args.quick else [torch.bfloat16])
-    print(f"clip bench: N = {n} params in 8 tensors, {args.threads} threads", flush=True)
     for dtype in dtypes:
         dname = str(dtype).replace("torch.", "")
-        for label, factory in rows(dtype):
+        esize = torch.empty(0, dtype=dtype).element_size()
+        for label, kind, factory in rows(dtype, peers=not args.no_peers):
             params = ob.make_params(n, 8, dtype)
             try:
                 opt = factory(params)
@@ -93,11 +98,21 @@ def main(args):
                 NOTES.append(f"{label} ({dname}): {type(e).__name__}: {e}")
                 print(f"  skip {label}: {type(e).__name__}: {e}", flush=True)
                 continue
-            results.append(dict(dtype=dname, label=label, ms=med * 1e3, copy_ms=cmed * 1e3,
-                                reps=reps, state_bytes_per_param=sbytes / n))
+            # the optimizer step's least traffic (as optim_bench); the statistics pass is extra
+            moved = 3 * esize * n + 2 * sbytes
+            results.append(dict(dtype=dname, label=label, kind=kind, ms=med * 1e3,
+                                copy_ms=cmed * 1e3, reps=reps, state_bytes_per_param=sbytes / n,
+                                bytes_per_param=moved / n))
             print(f"  {dname:<9} {label:<44} {med * 1e3:8.2f} ms  (copy {cmed * 1e3:.2f} ms)",
                   flush=True)
             del opt, params
+    return results
+
+
+def main(args):
+    torch.set_num_threads(args.threads)
+    print(f"clip bench: N = {args.n} params in 8 tensors, {args.threads} threads", flush=True)
+    results = collect(args, ob.copy_timer(args.n))
     ob.write_outputs(args, "clip", report(results, args), results, NOTES)
 
 

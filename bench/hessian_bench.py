@@ -17,8 +17,9 @@ clipped update) and refresh ones (which also fold a Hessian estimate, given, int
 estimate's own cost is the HVP's above). Each timed step follows one timed fp32 copy of N
 elements, and "x copy" is their ratio (robust to the shared machine's noise).
 
-Usage: python bench/hessian_bench.py [--quick] [--threads T] [--reps R] [--n N]
-Writes bench/out/hessian_report.md and bench/out/hessian_results.json.
+Usage: python bench/hessian_bench.py [--quick] [--threads T] [--reps R] [--n N] [--model tiny]
+Writes bench/out/hessian_report.md and bench/out/hessian_results.json. `python bench/run.py`
+runs these rows with the other families in one report (it calls `collect`).
 """
 import argparse
 import json
@@ -33,6 +34,9 @@ import torch
 import torch.nn.functional as F
 
 ROUTES = ("double_backward", "forward_over_reverse", "finite_difference", "ggn")
+# the transformer: byte vocabulary, width, layers, heads, sequence, batch
+MODELS = {"default": dict(d=128, layers=2, heads=4, seq=64, batch=8),
+          "tiny": dict(d=32, layers=1, heads=2, seq=16, batch=4)}
 
 
 def parse_args(argv=None):
@@ -41,6 +45,10 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 9)")
     p.add_argument("--n", type=int, default=2**22, help="Sophia step: parameters (default 2**22)")
+    p.add_argument("--model", choices=sorted(MODELS), default="default",
+                   help="transformer size (default: 2 layers, d=128; tiny: 1 layer, d=32)")
+    p.add_argument("--no-peers", action="store_true", help="lowbit only (no PyHessian, "
+                   "sophia-opt, pytorch-optimizer)")
     p.add_argument("--memory-route", default=None, help=argparse.SUPPRESS)  # child process
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
     a = p.parse_args(argv)
@@ -82,10 +90,17 @@ class TinyLM(torch.nn.Module):
         return self.head(x)
 
 
-def setup(seed=0):
+def describe(model="default"):
+    c = MODELS[model]
+    return (f"{c['layers']}-layer d={c['d']} byte-level transformer ({c['batch']} x {c['seq']} "
+            "tokens)")
+
+
+def setup(seed=0, model="default"):
+    c = MODELS[model]
     torch.manual_seed(seed)
-    model = TinyLM()
-    data = torch.randint(0, 256, (8, 65))
+    model = TinyLM(d=c["d"], layers=c["layers"], heads=c["heads"], seq=c["seq"])
+    data = torch.randint(0, 256, (c["batch"], c["seq"] + 1))
     x, y = data[:, :-1], data[:, 1:]
     params = [p for p in model.parameters()]
 
@@ -108,7 +123,7 @@ def route_fn(route, model, params, loss_fn, x, y, v):
 
 
 def time_routes(args):
-    model, params, loss_fn, x, y, v = setup()
+    model, params, loss_fn, x, y, v = setup(model=args.model)
     fns = {r: route_fn(r, model, params, loss_fn, x, y, v) for r in ("gradient",) + ROUTES}
     for fn in fns.values():  # warm-up (and the first-call costs of torch.func)
         fn()
@@ -121,15 +136,15 @@ def time_routes(args):
     return {r: statistics.median(ts) for r, ts in times.items()}
 
 
-def peak_rss_mib(route):
+def peak_rss_mib(route, model="default"):
     """Peak resident set of a fresh process that runs the route 3 times (MiB)."""
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-route", route],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-route", route,
+                          "--model", model], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def memory_child(route):
-    model, params, loss_fn, x, y, v = setup()
+def memory_child(route, model="default"):
+    model, params, loss_fn, x, y, v = setup(model=model)
     fn = route_fn(route, model, params, loss_fn, x, y, v)
     for _ in range(3):
         fn()
@@ -140,7 +155,7 @@ def eigen_readings(args):
     """(name, seconds, top eigenvalue, products) of lowbit's Lanczos and power iteration and of
     the installed peers on the same loss."""
     from lowbit import hessian
-    model, params, loss_fn, x, y, _ = setup()
+    model, params, loss_fn, x, y, _ = setup(model=args.model)
     rows = []
     for method in ("lanczos", "power"):
         op = hessian.HessianOperator(loss_fn, params)
@@ -151,6 +166,8 @@ def eigen_readings(args):
             res = hessian.power_iteration(op, 1, seed=1)
         rows.append((f"lowbit {method}", time.perf_counter() - t0,
                      float(res.eigenvalues[0]), res.num_matvecs))
+    if args.no_peers:
+        return rows
     try:
         from pyhessian import hessian as pyh  # noqa: F401
         crit = torch.nn.CrossEntropyLoss()
@@ -172,13 +189,13 @@ def eigen_readings(args):
     return rows
 
 
-def monitor_readings():
+def monitor_readings(args):
     """(reading, seconds, Hessian-vector products) of SharpnessMonitor on the transformer: a
     cold reading, then readings warm-started from the previous eigenvector after one AdamW step
     each."""
     from lowbit import hessian
     import lowbit.optim as lo
-    model, params, loss_fn, x, y, _ = setup()
+    model, params, loss_fn, x, y, _ = setup(model=args.model)
     opt = lo.AdamW(params, lr=1e-4)
     mon = hessian.SharpnessMonitor(loss_fn, params, every=1, optimizer=opt, module=model)
     rows = []
@@ -192,8 +209,9 @@ def monitor_readings():
     return rows
 
 
-def sophia_rows():
-    """(name, make(params) -> optimizer, step(opt, estimate or None)) of the Sophia steps."""
+def sophia_rows(peers=True):
+    """(name, make(params) -> optimizer, step(opt, estimate or None)) of the Sophia steps; the
+    peers' names do not start with "lowbit"."""
     import lowbit.optim as lo
     rows = [("lowbit SophiaG (32-bit states)", lambda ps: lo.SophiaG(ps),
              lambda o, e: o.step(bs=5120, hessian=e)),
@@ -203,6 +221,8 @@ def sophia_rows():
              lambda o, e: o.step(hessian=e)),
             ("lowbit SophiaH8bit", lambda ps: lo.SophiaH8bit(ps, update_period=10**9),
              lambda o, e: o.step(hessian=e))]
+    if not peers:
+        return rows
     try:
         import sophia_opt
 
@@ -229,11 +249,12 @@ def sophia_rows():
 
 
 def time_sophia(args):
-    """{name: (plain step s, refresh step s, plain x copy)} medians over interleaved steps."""
+    """{name: (plain step s, refresh step s, plain x copy, copy s, state bytes)}: medians over
+    interleaved steps, and the optimizer-state bytes."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from optim_bench import copy_timer
+    from optim_bench import copy_timer, state_bytes
     copy = copy_timer(args.n)
-    rows = sophia_rows()
+    rows = sophia_rows(peers=not args.no_peers)
     g = torch.Generator().manual_seed(0)
     runs = []
     for name, make, step in rows:
@@ -244,7 +265,7 @@ def time_sophia(args):
         opt = make(ps)
         step(opt, est)  # states created, a first estimate in
         runs.append((name, opt, step, est))
-    out = {name: ([], [], []) for name, *_ in runs}
+    out = {name: ([], [], [], []) for name, *_ in runs}
     for rep in range(args.reps):
         for name, opt, step, est in runs:
             for refresh in (False, True):
@@ -255,18 +276,31 @@ def time_sophia(args):
                 out[name][1 if refresh else 0].append(dt)
                 if not refresh:
                     out[name][2].append(dt / c)
-    return {k: tuple(statistics.median(x) for x in v) for k, v in out.items()}
+                    out[name][3].append(c)
+    sbytes = {name: state_bytes(opt) for name, opt, *_ in runs}
+    return {k: tuple(statistics.median(x) for x in v) + (sbytes[k],) for k, v in out.items()}
+
+
+def collect(args):
+    """All the measurements: {"times_s": route -> median s (and "gradient"), "extra_peak_mib":
+    route -> MiB (not with --quick), "eigen": [(name, s, lambda_max, products)], "monitor":
+    [(reading, s, products)], "sophia_s": name -> (plain s, refresh s, plain x copy, copy s,
+    state bytes)}."""
+    times = time_routes(args)
+    memory = {}
+    if not args.quick:
+        base = peak_rss_mib("gradient", args.model)
+        memory = {r: peak_rss_mib(r, args.model) - base for r in ROUTES}
+    return {"times_s": times, "extra_peak_mib": memory, "eigen": eigen_readings(args),
+            "monitor": monitor_readings(args), "sophia_s": time_sophia(args)}
 
 
 def main(args):
     torch.set_num_threads(args.threads)
-    times = time_routes(args)
+    res = collect(args)
+    times, memory = res["times_s"], res["extra_peak_mib"]
     grad = times["gradient"]
-    memory = {}
-    if not args.quick:
-        base = peak_rss_mib("gradient")
-        memory = {r: peak_rss_mib(r) - base for r in ROUTES}
-    lines = [f"Hessian-vector products on a 2-layer d=128 byte-level transformer (8 x 64 tokens), "
+    lines = [f"Hessian-vector products on a {describe(args.model)}, "
              f"CPU, {args.threads} threads (`python bench/hessian_bench.py"
              f"{' --quick' if args.quick else ''}`).", "",
              "| route | ms | x one gradient | extra peak memory (MiB) |", "|---|---|---|---|",
@@ -274,20 +308,20 @@ def main(args):
     for r in ROUTES:
         mem = f"{memory[r]:.0f}" if r in memory else "-"
         lines.append(f"| {r} | {times[r] * 1e3:.2f} | {times[r] / grad:.2f} | {mem} |")
-    eig = eigen_readings(args)
+    eig = res["eigen"]
     lines += ["", "Top Hessian eigenvalue of the same loss:", "",
               "| method | seconds | lambda_max | Hessian-vector products |", "|---|---|---|---|"]
     for name, secs, val, n in eig:
         lines.append(f"| {name} | {secs:.2f} | {val:.4f} | {n if n is not None else '-'} |")
-    mon = monitor_readings()
+    mon = res["monitor"]
     lines += ["", "SharpnessMonitor readings (λ_max of the AdamW-preconditioned Hessian, Lanczos):",
               "", "| reading | seconds | Hessian-vector products |", "|---|---|---|"]
     lines += [f"| {name} | {secs:.2f} | {n} |" for name, secs, n in mon]
-    sophia = time_sophia(args)
+    sophia = res["sophia_s"]
     lines += ["", f"Sophia optimizer steps, {args.n} parameters in 8 fp32 tensors (the estimate "
               "given, not computed):", "",
               "| optimizer | plain step ms | x copy | refresh step ms |", "|---|---|---|---|"]
-    for name, (plain, refresh, xcopy) in sophia.items():
+    for name, (plain, refresh, xcopy, *_rest) in sophia.items():
         lines.append(f"| {name} | {plain * 1e3:.2f} | {xcopy:.2f} | {refresh * 1e3:.2f} |")
     text = "\n".join(lines)
     print("\n" + text)
@@ -304,6 +338,6 @@ if __name__ == "__main__":
     a = parse_args()
     if a.memory_route:
         torch.set_num_threads(a.threads)
-        memory_child(a.memory_route)
+        memory_child(a.memory_route, a.model)
     else:
         main(a)

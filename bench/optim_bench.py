@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Optimizer-step benchmark: lowbit's fused steps vs torch.optim (for-loop, foreach, fused),
-bitsandbytes and torchao (those installed), on the CPU, side by side in one run.
+bitsandbytes, torch-optimi and torchao (those installed), on the CPU, side by side in one run.
 
 Layouts: N parameters (default 2**24) in 8 equal tensors, and the same N in 500 small tensors
 (launch / per-tensor overhead). Parameter dtypes fp32 and bf16; gradients random, fixed. Every
@@ -13,14 +13,16 @@ grad read, every state tensor read+write (codes and absmax included), kahan comp
 read+write. "state B/param" is the optimizer-state memory per parameter.
 
 Usage: python bench/optim_bench.py [--quick] [--n N] [--threads T] [--no-peers] [--torchao]
-Writes bench/out/optim_report.md and bench/out/optim_results.json.
+Writes bench/out/optim_report.md and bench/out/optim_results.json. `python bench/run.py` runs
+these rows with the other families in one report (it calls `collect`).
 """
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import copy_timer, time_steps  # noqa: E402,F401  (clip and hessian benches use them from here)
 
 
 def parse_args(argv=None):
@@ -102,6 +104,13 @@ def optimizers(args, dtype):
         rows.append(("bitsandbytes AdamW8bit", "peer", lambda ps: bnb.optim.AdamW8bit(ps)))
     except Exception as e:  # noqa: BLE001 - optional peer
         NOTES.append(f"bitsandbytes not importable: {type(e).__name__}: {e}")
+    try:
+        import optimi  # torch-optimi: Kahan summation on by default for bf16 params
+        rows.append(("torch-optimi AdamW", "peer",  # with torch's AdamW defaults
+                     lambda ps: optimi.AdamW(ps, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+                                             weight_decay=1e-2)))
+    except Exception as e:  # noqa: BLE001 - optional peer
+        NOTES.append(f"torch-optimi (optimi) not importable: {type(e).__name__}: {e}")
     if args.torchao:
         try:
             import torchao.optim as tao
@@ -113,33 +122,6 @@ def optimizers(args, dtype):
 
 
 NOTES = []
-
-
-def time_steps(opt, copy, reps, warmup=2, max_seconds=20.0):
-    for _ in range(warmup):
-        opt.step()
-    times, copies = [], []
-    start = time.perf_counter()
-    for _ in range(reps):
-        copies.append(copy())
-        t0 = time.perf_counter()
-        opt.step()
-        times.append(time.perf_counter() - t0)
-        if len(times) >= 3 and time.perf_counter() - start > max_seconds:
-            break
-    return statistics.median(times), statistics.median(copies), len(times)
-
-
-def copy_timer(n):
-    """A function timing one fp32 copy of n elements (seconds): the bandwidth baseline taken
-    just before every timed step."""
-    src, dst = torch.randn(n), torch.empty(n)
-
-    def copy():
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        return time.perf_counter() - t0
-    return copy
 
 
 def write_outputs(args, name, lines, results, notes):
@@ -154,18 +136,13 @@ def write_outputs(args, name, lines, results, notes):
                   indent=1)
 
 
-def main(args):
-    torch.set_num_threads(args.threads)
-    import lowbit
+def collect(args, copy):
+    """Time every optimizer row (layouts x dtypes x optimizers) with `copy` (copy_timer(args.n))
+    before each step; returns the result dicts."""
     n = args.n
-    copy = copy_timer(n)
-
     layouts = [(8, "8 tensors")] + ([] if args.quick else [(500, "500 tensors")])
     dtypes = [torch.float32, torch.bfloat16]
     results = []
-    print(f"lowbit {lowbit.__version__ if hasattr(lowbit, '__version__') else ''} cpu isa "
-          f"{lowbit._ext.C.isa()}; torch {torch.__version__}; {args.threads} threads; "
-          f"N = {n} params", flush=True)
     for ntensors, lname in layouts:
         for dtype in dtypes:
             dname = str(dtype).replace("torch.", "")
@@ -191,6 +168,16 @@ def main(args):
                       f"{row['bytes_per_param']:5.2f} B/param  {row['gbps']:6.1f} GB/s  "
                       f"{row['x_copy']:.2f}x copy", flush=True)
                 del opt, params
+    return results
+
+
+def main(args):
+    torch.set_num_threads(args.threads)
+    import lowbit
+    print(f"lowbit {lowbit.__version__ if hasattr(lowbit, '__version__') else ''} cpu isa "
+          f"{lowbit._ext.C.isa()}; torch {torch.__version__}; {args.threads} threads; "
+          f"N = {args.n} params", flush=True)
+    results = collect(args, copy_timer(args.n))
     write_outputs(args, "optim", report(results, args), results, NOTES)
 
 

@@ -4,23 +4,21 @@ fp32 elements (torch.randn, seed 0). Not part of the suite (`pytest tests`); run
     pytest bench --benchmark-enable                     # timings, grouped per op + format
     pytest bench                                        # benchmarks disabled: a smoke test
 
-Threads: 2 (override with LOWBIT_BENCH_THREADS). Like bench/run.py, the module sets glibc malloc
-to keep freed large blocks (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD huge) so each call's fresh
-output tensor does not page-fault a new mmap (LOWBIT_BENCH_MALLOC_TUNE=0 to keep the default). Peers are skipped when not installed. Every
+Threads: 2 (override with LOWBIT_BENCH_THREADS). Like bench/run.py, bench/conftest.py sets glibc
+malloc to keep freed large blocks (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD huge) so each call's
+fresh output tensor does not page-fault a new mmap (LOWBIT_BENCH_MALLOC_TUNE=0 to keep the
+default). Peers are skipped when not installed. Every
 case also checks that its result is the same work (round-trip error within the expected band),
 so a broken peer or kernel fails instead of reporting a fast wrong number. For the full table
 against a memory-copy baseline use `python bench/run.py`.
 """
-import ctypes
-import os
-
 import pytest
 import torch
 
 import lowbit
+from _cases import require_lowbit_cpu as _require_lowbit_cpu
 
 N = 2**22
-THREADS = int(os.environ.get("LOWBIT_BENCH_THREADS", "2"))
 SEED = 1234
 
 # (codebook, block size, id) and the mean abs round-trip error of randn(2**22) (checked +-10%)
@@ -30,38 +28,10 @@ FORMATS = [("dynamic", 256, "dyn8-b256", 8.53e-3),
 SR_TARGETS = [(torch.bfloat16, "bf16"), (torch.float16, "fp16"), (torch.float8_e4m3fn, "e4m3")]
 
 
-def _steady_malloc():
-    """glibc only: stop serving large allocations with mmap and stop trimming the heap, as the
-    MALLOC_MMAP_MAX_=0 / MALLOC_TRIM_THRESHOLD_ environment settings of bench/run.py do."""
-    if os.environ.get("LOWBIT_BENCH_MALLOC_TUNE", "1") == "0":
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_max = -1, -4
-        libc.mallopt(m_mmap_max, 0)
-        libc.mallopt(m_trim_threshold, ctypes.c_int(2**31 - 1))
-    except (OSError, AttributeError):
-        pass
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    _steady_malloc()
-    old = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def x():
     g = torch.Generator().manual_seed(0)
     return torch.randn(N, generator=g)
-
-
-def _require_lowbit_cpu():
-    if "cpu" not in lowbit.available_backends():
-        pytest.skip("lowbit's CPU module (lowbit._C) is not built")
 
 
 def _impl(impl, code, bs):
