@@ -80,19 +80,38 @@ def write_plots(step_csvs: dict, summaries, sharpness_csvs: dict, out: str) -> l
         print("matplotlib is not installed: no PNG charts (pip install matplotlib)")
         return []
     written = []
-    fig, (ax_tr, ax_val) = plt.subplots(1, 2, figsize=(13, 5))
+    fig, (ax_tr, ax_val, ax_rel) = plt.subplots(1, 3, figsize=(18, 5))
+    base = None  # the first run's held-out losses: the third panel's zero line
+    rel = {}  # run -> its differences from the base run (for the third panel's scale)
     for name, path in step_csvs.items():
         rows = [r for r in _read_steps(path) if math.isfinite(float(r["loss"]))]
         if not rows:
             continue
         line, = ax_tr.plot([int(r["step"]) for r in rows], _ema([float(r["loss"]) for r in rows]),
                            label=name, lw=1.2)
-        vals = [(int(r["step"]), float(r["val_loss"])) for r in rows if r["val_loss"] != ""]
-        if vals:
-            ax_val.plot(*zip(*vals), marker="o", ms=3, label=name, color=line.get_color())
+        vals = dict((int(r["step"]), float(r["val_loss"])) for r in rows if r["val_loss"] != "")
+        if not vals:
+            continue
+        ax_val.plot(list(vals), list(vals.values()), marker="o", ms=3, label=name,
+                    color=line.get_color())
+        if base is None:
+            base, base_name = vals, name
+        common = [k for k in vals if k in base]
+        rel[name] = [vals[k] - base[k] for k in common]
+        ax_rel.plot(common, rel[name], marker="o", ms=3, color=line.get_color())
     ax_tr.set(title="training loss (EMA 0.9)", xlabel="step", ylabel="nats / byte")
     ax_val.set(title="held-out loss", xlabel="step", ylabel="nats / byte")
-    for ax in (ax_tr, ax_val):
+    if base is not None:
+        # zoom on the bulk of the runs: one far-off run (e.g. an untuned optimizer) would
+        # otherwise flatten every other difference; the runs cut off are named in the title
+        spread = sorted(max(abs(d) for d in ds) for ds in rel.values() if ds)
+        lim = max(0.02, 1.3 * spread[(len(spread) - 1) * 3 // 4])
+        off = [n for n, ds in rel.items() if ds and max(abs(d) for d in ds) > lim]
+        ax_rel.set_ylim(-lim, lim)
+        ax_rel.set(title=f"held-out loss minus {base_name}'s" +
+                   (f"\n(off scale: {', '.join(off)})" if off else ""),
+                   xlabel="step", ylabel="nats / byte (lower is better)")
+    for ax in (ax_tr, ax_val, ax_rel):
         ax.grid(alpha=0.3)
     ax_val.legend(fontsize=8)
     fig.tight_layout()
@@ -106,6 +125,7 @@ def write_plots(step_csvs: dict, summaries, sharpness_csvs: dict, out: str) -> l
     ax.barh(names, state, left=params, label="optimizer state", color="#3070b0")
     for i, (p, s) in enumerate(zip(params, state)):
         ax.text(p + s, i, f" {s:.2f} MB", va="center", fontsize=8)
+    ax.set_xlim(0, 1.18 * max(p + s for p, s in zip(params, state)))  # room for the labels
     ax.invert_yaxis()
     ax.set(title="memory: parameters + optimizer state", xlabel="MB")
     ax.legend(fontsize=8, loc="lower right")
