@@ -131,7 +131,19 @@ def check_memory(cfg: TrainConfig, preset: str):
                           f"--batch-size / --seq-len / --dim / --layers")
 
 
+def _die_with_parent():
+    """Linux: the run gets SIGTERM when the driver process dies (killed, not just Ctrl-C, which
+    reaches the whole process group anyway), instead of training on as an orphan."""
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _worker(spec, cfg_dict, data_path, out, resume, label):
+    _die_with_parent()
     train_run(spec, TrainConfig.from_dict(cfg_dict), data_path, out, resume, label)
 
 
