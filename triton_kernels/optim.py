@@ -302,6 +302,12 @@ def _store_state(s, addr, abs_addr, code_ptr, mids_ptr, rows, row_ok, idx, msk, 
             inv = tl.where(is_r1, r1_inv, inv)
         tl.store(abs_addr.to(tl.pointer_type(tl.float32)) + rows, am, mask=row_ok)
         c = code_index(s * inv, code_ptr, mids_ptr, NCODE, False, 0)
+        if NCODE == 256:
+            # zero_floor (lowbit.reference.optim): under a codebook starting with 0 (the unsigned
+            # second-moment map) a positive value never takes that zero code
+            # (where c is 0 the new code is 1 if code[0] is 0, else c itself: 0)
+            floor = (tl.load(code_ptr) == 0.0).to(tl.int32)
+            c = tl.where((c == 0) & (s > 0), floor, c)
         if STATE_BITS == 8:
             tl.store(codes_ptr + idx, c.to(tl.uint8), mask=msk)
         else:

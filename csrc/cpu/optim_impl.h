@@ -45,15 +45,24 @@ static void decode_block(const uint8_t* codes, int64_t begin, int64_t len, const
 }
 
 // Nearest codes of the block's new values against their absmax `am` (bits of the largest |value|,
-// computed by update_run on the way).
+// computed by update_run on the way). zero_floor (8-bit codebooks starting with 0, i.e. the
+// unsigned second-moment map): a value > 0 whose nearest code is that 0 takes code 1 instead
+// (lowbit.reference.optim.zero_floor: a v stored as 0 under a non-zero m would make the next
+// step lr * m / eps).
 template <int NCODE>
 static void encode_block(const float* vals, int64_t begin, int64_t len, uint32_t am_bits,
                          const float* mids, const NearestLut& lut, uint8_t* codes,
-                         float* absmax_slot, uint8_t* idx_buf) {
+                         float* absmax_slot, uint8_t* idx_buf, bool zero_floor = false) {
   const float am = bits_f32(am_bits);
   *absmax_slot = am;
   uint8_t* out = codes + (NCODE == 16 ? begin / 2 : begin);
   encode_nearest<kF32>(vals, 0, len, unit_scale(am), NCODE, mids, lut, out, false, idx_buf);
+  if (NCODE == 256 && zero_floor) {
+    uint8_t* __restrict o = out;
+    const float* __restrict x = vals;
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) o[i] = (o[i] == 0 && x[i] > 0.0f) ? 1 : o[i];
+  }
 }
 
 // Elements per decoded piece of the DEC update runs (see update_run): small enough that the
@@ -412,6 +421,7 @@ static int64_t step_chunk(const OptimCpuArgs& ca, const OptTensor& t, const Rank
   const int64_t block = a.block;
   const uint8_t* c1 = (const uint8_t*)t.s1;
   const uint8_t* c2 = (const uint8_t*)t.s2;
+  const bool floor2 = NCODE == 256 && a.code2 != nullptr && a.code2[0] == 0.0f;  // (zero_floor)
   if (NCODE == 256) {  // (8-bit states are block-wise: decoded inside the update run)
     update_run<KIND, DT, WB, NST, CLIP, SPIKE, HESS, true>(a, t, begin, len, block, mbuf, vbuf,
                                                            am1, am2, &nclip);
@@ -437,7 +447,7 @@ static int64_t step_chunk(const OptimCpuArgs& ca, const OptTensor& t, const Rank
                    idx_buf);
     else if (NST >= 2)
       encode_block<NCODE>(vbuf + off, b0, blen, am2[j], a.mids2, ca.lut2, (uint8_t*)t.s2,
-                          &t.s2_absmax[b], idx_buf);
+                          &t.s2_absmax[b], idx_buf, floor2);
   }
   return nclip;
 }

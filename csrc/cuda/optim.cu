@@ -185,15 +185,18 @@ __device__ __forceinline__ int load_code(const uint8_t* codes, int64_t k) {
 // odd neighbour sit in adjacent lanes of one warp, so the even lane fetches the neighbour's index
 // with a shuffle and writes the byte (odd tail: low nibble 0). Every thread runs every iteration
 // (the shuffle needs the full warp); only stores are predicated.
+// zero_floor (8-bit codebooks starting with 0: the unsigned second-moment map): a value > 0
+// whose nearest code is that 0 takes code 1 (lowbit.reference.optim.zero_floor).
 template <int NC, int E>
 __device__ __forceinline__ void requantize(const float (&vals)[E], const float (&inv)[E],
                                            const float* s_mids, int64_t begin, int len,
-                                           uint8_t* __restrict__ codes) {
+                                           uint8_t* __restrict__ codes, bool zero_floor = false) {
   const int t = threadIdx.x, nt = blockDim.x;
 LOWBIT_UNROLL
   for (int j = 0; j < E; ++j) {
     const int i = t + j * nt;
-    const int idx = nearest_index(scale_to_unit(vals[j], inv[j]), s_mids, NC - 1);
+    int idx = nearest_index(scale_to_unit(vals[j], inv[j]), s_mids, NC - 1);
+    if (NC == 256 && zero_floor && idx == 0 && vals[j] > 0.0f) idx = 1;
     if (NC == 16) {
       const int next = __shfl_down_sync(kFullMask, idx, 1);
       if (i < len && (i & 1) == 0)
@@ -345,7 +348,8 @@ LOWBIT_UNROLL
     if (cols == 0) inv2[j] = unit_scale(new_am2);
   }
   requantize<NC, E>(v1, inv1, s_mids1, begin, len, c1);
-  if constexpr (NST >= 2) requantize<NC, E>(v2, inv2, s_mids2, begin, len, c2);
+  if constexpr (NST >= 2)
+    requantize<NC, E>(v2, inv2, s_mids2, begin, len, c2, s_code2[0] == 0.0f);
   count_clipped(c, ti, clipped);
 }
 

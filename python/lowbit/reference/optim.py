@@ -66,7 +66,8 @@ signed: 8-bit "dynamic" / 4-bit "dynamic4"; second state, unsigned: "udynamic" /
 "linear4_nozero", except Sophia's, whose Hessian EMA can be negative: signed like the first;
 blocks of 256 / 128) are dequantized before the update; the parameter update
 uses the unquantized new states, which are then quantized with nearest rounding against the
-absmax of the new values (lowbit.reference.quant).
+absmax of the new values (lowbit.reference.quant), with one exception (zero_floor): a positive
+8-bit second moment never takes the unsigned map's zero code, but its smallest positive one.
 
 Rank-1 second moment (Adam, 4-bit states, per tensor: v_cols > 0): v is stored as
 "linear4_nozero" codes of the tensor viewed as a [numel // v_cols, v_cols] matrix, scaled by
@@ -324,9 +325,31 @@ def state_codebook(index: int, state_bits: int, block_size: int = 0, kind: str =
 
 def quantize_state(x: torch.Tensor, index: int, state_bits: int, block_size: int = 0,
                    kind: str = "adam"):
-    """(flat uint8 codes, fp32 absmax per block) of fp32 state values, nearest rounding."""
+    """(flat uint8 codes, fp32 absmax per block) of fp32 state values: nearest rounding, except
+    that a positive value never takes the zero code of an unsigned codebook (zero_floor)."""
     name, block = state_codebook(index, state_bits, block_size, kind)
-    return quantize_blockwise(x.reshape(-1).float(), codebooks.codebook(name), block)
+    code = codebooks.codebook(name)
+    flat = x.reshape(-1).float()
+    codes, absmax = quantize_blockwise(flat, code, block)
+    return zero_floor(codes, flat, code), absmax
+
+
+def zero_floor(codes: torch.Tensor, x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Codes of an optimizer state with the zero floor: where the codebook starts with 0 (the
+    unsigned 8-bit "udynamic" map of the second moment), a value x > 0 whose nearest code is
+    that 0 takes code 1 (the smallest positive entry, 3.25e-7 x absmax) instead.
+
+    Why: v ~ m**2 underflows the block's range long before m does (a gradient 4e-4 times the
+    block's largest gives v below the map's first midpoint, 1.6e-7 of its absmax, while m is
+    still representable). A v stored as 0 with m non-zero makes the next step lr * m / eps —
+    hundreds of lr, e.g. for rare embedding rows that share a block with frequent ones (the
+    reason bitsandbytes advises 32-bit states for embeddings; the 4-bit optimizer paper's
+    "zero-point problem" of the second moment). The floor bounds that step and otherwise
+    changes nothing: v = 0 stays 0. 4-bit maps and signed maps do not start with 0: no-op.
+    Only 8-bit codes (one per byte) can hit it."""
+    if float(code[0]) != 0.0 or code.numel() != 256:
+        return codes
+    return torch.where((codes == 0) & (x > 0), torch.ones_like(codes), codes)
 
 
 def dequantize_state(codes, absmax, index: int, state_bits: int, shape,
