@@ -167,6 +167,7 @@ def test_whole_tiny_demo(tmp_path, capsys):
     folder = _text_folder(tmp_path / "texts")
     out = tmp_path / "out"
     runs = ["torch-adamw@fp32", "lowbit-adamw8bit@fp32", "lowbit-stablespam4bit@fp32",
+            "lowbit-adamw4bit-rank1@fp32",
             "lowbit-sophiag8bit@fp32", "lowbit-adamw8bit@bf16"]
     assert main(["--preset", "tiny", "--steps", "30", "--data", str(folder), "--out", str(out),
                  "--runs", ",".join(runs), "--threads", "1"]) == 0

@@ -2,7 +2,8 @@
 
 A run is "<optimizer>@<precision>": optimizer names are `torch-adamw`, `torch-adamw-fused`,
 `torch-adam` or `lowbit-<class>` for any class of lowbit.optim (lower case, e.g.
-`lowbit-adamw8bit`, `lowbit-stablespam4bit`, `lowbit-sophiag`); precision is `fp32` or `bf16`
+`lowbit-adamw8bit`, `lowbit-stablespam4bit`, `lowbit-sophiag`; `lowbit-adamw4bit-rank1` is
+AdamW4bit with the rank-1 second moment); precision is `fp32` or `bf16`
 (the model's parameters, gradients and the torch optimizers' states in that dtype). lowbit
 optimizers write bf16 parameters back with stochastic rounding (their default); torch's round to
 nearest — the comparison the demo exists to show.
@@ -32,12 +33,18 @@ TORCH_OPTIMIZERS = {
     "torch-adam": lambda params, kw: torch.optim.Adam(
         params, **{k: v for k, v in kw.items() if k != "weight_decay"}),
 }
+# Variants of lowbit classes with non-default options, by name.
+LOWBIT_VARIANTS = {
+    # the 4-bit optimizer paper's Rank-1/Linear second moment (block-wise v is the default)
+    "lowbit-adamw4bit-rank1": ("AdamW4bit", {"second_moment_norm": "rank1"}),
+}
 SOPHIA_LR_SCALE = 0.5
 SOPHIA_EVERY = 10
 
 # The default comparison: fits the ~5 minute budget of the default preset on 2 CPU cores.
 DEFAULT_RUNS = ("torch-adamw@fp32", "torch-adamw-fused@fp32", "lowbit-adamw@fp32",
-                "lowbit-adamw8bit@fp32", "lowbit-adamw4bit@fp32", "lowbit-stablespam8bit@fp32",
+                "lowbit-adamw8bit@fp32", "lowbit-adamw4bit@fp32", "lowbit-adamw4bit-rank1@fp32",
+                "lowbit-stablespam8bit@fp32",
                 "lowbit-sophiag8bit@fp32", "torch-adamw@bf16", "lowbit-adamw8bit@bf16")
 
 
@@ -46,7 +53,7 @@ def lowbit_names() -> dict:
 
 
 def known_optimizers() -> list:
-    return sorted(TORCH_OPTIMIZERS) + sorted(lowbit_names())
+    return sorted(TORCH_OPTIMIZERS) + sorted(list(lowbit_names()) + list(LOWBIT_VARIANTS))
 
 
 @dataclass(frozen=True)
@@ -104,7 +111,9 @@ def build_optimizer(spec: RunSpec, params, *, lr: float, betas, weight_decay: fl
     kw = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay)
     if spec.optimizer in TORCH_OPTIMIZERS:
         return TORCH_OPTIMIZERS[spec.optimizer](params, kw)
-    cls = getattr(lowbit_optim, lowbit_names()[spec.optimizer])
+    cls_name, options = LOWBIT_VARIANTS.get(spec.optimizer,
+                                            (lowbit_names().get(spec.optimizer), {}))
+    cls = getattr(lowbit_optim, cls_name)
     if spec.is_sophia_g:
         kw.update(lr=lr * SOPHIA_LR_SCALE, rho=0.05, betas=(0.965, 0.99),
                   weight_decay=2 * weight_decay)
@@ -112,7 +121,7 @@ def build_optimizer(spec: RunSpec, params, *, lr: float, betas, weight_decay: fl
         kw.update(lr=lr / 3, weight_decay=weight_decay * 3, betas=(0.9, 0.99))
     elif spec.optimizer.startswith("lowbit-sgd"):
         kw = dict(lr=lr * 10, momentum=0.9)  # (torch SGD decay is coupled L2: left off)
-    return cls(params, seed=seed, **kw)
+    return cls(params, seed=seed, **options, **kw)
 
 
 def state_bytes(optimizer) -> int:
