@@ -31,6 +31,6 @@ class Progress:
 
     def close(self, message: str = ""):
         elapsed = time.perf_counter() - self.t0
-        end = f"  ({elapsed:.1f} s) {message}".rstrip()
-        self.stream.write(("" if not self.tty else "") + end + "\n")
+        # (on a terminal this ends the bar's line; otherwise it is a line of its own)
+        self.stream.write(f"  ({elapsed:.1f} s) {message}".rstrip() + "\n")
         self.stream.flush()
