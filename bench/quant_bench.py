@@ -33,6 +33,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _report import machine  # noqa: E402
 from _timing import Bench, Timing, reexec_steady, timed_plain  # noqa: E402
 
 
@@ -180,26 +181,9 @@ copy's bytes and may stay cache-resident (see L3 in the header), so it is not th
 
 def machine_header(args):
     import lowbit
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    l3 = ""
-    try:
-        with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
-            l3 = f.read().strip()
-    except OSError:
-        pass
+    m = machine()  # (bench/_report.py: cpu model, cores, L3, OS, load average)
+    cpu, l3, load = m["cpu"], m["l3"], m["load"]
     isa = lowbit._ext.C.isa() if lowbit._ext.C is not None else "(lowbit._C not built)"
-    try:
-        load = " / ".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        load = "n/a"
     vers = []
     for mod in ("bitsandbytes", "torchao", "numpy"):
         try:
