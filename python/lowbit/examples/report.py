@@ -64,7 +64,7 @@ def _read_steps(path):
 
 def _ema(xs, beta=0.9):
     out, m = [], None
-    for i, x in enumerate(xs):
+    for x in xs:
         m = x if m is None else beta * m + (1 - beta) * x
         out.append(m)
     return out
