@@ -20,6 +20,13 @@ namespace LOWBIT_ISA_NS {
 static const int64_t kParallelMin = 1 << 16;
 // From this many elements on, outputs are written with non-temporal stores where aligned.
 static const int64_t kStreamMin = 1 << 20;
+// How far ahead the long streaming loops (the optimizer step, the gradient statistics) prefetch
+// their inputs, in bytes of the widest stream. Their bodies are long enough that the out-of-order
+// window reaches only a few dozen cache lines ahead: too few to hide the latency of memory (or
+// of an L3 shared with other tenants), so without it they ran at a fraction of the bandwidth a
+// plain sum reaches (2^24 fp32 gradients, 2 threads: statistics 2.3 -> 1.5 ms, AdamW8bit's step
+// kernel 14.2 -> 10.5 ms). 1024 and 2048 measured alike; 4096 was worse.
+static const int64_t kPrefetchAhead = 1024;
 
 template <int DT>
 static inline float load_t(const void* p, int64_t i) {

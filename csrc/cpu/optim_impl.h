@@ -65,9 +65,10 @@ static void encode_block(const float* vals, int64_t begin, int64_t len, uint32_t
   }
 }
 
-// Elements per decoded piece of the DEC update runs (see update_run): small enough that the
-// decode of one piece and the rule over the previous one share the out-of-order window (256
-// lost most of the gain in a microbenchmark; 64 and 128 measured alike in the step).
+// Elements per piece of an update run (see update_run): small enough that the decode of one
+// piece and the rule over the previous one share the out-of-order window (256 lost most of the
+// gain in a microbenchmark; 64 and 128 measured alike in the step). Every run goes piece by
+// piece, so one piece's prefetches (prefetch_piece) are issued per piece.
 static const int64_t kDecPiece = 64;
 
 // Parameter storage type: fp32, or the raw bits of bf16 / fp16.
@@ -99,6 +100,38 @@ static inline float widen(ParamT<DT> h) {
 // for 2^24 elements, none when everything is cache-resident. The block maxima are then taken
 // by a pass over the block's new values (in L1) instead of inside the rule's loop: a
 // reduction there would be finished (a horizontal max) after every piece.
+// Software prefetch (kernels_impl.h: kPrefetchAhead) of the piece that many bytes of parameter
+// ahead of piece q0, and of the states of the same elements. Prefetches past the end of a
+// tensor are harmless (they never fault). DEC: the states are 8-bit codes (a byte per element);
+// otherwise m / v are the fp32 states themselves, or chunk buffers already in cache, where the
+// prefetch costs next to nothing.
+
+template <int DT, int NST, bool DEC>
+static inline void prefetch_piece(const OptTensor& t, const void* p, const void* g,
+                                  const float* m, const float* v, int64_t begin, int64_t q0) {
+#if defined(LOWBIT_ISA_AVX512)
+  const int64_t esz = DT == kF32 ? 4 : 2;
+  const int64_t ahead = q0 * esz + kPrefetchAhead;  // (bytes into the run's param and grad)
+  for (int64_t k = 0; k < kDecPiece * esz; k += 64) {
+    _mm_prefetch((const char*)p + ahead + k, _MM_HINT_T0);
+    _mm_prefetch((const char*)g + ahead + k, _MM_HINT_T0);
+  }
+  // states: as many elements ahead as the parameter (kDecPiece codes are one line)
+  const int64_t sahead = kPrefetchAhead / esz;
+  if (DEC) {
+    if (NST >= 1) _mm_prefetch((const char*)t.s1 + begin + q0 + sahead, _MM_HINT_T0);
+    if (NST >= 2) _mm_prefetch((const char*)t.s2 + begin + q0 + sahead, _MM_HINT_T0);
+  } else {
+    for (int64_t k = 0; k < kDecPiece * 4; k += 64) {
+      if (NST >= 1) _mm_prefetch((const char*)(m + q0 + sahead) + k, _MM_HINT_T0);
+      if (NST >= 2) _mm_prefetch((const char*)(v + q0 + sahead) + k, _MM_HINT_T0);
+    }
+  }
+#else
+  (void)t, (void)p, (void)g, (void)m, (void)v, (void)begin, (void)q0;
+#endif
+}
+
 template <int KIND, int DT, int WB, int NST, bool CLIP, bool SPIKE, bool HESS, bool DEC = false>
 __attribute__((optimize("no-unswitch-loops")))
 static void update_run(const OptArgs& a, const OptTensor& t, int64_t begin, int64_t len,
@@ -128,8 +161,9 @@ static void update_run(const OptArgs& a, const OptTensor& t, int64_t begin, int6
     // the new ones)
     const float am1 = DEC && NST >= 1 ? t.s1_absmax[(begin + s0) / sub] : 0.0f;
     const float am2 = DEC && NST >= 2 ? t.s2_absmax[(begin + s0) / sub] : 0.0f;
-    for (int64_t q0 = s0; q0 < s1_end; q0 += DEC ? kDecPiece : sub) {
-      const int64_t q1 = DEC && q0 + kDecPiece < s1_end ? q0 + kDecPiece : s1_end;
+    for (int64_t q0 = s0; q0 < s1_end; q0 += kDecPiece) {
+      const int64_t q1 = q0 + kDecPiece < s1_end ? q0 + kDecPiece : s1_end;
+      prefetch_piece<DT, NST, DEC>(t, p, g, m, v, begin, q0);
       if (DEC && NST >= 1)
         decode_block<256>((const uint8_t*)t.s1, begin + q0, q1 - q0, a.code1, am1, m + q0);
       if (DEC && NST >= 2)
