@@ -121,7 +121,7 @@ class ClipContext:
         flags = self.flags & clip_ref.TRANSFORM_FLAGS if flags is None else flags
         self._sync_table()
         xform = self.table[:, :clip_ref.NCLIP].contiguous()  # the transform's columns
-        return ops.grad_stats(self.grads, self.backend, xform, self.value_clip, flags)
+        return ops.grad_stats_eager(self.grads, self.backend, xform, self.value_clip, flags)
 
     def multiply_scale(self, coef: torch.Tensor):
         """Scale every tensor's gradient by coef ([n] or scalar, float64)."""

@@ -392,10 +392,10 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
             # (the rows are read only up to each count: no need to clear them)
             capture = (torch.empty((len(grads), self._capture_capacity), device=device),
                        torch.zeros(len(grads), dtype=torch.int64, device=device))
-            stats = ops.grad_stats(grads, backend, tau=tau.to(device), over=capture[0],
-                                   over_count=capture[1])
+            stats = ops.grad_stats_eager(grads, backend, tau=tau.to(device), over=capture[0],
+                                         over_count=capture[1])
         else:
-            stats = ops.grad_stats(grads, backend)
+            stats = ops.grad_stats_eager(grads, backend)
         bad, sumsq = torch.stack([(stats[:, 1] > 0).sum().double(), stats[:, 0].sum()]).tolist()
         return int(bad), sumsq ** 0.5, stats, capture
 

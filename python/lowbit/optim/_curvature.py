@@ -256,7 +256,7 @@ class CurvatureOptimizer(FusedOptimizer):
         if est:
             # (one multi-tensor statistics pass counts the non-finite elements of them all)
             hs = list(est.values())
-            stats = ops.grad_stats(hs, ops.resolve_backend(self.backend, hs[0].device))
+            stats = ops.grad_stats_eager(hs, ops.resolve_backend(self.backend, hs[0].device))
             if bool((stats[:, 1] > 0).any()):
                 info["nonfinite"] = True
                 self.last_hessian_info = info
