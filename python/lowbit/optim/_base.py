@@ -112,6 +112,14 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
                              "rank-1 maxima pass computes v without the clipping steps); use "
                              "second_moment_norm='block'")
 
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        if not self._shardable and any(shard.is_dtensor(p)
+                                       for p in self.param_groups[-1]["params"]):
+            self.param_groups.pop()
+            raise NotImplementedError(f"{type(self).__name__}: DTensor (FSDP2) parameters are "
+                                      "not supported by this optimizer yet")
+
     # --- rule-specific (subclasses) ---------------------------------------------------------
 
     def _nstates(self, group) -> int:
@@ -457,10 +465,6 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
             for pi, p in enumerate(group["params"]):
                 if p.grad is not None:
                     where = f"param_groups[{gi}]['params'][{pi}]"
-                    if shard.is_dtensor(p) and not self._shardable:
-                        raise NotImplementedError(
-                            f"{type(self).__name__}: DTensor (FSDP2) parameters are not "
-                            f"supported by this optimizer yet ({where})")
                     _check_grad(p, p.grad, where)
                     live.append((pid, p, where))
                 pid += 1
