@@ -63,6 +63,10 @@ class ClipContext:
         self.restart_bias_correction = False
         self.update_clip = None    # the UpdateClip policy, run inside each fused call
         self.capture = None        # (over, over_count) of the statistics pass, or None
+        # FSDP2: reduces the statistics of sharded gradients over their shards (lowbit.optim.
+        # _sharding.ShardReducer); `raw` arrives with its sums reduced, its maxima on first read
+        self.reducer = None
+        self._raw_max_reduced = False
         self.state = {}
         self.telemetry = {}
         self._value_stats = None
@@ -83,7 +87,11 @@ class ClipContext:
 
     def absmax(self) -> torch.Tensor:
         """[n] float64 largest |g| after the value clip and the scales so far."""
-        return self._after_value_clip()[:, 2] * self.scale
+        stats = self._after_value_clip()
+        if stats is self.raw and self.reducer is not None and not self._raw_max_reduced:
+            self.raw = stats = self.reducer.maxima(self.raw)
+            self._raw_max_reduced = True
+        return stats[:, 2] * self.scale
 
     def norms_after_adaclip(self):
         """[n] float64 norms of the gradients after the scales and AdaClip, from the elements
@@ -121,7 +129,10 @@ class ClipContext:
         flags = self.flags & clip_ref.TRANSFORM_FLAGS if flags is None else flags
         self._sync_table()
         xform = self.table[:, :clip_ref.NCLIP].contiguous()  # the transform's columns
-        return ops.grad_stats_eager(self.grads, self.backend, xform, self.value_clip, flags)
+        stats = ops.grad_stats_eager(self.grads, self.backend, xform, self.value_clip, flags)
+        if self.reducer is not None:
+            stats = self.reducer.maxima(self.reducer.sums(stats))
+        return stats
 
     def multiply_scale(self, coef: torch.Tensor):
         """Scale every tensor's gradient by coef ([n] or scalar, float64)."""

@@ -12,6 +12,11 @@ second moment (Adam family, second_moment_norm="rank1") keeps "<name>_row_max" (
 Parameters with fewer than `min_quant_numel` elements keep 32-bit states (bitsandbytes' rule; the
 decision uses the parameter's full size). Everything is a plain tensor, so state_dict()
 checkpoints load with torch.load(..., weights_only=True).
+
+FSDP2 / DTensor parameters (lowbit.optim._sharding has the rules): the format is decided from
+the full parameter, the states hold the local shard (a quantized state's blocks start at the
+shard's first element), the step runs on the local shards, and the gradient statistics of
+sharded parameters are all-reduced across the shards once per step.
 """
 from collections import defaultdict
 
@@ -19,6 +24,7 @@ import torch
 
 from .. import ops
 from ..reference import optim as ref
+from . import _sharding as shard
 from ._clipping import ClipSteps
 
 # Group keys that describe how this optimizer stores its state: on load_state_dict they keep the
@@ -37,6 +43,8 @@ def _scale_keys(name: str, cols: int) -> tuple:
 
 
 def _check_grad(p: torch.Tensor, g: torch.Tensor, name: str):
+    if shard.is_dtensor(p):  # the checks below apply to the local shards the step reads
+        p, g = shard.check_dtensor_grad(p, g, name)
     if g.is_sparse:
         raise RuntimeError(f"{name}: sparse gradients are not supported; use "
                            "torch.optim.SparseAdam")
@@ -65,6 +73,7 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
 
     _kind = "adam"
     _torch_class = None  # the torch.optim class whose state-dict layout export_state_dict gives
+    _shardable = True    # steps DTensor (FSDP2) parameters on their local shards
 
     def __init__(self, params, defaults, *, state_bits=32, block_size=None, min_quant_numel=4096,
                  stochastic_rounding=None, kahan=False, seed=None, backend=None,
@@ -102,6 +111,14 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
             raise ValueError("clip= policies do not support second_moment_norm='rank1' yet (the "
                              "rank-1 maxima pass computes v without the clipping steps); use "
                              "second_moment_norm='block'")
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        if not self._shardable and any(shard.is_dtensor(p)
+                                       for p in self.param_groups[-1]["params"]):
+            self.param_groups.pop()
+            raise NotImplementedError(f"{type(self).__name__}: DTensor (FSDP2) parameters are "
+                                      "not supported by this optimizer yet")
 
     # --- rule-specific (subclasses) ---------------------------------------------------------
 
@@ -172,23 +189,25 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
 
     def _fresh_state(self, p, group) -> dict:
         state = {"step": torch.tensor(0.0, dtype=torch.float32)}
-        fmt = self._format_for(p, group)
+        fmt = self._format_for(p, group)  # from the full parameter, the states for its shard
+        lp = shard.local(p)
         for j, name in enumerate(self._state_names(group)):
             if fmt[0] == 32:
-                state[name] = torch.zeros_like(p, dtype=torch.float32,
+                state[name] = torch.zeros_like(lp, dtype=torch.float32,
                                                memory_format=torch.contiguous_format)
             else:
-                self._quantize_into(state, name, j, torch.zeros(p.numel()), fmt, p.device,
+                self._quantize_into(state, name, j, torch.zeros(lp.numel()), fmt, lp.device,
                                     self._kind)
         if self._writeback(p, group) == "kahan":
-            state["kahan_comp"] = torch.zeros_like(p)
-        state.update(self._fresh_clip_state(p))
+            state["kahan_comp"] = torch.zeros_like(lp)
+        state.update(self._fresh_clip_state(lp))
         return state
 
     @staticmethod
     def _check_state(p, state, names, fmt, where):
-        """The state holds `fmt` tensors that fit p: a state dict from another parameter layout
-        (or optimizer) fails here with a clear error instead of corrupting memory."""
+        """The state holds `fmt` tensors that fit p (the LOCAL shard of a DTensor parameter; fmt
+        is the full parameter's): a state dict from another parameter layout (or optimizer)
+        fails here with a clear error instead of corrupting memory."""
         n, (bits, block, cols) = p.numel(), FusedOptimizer._unpack(fmt)
         for j, name in enumerate(names):
             if j == 1 and cols:
@@ -277,8 +296,9 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
             if name + "_codes" in state:
                 state[name + "_codes"] = state[name + "_codes"].to(torch.uint8)
         src = (32, 0, 0) if all(n in state for n in names) else self._format_for(p, saved_group)
+        full, p = p, shard.local(p)  # formats from the full parameter, shapes of its shard
         self._check_state(p, state, names, src, where)
-        want = self._format_for(p, group)
+        want = self._format_for(full, group)
         for j, name in enumerate(names):
             if self._state_format(src, j) == self._state_format(want, j):
                 continue
@@ -291,7 +311,7 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
             else:
                 self._quantize_into(state, name, j, value, want, p.device, self._kind)
         comp = state.pop("kahan_comp", None)
-        if self._writeback(p, group) == "kahan":
+        if self._writeback(full, group) == "kahan":
             ok = comp is not None and comp.shape == p.shape and comp.dtype == p.dtype
             state["kahan_comp"] = comp if ok else torch.zeros_like(p)
         for name, fresh in self._fresh_clip_state(p).items():  # absent: a checkpoint without it
@@ -333,8 +353,9 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
                 continue
             p, g, sg = id_map[pid]
             # copies: the caller's dict (possibly loaded into another optimizer too) stays apart
-            moved = {k: (v.to(p.device, copy=True) if isinstance(v, torch.Tensor) else v)
-                     for k, v in st.items()}
+            # (DTensor states, as torch.optim keeps under FSDP2: their local shards)
+            moved = {k: (shard.local(v).to(p.device, copy=True) if isinstance(v, torch.Tensor)
+                         else v) for k, v in st.items()}
             saved_group = {**g, **_LEGACY_CONFIG,
                            **{k: v for k, v in sg.items() if k != "params"}}
             new_state[p] = self._adopt_state(p, moved, merged[id(g)], saved_group,
@@ -361,6 +382,7 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
             p, group = owner[pid]
             names = self._state_names(group)
             fmt = self._format_for(p, group)
+            p = shard.local(p)  # a DTensor parameter exports its shard's states
             self._check_state(p, st, names, fmt, f"state of parameter {pid}")
             out = {"step": st["step"].clone()}
             for name, value in zip(names, self._moments_fp32(p, st, names, fmt)):
@@ -377,13 +399,12 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
 
     # --- the step ---------------------------------------------------------------------------
 
-    def _grad_check(self, grads, tau=None):
-        """(number of gradient tensors with inf/NaN, global L2 norm of the finite elements, the
-        statistics, the capture (over, over_count) or None): one multi-tensor statistics pass
-        (lowbit.ops.grad_stats; with the clip policies' thresholds tau, it also captures the
-        elements above them) and one host sync per group."""
+    def _grad_stats(self, grads, tau=None):
+        """(the statistics, the capture (over, over_count) or None) of one group's gradients (the
+        local shards of DTensor ones): one multi-tensor statistics pass (lowbit.ops.grad_stats;
+        with the clip policies' thresholds tau, it also captures the elements above them)."""
         if not grads:
-            return 0, 0.0, None, None
+            return None, None
         grads = [g.contiguous() for g in grads]
         device = grads[0].device
         backend = ops.resolve_backend(self.backend, device)
@@ -396,8 +417,35 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
                                          over_count=capture[1])
         else:
             stats = ops.grad_stats_eager(grads, backend)
-        bad, sumsq = torch.stack([(stats[:, 1] > 0).sum().double(), stats[:, 0].sum()]).tolist()
-        return int(bad), sumsq ** 0.5, stats, capture
+        return stats, capture
+
+    def _reduce_shards(self, plan):
+        """The groups' statistics with the rows of sharded (FSDP2) parameters summed over their
+        shards: one all-reduce of all groups' rows stacked (lowbit.optim._sharding; the maxima
+        are reduced later, only if a clip policy reads them). Unchanged without sharding."""
+        parts = [(k, s) for k, (_, _, s, _) in enumerate(plan) if s is not None]
+        reducer = shard.ShardReducer([p for k, _ in parts for _, p, _ in plan[k][1]])
+        if not reducer:
+            return
+        stats = reducer.sums(torch.cat([s for _, s in parts]))
+        for (k, _), rows in zip(parts, stats.split([s.shape[0] for _, s in parts])):
+            plan[k][2] = rows
+
+    @staticmethod
+    def _nonfinite_and_norms(plan):
+        """Per group: (number of gradient tensors with inf/NaN, global L2 norm of the finite
+        elements), in one host sync for all groups."""
+        sums = [torch.stack([(s[:, 1] > 0).sum().double(), s[:, 0].sum()])
+                for _, _, s, _ in plan if s is not None]
+        values = iter(torch.cat(sums).tolist() if sums else [])
+        out = []
+        for _, _, s, _ in plan:
+            if s is None:
+                out.append((0, 0.0))
+            else:
+                bad, sumsq = next(values), next(values)
+                out.append((int(bad), sumsq ** 0.5))
+        return out
 
     # Under torch.compile the step runs eagerly (a graph break around it): its bookkeeping is host
     # code with syncs, and tracing it buys nothing, since the update itself is one custom op.
@@ -411,7 +459,7 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
         # Everything is checked before any parameter or state changes: a bad gradient, a state
         # dict from another model, or (nonfinite="raise") a non-finite gradient raises with the
         # optimizer untouched.
-        plan, info, pid = [], [], 0
+        checked, pid = [], 0
         for gi, group in enumerate(self.param_groups):
             live = []
             for pi, p in enumerate(group["params"]):
@@ -420,8 +468,15 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
                     _check_grad(p, p.grad, where)
                     live.append((pid, p, where))
                 pid += 1
-            bad, norm, stats, capture = self._grad_check([p.grad for _, p, _ in live],
-                                                         self._capture_tau(live))
+            stats, capture = self._grad_stats([shard.local(p.grad) for _, p, _ in live],
+                                              self._capture_tau(live))
+            checked.append([group, live, stats, capture])
+        # FSDP2: the statistics of the whole parameters, the same on every rank, so every rank
+        # takes the same skip decision and clip scales
+        self._reduce_shards(checked)
+        plan, info = [], []
+        for gi, ((group, live, stats, capture), (bad, norm)) in enumerate(
+                zip(checked, self._nonfinite_and_norms(checked))):
             if bad and self.nonfinite == "raise":
                 raise FloatingPointError(
                     f"param_groups[{gi}]: {bad} gradient tensor(s) contain inf or NaN "
@@ -430,11 +485,16 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
             plan.append((group, live, bool(bad), stats, capture))
         for group, live, skip, *_ in plan:
             for _, p, where in live:
+                fmt = self._format_for(p, group)  # the full parameter's
+                if fmt[2] and shard.shard_group(p) is not None:
+                    raise NotImplementedError(
+                        f"{where}: second_moment_norm='rank1' on a sharded (FSDP2) parameter is "
+                        "not supported yet (its column maxima span every shard); use "
+                        "second_moment_norm='block' for sharded parameters")
                 state = self.state[p]
                 if len(state) == 0:
                     state.update(self._fresh_state(p, group))
-                self._check_state(p, state, self._state_names(group),
-                                  self._format_for(p, group), where)
+                self._check_state(shard.local(p), state, self._state_names(group), fmt, where)
         ctx = self._run_clip_policies(plan)
         row = 0
         for group, live, skip, *_ in plan:
@@ -488,7 +548,9 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
             hess, hess_flags = self._hessian_args(group, ps)
             flags |= hess_flags
             backend = ops.resolve_backend(self.backend, device)
-            data, grads = [p.data for p in ps], [p.grad.contiguous() for p in ps]
+            # DTensor (FSDP2) parameters: the kernels step their local shards
+            data = [shard.local(p).data for p in ps]
+            grads = [shard.local(p.grad).contiguous() for p in ps]
             if ctx is not None and ctx.update_clip is not None:
                 def rms_pass(sums):
                     ops.optim_step_eager(data, grads, *states, comps, keys, self._kind, bits,
@@ -504,7 +566,11 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
                 ctx.clipped.index_add_(0, torch.tensor([r for _, _, _, r in items],
                                                        device=ctx.clipped.device),
                                        counts.to(ctx.clipped.device))
-            # as an in-place torch op on the parameters would (torch.optim's updates do this too)
+            # as an in-place torch op on the parameters would (torch.optim's updates do this too;
+            # on a DTensor, its local shard changed too)
             torch.autograd.graph.increment_version(ps)
+            if any(shard.is_dtensor(p) for p in ps):
+                torch.autograd.graph.increment_version([shard.local(p) for p in ps
+                                                        if shard.is_dtensor(p)])
             torch._foreach_add_([self.state[p]["step"] for p in ps], 1.0)
             self._after_fused(group, ps)

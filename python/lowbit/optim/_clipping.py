@@ -6,6 +6,7 @@ import torch
 from .. import ops
 from ..clip import policies as clip_policies
 from ..reference import optim as ref
+from . import _sharding as shard
 
 
 class ClipSteps:
@@ -40,6 +41,10 @@ class ClipSteps:
         if not ada or not live or not any(isinstance(p, clip_policies.AdaGN) for p in self.clip) \
                 or any(isinstance(p, clip_policies.ValueClip) for p in self.clip):
             return None
+        if any(shard.shard_group(p) is not None for _, p, _ in live):
+            # FSDP2: whether the capture overflowed is a per-rank fact, and every rank must take
+            # the same path; AdaGN's norm comes from the (reduced) second statistics pass instead
+            return None
         device = live[0][1].device
         zero = torch.zeros((), dtype=torch.float32, device=device)
         m = torch.stack([self.state[p].get("adaclip_max", zero).to(device) for _, p, _ in live])
@@ -58,10 +63,13 @@ class ClipSteps:
         device = params[0].device
         stats = torch.cat([s.to(device) for _, live, skip, s, _ in plan if not skip and live])
         captures = [c for _, live, skip, _, c in plan if not skip and live]
-        grads = [p.grad.contiguous() for p in params]
+        grads = [shard.local(p.grad).contiguous() for p in params]
         t = self._clip_step + 1
         ctx = clip_policies.ClipContext(grads, stats, t,
                                         ops.resolve_backend(self.backend, device), device)
+        reducer = shard.ShardReducer(params)
+        if reducer:  # FSDP2: further statistics of sharded gradients are reduced over shards
+            ctx.reducer = reducer
         if all(c is not None for c in captures):
             ctx.capture = tuple(torch.cat([c[k].to(device) for c in captures]) for k in (0, 1))
         for name in {n for policy in self.clip for n in policy.tensor_state}:
@@ -114,6 +122,8 @@ class ClipSteps:
         policy = ctx.update_clip
         sums = torch.zeros(len(rows), dtype=torch.float64, device=table.device)
         rms_pass(sums)
+        if ctx.reducer is not None:  # FSDP2: the shards' sums, over the full numel
+            sums = ctx.reducer.row_sums(sums, rows)
         numel = torch.tensor(numel, dtype=torch.float64, device=table.device)
         rms, factor = policy.factors(sums, numel, group["betas"][1], step)
         table = table.clone()
