@@ -163,9 +163,10 @@ def run_hvp(args, ctx):
     group = f"HVP, {model}"
     out.append(row("hvp", group, "gradient (torch.autograd.grad)", "baseline", grad,
                    reps=hargs.reps, note="the reference: one gradient"))
-    for r in hb.ROUTES:
+    for r in hb.ROUTES + (hb.REUSED,):
         extra = f"; +{mem[r]:.0f} MiB peak" if r in mem else ""
-        out.append(row("hvp", group, f"lowbit hvp {r}", "lowbit", times[r], reps=hargs.reps,
+        label = f"lowbit hvp {r}" if r in hb.ROUTES else f"lowbit HessianOperator ({r})"
+        out.append(row("hvp", group, label, "lowbit", times[r], reps=hargs.reps,
                        note=f"{times[r] / grad:.2f}x one gradient{extra}"))
     for name, secs, lam, products in res["eigen"]:
         out.append(row("hvp", "top Hessian eigenvalue", name,
