@@ -483,9 +483,11 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
                     "(nonfinite='raise'); pass nonfinite='skip' to skip such steps instead")
             info.append({"skipped": bool(bad), "nonfinite_tensors": bad, "grad_norm": norm})
             plan.append((group, live, bool(bad), stats, capture))
+        fmts = {}  # id(p) -> its state format this step (the fused calls need it again)
         for group, live, skip, *_ in plan:
+            names = self._state_names(group)
             for _, p, where in live:
-                fmt = self._format_for(p, group)  # the full parameter's
+                fmt = fmts[id(p)] = self._format_for(p, group)  # the full parameter's
                 if fmt[2] and shard.shard_group(p) is not None:
                     raise NotImplementedError(
                         f"{where}: second_moment_norm='rank1' on a sharded (FSDP2) parameter is "
@@ -494,23 +496,23 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
                 state = self.state[p]
                 if len(state) == 0:
                     state.update(self._fresh_state(p, group))
-                self._check_state(shard.local(p), state, self._state_names(group), fmt, where)
+                self._check_state(shard.local(p), state, names, fmt, where)
         ctx = self._run_clip_policies(plan)
         row = 0
         for group, live, skip, *_ in plan:
             if skip:
                 group["skipped_steps"] += 1
                 continue
-            self._step_group(group, live, ctx, row)
+            self._step_group(group, live, ctx, row, fmts)
             row += len(live)
         if ctx is not None:
             self._finish_clip(ctx)
         self.last_step_info = info
         return loss
 
-    def _step_group(self, group, live, ctx=None, row0=0):
+    def _step_group(self, group, live, ctx=None, row0=0, fmts=None):
         """The group's fused calls; ctx: the clip policies' context, whose rows row0.. are this
-        group's live tensors."""
+        group's live tensors; fmts: id(p) -> state format, as step() found them."""
         names = self._state_names(group)
         # one fused call per (state bits and block, step, device, dtype, write-back): rank-1 and
         # block-wise second states share it (v_cols says which is which)
@@ -519,7 +521,8 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
         steps = torch.stack([self.state[p]["step"] for _, p, _ in live]).tolist()
         for i, ((pid, p, where), step) in enumerate(zip(live, steps)):
             step = int(step) + 1
-            bits, block, cols = self._format_for(p, group)
+            bits, block, cols = (fmts[id(p)] if fmts is not None
+                                 else self._format_for(p, group))
             key = ((bits, block), step, p.device, p.dtype, self._writeback(p, group),
                    self._bucket_extra(p, group))
             buckets.setdefault(key, []).append((pid, p, cols, row0 + i))
