@@ -81,31 +81,11 @@ static inline float widen(ParamT<DT> h) {
   return DT == kBF16 ? bf16_to_f32((uint16_t)h) : f16_to_f32((uint16_t)h);
 }
 
-// The rule over elements [begin, begin+len) of tensor t, in sub-runs of `sub` elements (the
-// state blocks of quantized states; len for fp32 ones). m/v: the states of these elements (fp32
-// arrays, or the dequantized chunk buffers), updated in place; mx_m[j]/mx_v[j]: the largest
-// |bits| of sub-run j's new m/v (its block absmax), found in the same pass. One call per chunk,
-// not per block: the loop's setup (scalar broadcasts, the clip row) is paid once per chunk.
-// Every array is a typed __restrict pointer to the run's first element. No loop unswitching:
-// gcc would otherwise split the loop on each runtime flag (maximize, decay, ...) and fail to
-// vectorize most of the copies; as selects, the flags cost a blend each.
-// CLIP / SPIKE: the rule with the clipping steps / the spike clip (update_rule); the clipped
-// elements are counted into *nclip.
-// DEC (8-bit block-wise states): the old states are decoded here, kDecPiece elements of each at
-// a time (a gather from the codebook per 16), right before the rule runs over them, instead of
-// by a separate pass over the whole chunk first. The decode is bound by the gathers' loads, the
-// rule by the divider (the division and square root); a piece at a time, the two can overlap
-// (a microbenchmark of the bare loops: 0.72 -> 0.45 ns per element), and the decoded values
-// are still in L1 when the rule reads them. Measured on the whole step: ~5% less kernel time
-// for 2^24 elements, none when everything is cache-resident. The block maxima are then taken
-// by a pass over the block's new values (in L1) instead of inside the rule's loop: a
-// reduction there would be finished (a horizontal max) after every piece.
 // Software prefetch (kernels_impl.h: kPrefetchAhead) of the piece that many bytes of parameter
 // ahead of piece q0, and of the states of the same elements. Prefetches past the end of a
 // tensor are harmless (they never fault). DEC: the states are 8-bit codes (a byte per element);
 // otherwise m / v are the fp32 states themselves, or chunk buffers already in cache, where the
 // prefetch costs next to nothing.
-
 template <int DT, int NST, bool DEC>
 static inline void prefetch_piece(const OptTensor& t, const void* p, const void* g,
                                   const float* m, const float* v, int64_t begin, int64_t q0) {
@@ -132,6 +112,25 @@ static inline void prefetch_piece(const OptTensor& t, const void* p, const void*
 #endif
 }
 
+// The rule over elements [begin, begin+len) of tensor t, in sub-runs of `sub` elements (the
+// state blocks of quantized states; len for fp32 ones). m/v: the states of these elements (fp32
+// arrays, or the dequantized chunk buffers), updated in place; mx_m[j]/mx_v[j]: the largest
+// |bits| of sub-run j's new m/v (its block absmax), found in the same pass. One call per chunk,
+// not per block: the loop's setup (scalar broadcasts, the clip row) is paid once per chunk.
+// Every array is a typed __restrict pointer to the run's first element. No loop unswitching:
+// gcc would otherwise split the loop on each runtime flag (maximize, decay, ...) and fail to
+// vectorize most of the copies; as selects, the flags cost a blend each.
+// CLIP / SPIKE: the rule with the clipping steps / the spike clip (update_rule); the clipped
+// elements are counted into *nclip.
+// DEC (8-bit block-wise states): the old states are decoded here, kDecPiece elements of each at
+// a time (a gather from the codebook per 16), right before the rule runs over them, instead of
+// by a separate pass over the whole chunk first. The decode is bound by the gathers' loads, the
+// rule by the divider (the division and square root); a piece at a time, the two can overlap
+// (a microbenchmark of the bare loops: 0.72 -> 0.45 ns per element), and the decoded values
+// are still in L1 when the rule reads them. Measured on the whole step: ~5% less kernel time
+// for 2^24 elements, none when everything is cache-resident. The block maxima are then taken
+// by a pass over the block's new values (in L1) instead of inside the rule's loop: a
+// reduction there would be finished (a horizontal max) after every piece.
 template <int KIND, int DT, int WB, int NST, bool CLIP, bool SPIKE, bool HESS, bool DEC = false>
 __attribute__((optimize("no-unswitch-loops")))
 static void update_run(const OptArgs& a, const OptTensor& t, int64_t begin, int64_t len,
