@@ -16,7 +16,10 @@
   SharpnessMonitor,                 λ_max(H) or λ_max(P⁻¹H) every N steps against the
   stability_threshold                optimizer's stability threshold, CSV + plot (monitor.py)
   plot_density, plot_sharpness      PNG plots with matplotlib's Agg canvas (plot.py)
+  across_ranks                      DDP: an operator's products averaged over the ranks
+                                     (distributed.py)
 """
+from .distributed import across_ranks
 from .estimators import (DiagonalEstimate, TraceEstimate, hutchinson, hutchinson_diagonal,
                          hutchinson_trace)
 from .ggn import ggn_vp, loss_hessian_product
@@ -34,4 +37,5 @@ __all__ = ["hvp", "hvp_from_loss", "fd_step", "ggn_vp", "loss_hessian_product", 
            "probes", "rademacher", "gaussian", "hutchinson", "hutchinson_trace",
            "hutchinson_diagonal", "TraceEstimate", "DiagonalEstimate", "power_iteration",
            "lanczos", "spectral_density", "EigenResult", "SpectralDensity", "SharpnessMonitor",
-           "stability_threshold", "adam_preconditioner", "plot_density", "plot_sharpness"]
+           "stability_threshold", "adam_preconditioner", "plot_density", "plot_sharpness",
+           "across_ranks"]

@@ -31,6 +31,7 @@ import time
 import torch
 
 from .hvp import METHODS
+from .distributed import across_ranks
 from .operator import HessianOperator, preconditioned
 from .spectrum import lanczos, power_iteration
 from ._vectors import as_param_list
@@ -117,6 +118,9 @@ class SharpnessMonitor:
     warm_start: start each reading from the previous eigenvector.
     csv_path: append one row per reading (header written when the file is new or empty).
     plot_path: rewrite a PNG of sharpness and threshold against step after each reading.
+    across_ranks, group: under DDP, average each product over the ranks of `group` (default the
+    world; lowbit.hessian.across_ranks): the reading is then the global loss's, the same on every
+    rank. The closure computes this rank's loss through the plain module (ddp_model.module).
     Readings are kept in `history` (dicts with the CSV columns); `last_eigenvector` holds the
     previous eigenvector (in the preconditioned coordinates when preconditioned)."""
 
@@ -127,7 +131,8 @@ class SharpnessMonitor:
                  module=None, fd_eps: float | None = None, max_steps: int = 30,
                  tol: float = 1e-3, warm_start: bool = True, seed: int = 0,
                  csv_path: str | os.PathLike | None = None,
-                 plot_path: str | os.PathLike | None = None):
+                 plot_path: str | os.PathLike | None = None, across_ranks: bool = False,
+                 group=None):
         if not callable(closure):
             raise TypeError("closure must be a callable returning the loss on the probe batch")
         if not isinstance(every, int) or every < 1:
@@ -145,6 +150,8 @@ class SharpnessMonitor:
         self.params, owner = as_param_list(params)
         self.module = module if module is not None else owner
         self.closure = closure
+        # DDP: each product averaged over the ranks of `group` (lowbit.hessian.across_ranks)
+        self.across_ranks, self.group = across_ranks, group
         self.every = every
         self.optimizer = optimizer
         self._lr, self._rule, self._momentum, self._beta1 = lr, rule, momentum, beta1
@@ -204,7 +211,8 @@ class SharpnessMonitor:
         P = self._preconditioner(rule)
         hess = HessianOperator(self.closure, self.params, method=self.hvp_method,
                                module=self.module, fd_eps=self.fd_eps)
-        op = preconditioned(hess, P) if P is not None else hess
+        avg = across_ranks(hess, self.group) if self.across_ranks else hess
+        op = preconditioned(avg, P) if P is not None else avg
         init = self.last_eigenvector if self.warm_start else None
         seed = self.seed + len(self.history)
         try:
