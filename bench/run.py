@@ -5,7 +5,8 @@ one run, with the machine's copy bandwidth measured in that run.
 Families (--families, default all): quant (block-wise quantize / dequantize, bench/quant_bench.py),
 rounding (stochastic rounding, bench/quant_bench.py), optim (optimizer steps,
 bench/optim_bench.py), clip (clipped steps, bench/clip_bench.py), hvp (Hessian-vector products,
-eigenvalue readings, Sophia steps, bench/hessian_bench.py). Each script also runs on its own with
+eigenvalue readings, Sophia steps, bench/hessian_bench.py), dist (FSDP2 state bytes per rank and
+the statistics all-reduce, bench/dist_bench.py). Each script also runs on its own with
 its own, more detailed report; this runner calls their `collect` functions and prints one table
 per family: median time, effective GB/s, fraction of the copy bandwidth, ratio to the best peer.
 Peers (torch.optim, bitsandbytes, torchao, pytorch-optimizer, torch-optimi, sophia-opt, PyHessian)
@@ -14,7 +15,7 @@ are optional: an absent one is skipped with a note.
 Timing: each timed repetition follows one timed fp32 copy of N elements (bench/_timing.py), the
 process re-executes itself once with a steady glibc malloc and OMP_NUM_THREADS set.
 
-Usage: python bench/run.py [--quick] [--families quant,rounding,optim,clip,hvp] [--n N]
+Usage: python bench/run.py [--quick] [--families quant,rounding,optim,clip,hvp,dist] [--n N]
                            [--threads T] [--out DIR] [--reps R] [--no-peers] [--torchao]
 --quick: tiny sizes (N = 2**14, a 1-layer d=32 transformer, few repetitions), well under a
 minute: it checks the suite runs, its numbers mean little. Writes DIR/report.md (default
@@ -36,6 +37,7 @@ FAMILIES = {  # key: title
     "optim": "Optimizer steps",
     "clip": "Clipped optimizer steps",
     "hvp": "Curvature: Hessian-vector products, eigenvalue readings, Sophia steps",
+    "dist": "FSDP2 on gloo: optimizer-state bytes per rank, the statistics all-reduce",
 }
 
 
@@ -190,8 +192,24 @@ def run_hvp(args, ctx):
     return out, notes
 
 
+def run_dist(args, ctx):
+    import dist_bench as db
+    dargs = db.parse_args(["--out", args.out] + (["--quick", "--worlds", "1,2"] if args.quick
+                                                 else []))
+    out = []
+    for bits, world, mb, ratio, r0 in db.summary(db.collect(dargs)):
+        out.append(row("dist", f"AdamW, {bits}-bit states, FSDP2 ({r0['params']} params)",
+                       f"lowbit, {world} rank{'s' if world > 1 else ''}", "lowbit",
+                       r0["step_s"], reps=dargs.steps,
+                       note=f"state {mb:.3f} MB per rank ({ratio:.3f}x of 1 rank); statistics "
+                       f"all-reduce {r0['allreduce_bytes']} B, {r0['allreduce_s'] * 1e3:.2f} ms "
+                       "per step"))
+    return out, ["dist: ranks are spawned processes, one thread each; the all-reduce time "
+                 "includes waiting for the slowest rank"]
+
+
 RUNNERS = {"quant": run_quant, "rounding": run_rounding, "optim": run_optim, "clip": run_clip,
-           "hvp": run_hvp}
+           "hvp": run_hvp, "dist": run_dist}
 
 
 class Context:
