@@ -162,3 +162,26 @@ class ShardReducer:
     def row_sums(self, values, rows):
         """values [len(rows)]: per-row partial sums of the rows `rows`, summed over shards."""
         return self._reduce(values, None, dist.ReduceOp.SUM, rows)
+
+
+def like_param(t: torch.Tensor, p) -> torch.Tensor:
+    """A state tensor t laid out like p's local shard, as a DTensor with p's mesh, placements and
+    global shape (t itself, no copy, inside it): the form torch.optim keeps its states in under
+    FSDP2, which torch.distributed.checkpoint reshards and gathers."""
+    with torch.no_grad():
+        return DTensor.from_local(t.view(local(p).shape), p.device_mesh, p.placements,
+                                  run_check=False, shape=p.shape, stride=p.stride())
+
+
+def local_like(t: torch.Tensor, p) -> torch.Tensor:
+    """The part of a loaded state tensor t that p's local shard owns: a DTensor laid out like p
+    gives its local shard (a DTensor laid out otherwise is redistributed first); a DTensor state
+    of a plain parameter is gathered whole; a plain tensor is taken as it is."""
+    if not is_dtensor(t):
+        return t
+    with torch.no_grad():
+        if not is_dtensor(p):
+            return t.full_tensor()
+        if t.device_mesh != p.device_mesh or tuple(t.placements) != tuple(p.placements):
+            t = t.redistribute(p.device_mesh, p.placements)
+        return t.to_local()
