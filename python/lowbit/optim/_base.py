@@ -16,7 +16,8 @@ checkpoints load with torch.load(..., weights_only=True).
 FSDP2 / DTensor parameters (lowbit.optim._sharding has the rules): the format is decided from
 the full parameter, the states hold the local shard (a quantized state's blocks start at the
 shard's first element), the step runs on the local shards, and the gradient statistics of
-sharded parameters are all-reduced across the shards once per step.
+sharded parameters are all-reduced across the shards once per step. Their state_dict() entries
+are fp32 DTensors (lowbit.optim._checkpoint), which torch.distributed.checkpoint reshards.
 """
 from collections import defaultdict
 
@@ -395,8 +396,9 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
     def export_state_dict(self) -> dict:
         """The state dict with every state as an fp32 tensor shaped like its parameter under
         torch's names, and param_groups holding the keys of `_torch_class` — loadable by that
-        torch optimizer (and by any lowbit optimizer, which converts back). Kahan compensations
-        and clip-policy states are dropped (torch has none). DTensor (FSDP2) parameters export
+        torch optimizer (and by any lowbit optimizer, which converts back to the same codes and
+        absmax: lowbit.optim._checkpoint.carry_absmax). Kahan compensations and clip-policy
+        states are dropped (torch has none). DTensor (FSDP2) parameters export
         fp32 DTensors laid out like them, as that torch optimizer's state_dict() under FSDP2
         holds them (full_tensor() of each gives the unsharded state)."""
         sd = self.state_dict()
