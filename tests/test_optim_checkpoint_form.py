@@ -54,3 +54,13 @@ def test_carry_absmax_needs_the_correction_and_changes_one_element_per_block(bit
     step = 0.13 if bits == 4 else 0.01  # -1 to the most negative entry, relative to absmax
     assert ((carried - plain).abs().view(-1, block).amax(1) <= step * absmax).all()
     assert torch.equal(ref.quantize_state(carried, 0, bits, block)[1], absmax)
+
+
+def test_a_state_in_both_forms_raises():
+    # what DCP's full-state-dict load makes of a plain model's compact state dict given to an
+    # FSDP2 model (its fp32 template states plus the codes): refused, not silently resolved
+    p, opt = _trained(lo.AdamW8bit, (64, 256))
+    sd = opt.state_dict()
+    sd["state"][0]["exp_avg"] = torch.zeros(64, 256)
+    with pytest.raises(ValueError, match="both 'exp_avg' .fp32. and 'exp_avg_codes'"):
+        lo.AdamW8bit([p], lr=1e-2, min_quant_numel=0).load_state_dict(sd)

@@ -296,6 +296,14 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
             if name in state:  # e.g. torch's bf16 states of bf16 parameters
                 state[name] = state[name].float()
             if name + "_codes" in state:
+                if name in state:
+                    # e.g. a compact state dict of a plain model given to
+                    # set_optimizer_state_dict on an FSDP2 model: DCP merges its codes into the
+                    # fp32 template states, and which one holds the data is unknowable
+                    raise ValueError(f"{where}: the state holds both {name!r} (fp32) and "
+                                     f"{name + '_codes'!r} (quantized); a state dict has one "
+                                     "form per state. Save from the same kind of model (a "
+                                     "plain model's state dict is compact; FSDP2's is fp32)")
                 state[name + "_codes"] = state[name + "_codes"].to(torch.uint8)
         src = (32, 0, 0) if all(n in state for n in names) else self._format_for(p, saved_group)
         full, p = p, shard.local(p)  # formats from the full parameter, shapes of its shard
