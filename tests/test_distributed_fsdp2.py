@@ -138,8 +138,8 @@ def _formats(rank, world):
     again.load_state_dict(opt.state_dict())
     out = {"reloaded": all(torch.equal(v, again.state[p][k]) for p in model.parameters()
                            for k, v in opt.state[p].items()),
-           "exported": {k: tuple(v.shape) for k, v in
-                        opt.export_state_dict()["state"][0].items() if k != "step"}}
+           "exported": {k: (type(v).__name__, tuple(v.shape), tuple(_local(v).shape))
+                        for k, v in opt.export_state_dict()["state"][0].items() if k != "step"}}
     for name in ("w1", "w2", "b1"):
         p = getattr(model, name)
         st = opt.state[p]
@@ -275,9 +275,11 @@ def test_fsdp2_format_from_full_parameter(runs):
         assert f["w2"]["exp_avg_codes"][0] == torch.uint8  # default 4096 > both shards
         assert f["b1"]["exp_avg"] == (torch.float32, f["b1"]["local_numel"])
         assert f["reloaded"]
-        # export_state_dict gives the shard's fp32 states (the full export is the DCP slice's)
+        # export_state_dict gives fp32 DTensors laid out like the parameter (test_distributed_dcp
+        # has the full export and the resharding)
         rows = 17 if rank == 0 else 16
-        assert f["exported"] == {"exp_avg": (rows, 256), "exp_avg_sq": (rows, 256)}
+        assert f["exported"] == {k: ("DTensor", (33, 256), (rows, 256))
+                                 for k in ("exp_avg", "exp_avg_sq")}
         # a shard starting mid-block: its states are its elements quantized alone, blocks from
         # the shard's first element (rank 0: 500 elements, 2 blocks; rank 1: 400, 2 blocks)
         blocks = f["shard_blocks"]

@@ -16,7 +16,8 @@ checkpoints load with torch.load(..., weights_only=True).
 FSDP2 / DTensor parameters (lowbit.optim._sharding has the rules): the format is decided from
 the full parameter, the states hold the local shard (a quantized state's blocks start at the
 shard's first element), the step runs on the local shards, and the gradient statistics of
-sharded parameters are all-reduced across the shards once per step.
+sharded parameters are all-reduced across the shards once per step. Their state_dict() entries
+are fp32 DTensors (lowbit.optim._checkpoint), which torch.distributed.checkpoint reshards.
 """
 from collections import defaultdict
 
@@ -24,6 +25,7 @@ import torch
 
 from .. import ops
 from ..reference import optim as ref
+from . import _checkpoint as ckpt
 from . import _sharding as shard
 from ._clipping import ClipSteps
 
@@ -294,6 +296,14 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
             if name in state:  # e.g. torch's bf16 states of bf16 parameters
                 state[name] = state[name].float()
             if name + "_codes" in state:
+                if name in state:
+                    # e.g. a compact state dict of a plain model given to
+                    # set_optimizer_state_dict on an FSDP2 model: DCP merges its codes into the
+                    # fp32 template states, and which one holds the data is unknowable
+                    raise ValueError(f"{where}: the state holds both {name!r} (fp32) and "
+                                     f"{name + '_codes'!r} (quantized); a state dict has one "
+                                     "form per state. Save from the same kind of model (a "
+                                     "plain model's state dict is compact; FSDP2's is fp32)")
                 state[name + "_codes"] = state[name + "_codes"].to(torch.uint8)
         src = (32, 0, 0) if all(n in state for n in names) else self._format_for(p, saved_group)
         full, p = p, shard.local(p)  # formats from the full parameter, shapes of its shard
@@ -340,7 +350,7 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
                 id_map[pid] = (p, g, sg)
         new_groups, merged = [], {}
         for g, sg in zip(groups, saved):
-            ng = {k: v for k, v in sg.items() if k != "params"}
+            ng = {k: v for k, v in sg.items() if k not in ("params", "clip_step")}
             for k, v in g.items():
                 if k in _CONFIG_KEYS or k not in ng:
                     ng[k] = v
@@ -354,45 +364,73 @@ class FusedOptimizer(ClipSteps, torch.optim.Optimizer):
             p, g, sg = id_map[pid]
             # copies: the caller's dict (possibly loaded into another optimizer too) stays apart
             # (DTensor states, as torch.optim keeps under FSDP2: their local shards)
-            moved = {k: (shard.local(v).to(p.device, copy=True) if isinstance(v, torch.Tensor)
-                         else v) for k, v in st.items()}
+            # (DTensor states, as state_dict() gives them under FSDP2 and DCP loads them: the
+            # part this rank's shard owns, quantized below into this shard's own blocks)
+            moved = {k: (shard.local_like(v, p).to(shard.local(p).device, copy=True)
+                         if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
             saved_group = {**g, **_LEGACY_CONFIG,
                            **{k: v for k, v in sg.items() if k != "params"}}
             new_state[p] = self._adopt_state(p, moved, merged[id(g)], saved_group,
                                              f"state of parameter {pid}")
-        clip_step = int(state_dict.get("clip", {}).get("step", 0))
+        # the clock from "clip", or from the groups when only state and param_groups were kept
+        # (torch.distributed.checkpoint.state_dict keeps only those)
+        clip_step = int(state_dict.get("clip", {}).get(
+            "step", saved[0].get("clip_step", 0) if saved else 0))
         self.__setstate__({"state": new_state, "param_groups": new_groups})
         self._clip_step = clip_step
 
     def state_dict(self):
-        """torch's state dict plus "clip": {"step": the clip policies' clock}."""
+        """torch's state dict plus "clip": {"step": the clip policies' clock} (with clip policies,
+        also in every group as "clip_step", the part torch.distributed.checkpoint keeps).
+
+        DTensor (FSDP2) parameters get their states in the reshardable form of torch.optim's
+        under FSDP2 (lowbit.optim._checkpoint): each of the rule's states an fp32 DTensor laid
+        out like the parameter (a quantized state dequantized from this shard's blocks), so DCP
+        saves on N ranks and loads on M, and full_state_dict=True gathers whole tensors.
+        Plain parameters keep the compact format (codes and absmax of quantized states)."""
         sd = super().state_dict()
         sd["clip"] = {"step": self._clip_step}
+        if self.clip:
+            for g in sd["param_groups"]:
+                g["clip_step"] = self._clip_step
+        owner = [(p, g) for g in self.param_groups for p in g["params"]]
+        for pid, st in list(sd["state"].items()):
+            p, group = owner[pid]
+            if shard.is_dtensor(p) and st:
+                sd["state"][pid] = ckpt.reshardable_state(self, p, group, st,
+                                                          f"state of parameter {pid}")
         return sd
 
     def export_state_dict(self) -> dict:
         """The state dict with every state as an fp32 tensor shaped like its parameter under
         torch's names, and param_groups holding the keys of `_torch_class` — loadable by that
-        torch optimizer (and by any lowbit optimizer, which converts back). Kahan compensations
-        are dropped (torch has none)."""
+        torch optimizer (and by any lowbit optimizer, which converts back to the same codes and
+        absmax: lowbit.optim._checkpoint.carry_absmax). Kahan compensations and clip-policy
+        states are dropped (torch has none). DTensor (FSDP2) parameters export
+        fp32 DTensors laid out like them, as that torch optimizer's state_dict() under FSDP2
+        holds them (full_tensor() of each gives the unsharded state)."""
         sd = self.state_dict()
         export_state = {}
         owner = [(p, g) for g in self.param_groups for p in g["params"]]
         for pid, st in sd["state"].items():
             p, group = owner[pid]
             names = self._state_names(group)
-            fmt = self._format_for(p, group)
-            p = shard.local(p)  # a DTensor parameter exports its shard's states
-            self._check_state(p, st, names, fmt, f"state of parameter {pid}")
+            if shard.is_dtensor(p):  # state_dict() gave them as fp32 DTensors already
+                values = [st[name] for name in names]
+            else:
+                fmt = self._format_for(p, group)
+                self._check_state(p, st, names, fmt, f"state of parameter {pid}")
+                values = ckpt.exact_fp32(self, p, st, names, fmt)
             out = {"step": st["step"].clone()}
-            for name, value in zip(names, self._moments_fp32(p, st, names, fmt)):
+            for name, value in zip(names, values):
                 out[name] = value.clone()
             export_state[pid] = out
         keys = (self._torch_class([torch.zeros(1)]).defaults
                 if self._torch_class is not None else None)
         groups = []
         for g in sd["param_groups"]:
-            eg = {k: g.get(k, v) for k, v in keys.items()} if keys else dict(g)
+            eg = ({k: g.get(k, v) for k, v in keys.items()} if keys
+                  else {k: v for k, v in g.items() if k != "clip_step"})
             eg["params"] = g["params"]
             groups.append(eg)
         return {"state": export_state, "param_groups": groups}

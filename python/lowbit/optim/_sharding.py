@@ -19,9 +19,13 @@ cross shards are the per-tensor gradient statistics, reduced here). The rules:
   when ceil(size(0) / world) * (numel / size(0)) is a multiple of B), these blocks are exactly
   the unsharded parameter's and the states equal the unsharded run's up to the gradients'
   reduction order; otherwise blocks near the shard starts are cut differently and the states
-  differ from the unsharded run's at the quantization-error level. state_dict() on each rank
-  holds its shard's states: they load back under the same world size and sharding;
-  resharding (torch.distributed.checkpoint, N -> M ranks) is not done yet.
+  differ from the unsharded run's at the quantization-error level.
+- Checkpoints (lowbit.optim._checkpoint): state_dict() presents the states of DTensor parameters
+  as fp32 DTensors laid out like the parameter (torch.optim.AdamW's FSDP2 form), so
+  torch.distributed.checkpoint saves on N ranks and loads on M, and full_state_dict=True gathers
+  whole tensors; load_state_dict() quantizes each loaded local shard into this rank's blocks.
+  With block-aligned shards on both sides the loaded codes and absmax are bit-identical to the
+  saved ones.
 - Statistics (lowbit.ops.grad_stats: sum of squares, non-finite count, max |g|, NaN count) run
   per rank on the local shards; the rows of sharded parameters are partial and are reduced over
   the process group of the sharding mesh dimension: per step ONE all-reduce (SUM, float64) of
@@ -162,3 +166,26 @@ class ShardReducer:
     def row_sums(self, values, rows):
         """values [len(rows)]: per-row partial sums of the rows `rows`, summed over shards."""
         return self._reduce(values, None, dist.ReduceOp.SUM, rows)
+
+
+def like_param(t: torch.Tensor, p) -> torch.Tensor:
+    """A state tensor t laid out like p's local shard, as a DTensor with p's mesh, placements and
+    global shape (t itself, no copy, inside it): the form torch.optim keeps its states in under
+    FSDP2, which torch.distributed.checkpoint reshards and gathers."""
+    with torch.no_grad():
+        return DTensor.from_local(t.view(local(p).shape), p.device_mesh, p.placements,
+                                  run_check=False, shape=p.shape, stride=p.stride())
+
+
+def local_like(t: torch.Tensor, p) -> torch.Tensor:
+    """The part of a loaded state tensor t that p's local shard owns: a DTensor laid out like p
+    gives its local shard (a DTensor laid out otherwise is redistributed first); a DTensor state
+    of a plain parameter is gathered whole; a plain tensor is taken as it is."""
+    if not is_dtensor(t):
+        return t
+    with torch.no_grad():
+        if not is_dtensor(p):
+            return t.full_tensor()
+        if t.device_mesh != p.device_mesh or tuple(t.placements) != tuple(p.placements):
+            t = t.redistribute(p.device_mesh, p.placements)
+        return t.to_local()
