@@ -127,6 +127,16 @@ def test_block_tail_equals_zero_padding(cols):
     assert torch.equal(fake_quant(padded, spec)[..., :cols], fake_quant(x, spec))
 
 
+@pytest.mark.parametrize("shape", [(0, 32), (4, 0), (0,), (1,), (), (2, 0, 5)], ids=str)
+@pytest.mark.parametrize("scaling", ["block", "row", "column", "tensor"])
+def test_empty_and_tiny_shapes(shape, scaling):
+    x = torch.full(shape, 0.75)
+    for sf in ("fp32", "e8m0"):
+        spec = QuantSpec("e2m1", scaling=scaling, scale_format=sf, rounding="stochastic")
+        out = fake_quant(x, spec, seed=1)
+        assert out.shape == x.shape and torch.equal(out, x)   # 0.75 = absmax: exact
+
+
 def test_row_column_tensor_scalings():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(6, 40, generator=g)

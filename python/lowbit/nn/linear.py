@@ -60,18 +60,12 @@ class _QuantLinearFn(torch.autograd.Function):
         # Differentiate F.linear itself (on the saved, detached operands) rather than writing the
         # three matmuls out: that is the very computation nn.Linear's backward performs, so with
         # quantization off the gradients match it bit for bit on every shape and dtype.
-        want = [t for t, need in zip((x_hat, w_hat, bias), ctx.needs_input_grad[:3])
-                if need and t is not None]
-        leaves = [x_hat.detach(), w_hat.detach(), None if bias is None else bias.detach()]
-        for i, need in enumerate(ctx.needs_input_grad[:3]):
-            if need and leaves[i] is not None:
-                leaves[i].requires_grad_(True)
+        leaves = [None if t is None else t.detach().requires_grad_(need)
+                  for t, need in zip((x_hat, w_hat, bias), ctx.needs_input_grad[:3])]
+        wanted = [t for t in leaves if t is not None and t.requires_grad]
         with torch.enable_grad():
-            y = F.linear(*leaves)
-            wanted = [leaf for leaf in leaves if leaf is not None and leaf.requires_grad]
-            grads = torch.autograd.grad(y, wanted, g_hat) if want else ()
-        it = iter(grads)
-        out = [next(it) if leaf is not None and leaf.requires_grad else None for leaf in leaves]
+            grads = iter(torch.autograd.grad(F.linear(*leaves), wanted, g_hat) if wanted else ())
+        out = [next(grads) if t is not None and t.requires_grad else None for t in leaves]
         return out[0], out[1], out[2], None, None
 
 

@@ -38,6 +38,7 @@ Quantize: y = x / scale (IEEE fp32 division; 0 where scale == 0), clamped to [-F
 Dequantize: q * scale in fp32, then cast to the input dtype (nearest-even).
 Inputs of any float dtype are first cast to fp32 (exact for bf16/fp16).
 """
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -100,9 +101,13 @@ def check_float(name: str, t) -> torch.Tensor:
     return t
 
 
+def _matrix_shape(shape) -> tuple[int, int]:
+    # (rows, cols) explicitly: reshape(-1, cols) is ambiguous for empty tensors
+    return (math.prod(shape[:-1]), shape[-1]) if len(shape) else (1, 1)
+
+
 def _as_matrix(x: torch.Tensor) -> torch.Tensor:
-    cols = x.shape[-1] if x.dim() else 1
-    return x.to(torch.float32).reshape(-1, cols)
+    return x.to(torch.float32).reshape(_matrix_shape(x.shape))
 
 
 def group_absmax(x2: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -235,13 +240,12 @@ def _scales_shape(stored: torch.Tensor, x: torch.Tensor, spec: QuantSpec) -> tor
 def dequantize(q: Quantized, spec: QuantSpec, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """q.codes' grid values times their group's scale (one fp32 product), cast to `dtype`."""
     shape = q.codes.shape
-    cols = shape[-1] if len(shape) else 1
-    vals = decode(q.codes, spec.format).reshape(-1, cols)
+    rows, cols = _matrix_shape(shape)
+    vals = decode(q.codes, spec.format).reshape(rows, cols)
     sc = q.scales if spec.scale_format == "fp32" else e8m0_to_float(q.scales)
-    if spec.scaling == "block" or spec.scaling == "row":
-        sc = sc.reshape(vals.shape[0], -1)
-    else:
-        sc = sc.reshape(1, -1)
+    per_row = {"block": -(-cols // spec.block_size), "row": 1}
+    sc = sc.reshape(rows, per_row[spec.scaling]) if spec.scaling in per_row else \
+        sc.reshape(1, -1)
     out = vals * expand_groups(sc, vals.shape, spec)
     return out.reshape(shape).to(dtype)
 
