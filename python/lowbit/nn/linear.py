@@ -1,0 +1,132 @@
+"""QuantLinear: nn.Linear with fake-quantized operands (simulated low precision, reference only).
+
+THIS SIMULATES LOW PRECISION. Every quantized tensor is quantized and immediately dequantized
+(lowbit.reference.lowprec.fake_quant) and the matmuls run in the operands' own dtype on those
+dequantized values; no low-precision matmul and no memory saving happen here. What the model
+sees — every forward value and gradient — is what a real 4/8-bit pipeline with the same rounding
+and scaling would produce, up to the accumulation order and precision of the matmul.
+
+Forward:   y = fq_a(x) @ fq_w(W)^T + b
+Backward:  g_hat = fq_g(dL/dy); dL/dx = g_hat @ fq_w(W); dL/dW = g_hat^T @ fq_a(x);
+           dL/db = sum of g_hat (straight-through: the quantizers count as the identity).
+With a Hadamard rotation, fq(t) = H(fake_quant(H(t))) on the inner dimension, H the normalized
+block Walsh–Hadamard transform (its own inverse). For the forward this equals
+fake_quant(x H) @ fake_quant(W H)^T (HH^T = I), the rotated low-precision product; for the
+gradient the inner dimension of g_hat @ fq_w(W) is out_features, and g_hat^T @ x reuses the same
+rotated-back g_hat. A role with no quantizer is used as is and never rotated (a rotation alone
+changes nothing but rounding), so an all-None config, or `layer.quantize = False`, computes
+exactly what nn.Linear computes, bit for bit.
+
+Randomness: a stochastic role uses the Philox key sr_key(config.seed, 3 * layer_index + role,
+call) with role 0 weight, 1 activation, 2 grad_output and `call` the layer's forward count (the
+backward uses its forward's count); element i uses counter i. Same seed, layer order and call
+sequence -> same bits.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..reference.hadamard import block_hadamard
+from ..reference.lowprec import check_float, fake_quant
+from ..reference.optim import sr_key
+from .config import LinearQuantConfig, NONE, TensorQuant
+
+_ROLE_ID = {"weight": 0, "activation": 1, "grad_output": 2}
+
+
+def fq(t: torch.Tensor, spec: TensorQuant | None, key: int) -> torch.Tensor:
+    """The fake quantizer of one role, with its optional Hadamard rotation of the last dim."""
+    if spec is None:
+        return t
+    if spec.hadamard:
+        return block_hadamard(fake_quant(block_hadamard(t, spec.hadamard_block), spec, key),
+                              spec.hadamard_block)
+    return fake_quant(t, spec, key)
+
+
+class _QuantLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, config, keys):
+        x_hat = fq(x, config.activation, keys[1])
+        w_hat = fq(weight, config.weight, keys[0])
+        ctx.save_for_backward(x_hat, w_hat, bias)
+        ctx.spec_g, ctx.key_g = config.grad_output, keys[2]
+        return F.linear(x_hat, w_hat, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_hat, w_hat, bias = ctx.saved_tensors
+        g_hat = fq(grad_out, ctx.spec_g, ctx.key_g)
+        # Differentiate F.linear itself (on the saved, detached operands) rather than writing the
+        # three matmuls out: that is the very computation nn.Linear's backward performs, so with
+        # quantization off the gradients match it bit for bit on every shape and dtype.
+        leaves = [None if t is None else t.detach().requires_grad_(need)
+                  for t, need in zip((x_hat, w_hat, bias), ctx.needs_input_grad[:3])]
+        wanted = [t for t in leaves if t is not None and t.requires_grad]
+        with torch.enable_grad():
+            grads = iter(torch.autograd.grad(F.linear(*leaves), wanted, g_hat) if wanted else ())
+        out = [next(grads) if t is not None and t.requires_grad else None for t in leaves]
+        return out[0], out[1], out[2], None, None
+
+
+class QuantLinear(nn.Linear):
+    """nn.Linear whose forward/backward simulate low-precision operands (see the module
+    docstring: matmuls run in the operands' dtype on dequantized values).
+
+    config: a LinearQuantConfig (lowbit.nn.INT4, FP8, FP4, NONE or your own).
+    layer_index: distinguishes layers' random streams (convert() numbers them in order).
+    Set `quantize = False` to run exactly as nn.Linear (e.g. for evaluation).
+    """
+
+    def __init__(self, in_features, out_features, bias=True, config: LinearQuantConfig = NONE,
+                 layer_index: int = 0, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self._setup(config, layer_index)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: LinearQuantConfig = NONE,
+                    layer_index: int = 0) -> "QuantLinear":
+        """A QuantLinear holding the very same weight and bias Parameter objects as `linear`
+        (optimizers that already hold them keep working). Hooks are not carried over."""
+        q = cls.__new__(cls)
+        nn.Module.__init__(q)
+        q.in_features, q.out_features = linear.in_features, linear.out_features
+        q.weight = linear.weight
+        if linear.bias is None:
+            q.register_parameter("bias", None)
+        else:
+            q.bias = linear.bias
+        q.train(linear.training)
+        q._setup(config, layer_index)
+        return q
+
+    def _setup(self, config, layer_index):
+        if not isinstance(config, LinearQuantConfig):
+            raise TypeError(f"config must be a LinearQuantConfig, got {type(config).__name__}")
+        if isinstance(layer_index, bool) or not isinstance(layer_index, int) or layer_index < 0:
+            raise ValueError(f"layer_index must be a non-negative int, got {layer_index!r}")
+        hb = config.forward_hadamard()
+        if hb is not None and self.in_features % hb:
+            raise ValueError(f"in_features={self.in_features} is not a multiple of the forward "
+                             f"hadamard block {hb}")
+        g = config.grad_output
+        if g is not None and g.hadamard and self.out_features % g.hadamard_block:
+            raise ValueError(f"out_features={self.out_features} is not a multiple of the "
+                             f"grad_output hadamard block {g.hadamard_block}")
+        self.config, self.layer_index = config, layer_index
+        self.quantize, self.calls = True, 0
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        check_float("input", input)
+        if not self.quantize:
+            return F.linear(input, self.weight, self.bias)
+        base = 3 * self.layer_index
+        keys = tuple(sr_key(self.config.seed, base + r, self.calls) for r in range(3))
+        self.calls += 1
+        return _QuantLinearFn.apply(input, self.weight, self.bias, self.config, keys)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        roles = ", ".join(f"{r}={getattr(c, r).format if getattr(c, r) else None}"
+                          for r in _ROLE_ID)
+        return f"{super().extra_repr()}, {roles}"
