@@ -12,7 +12,7 @@ from lowbit.examples.model import Decoder, DecoderConfig, apply_rotary, lm_loss,
 from lowbit.examples.pretrain import PRESETS, estimate_memory, main
 from lowbit.examples.report import write_plots
 from lowbit.examples.runs import DEFAULT_RUNS, RunSpec, build_optimizer, parse_runs
-from lowbit.examples.train import TrainConfig, train_run
+from lowbit.examples.train import TrainConfig, build_model, train_run
 
 PNG = b"\x89PNG\r\n\x1a\n"
 TINY = DecoderConfig(dim=32, n_layers=2, n_heads=2, seq_len=16)
@@ -133,12 +133,28 @@ def test_parse_runs_and_build_every_default_optimizer():
 
 
 @pytest.mark.parametrize("text, match", [("adamw-nope", "unknown optimizer"),
-                                         ("torch-adamw@fp8", "unknown precision"),
+                                         ("torch-adamw@fp16", "unknown precision"),
                                          ("torch-adamw,torch-adamw@fp32", "twice"),
                                          ("lowbit-sophiah", "Hessian-vector"), (",", "no runs")])
 def test_parse_runs_errors(text, match):
     with pytest.raises(ValueError, match=match):
         parse_runs(text)
+
+
+def test_low_precision_runs_quantize_the_linear_layers_but_not_the_head():
+    import lowbit.nn
+    specs = parse_runs("torch-adamw,lowbit-stablespam8bit@fp32", "int4")
+    assert [s.precision for s in specs] == ["int4", "fp32"]
+    assert specs[0].layers == "int4" and specs[0].dtype == torch.float32
+    assert specs[1].layers is None
+    with pytest.raises(ValueError, match="--precision"):
+        parse_runs("torch-adamw", "fp16")
+    model = build_model(TrainConfig(model=TINY), specs[0])
+    quant = [n for n, m in model.named_modules() if isinstance(m, lowbit.nn.QuantLinear)]
+    linear = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear]
+    assert quant and all(n.startswith("blocks.") for n in quant) and linear == ["head"]
+    assert all(m.config is lowbit.nn.INT4 for m in model.modules()
+               if isinstance(m, lowbit.nn.QuantLinear))
 
 
 # ---- command line: errors before training, and a whole tiny comparison ----------------------------
@@ -208,8 +224,10 @@ def test_sharpness_curve(tmp_path):
 
 # ---- resume ---------------------------------------------------------------------------------------
 
+# (fp4: stochastic rounding of the layers' output gradients, whose Philox stream follows each
+# layer's forward count: the checkpoint carries the counts)
 @pytest.mark.parametrize("run", ["lowbit-adamw8bit@bf16", "lowbit-sophiag4bit@fp32",
-                                 "torch-adamw@fp32"])
+                                 "torch-adamw@fp32", "lowbit-stablespam8bit@fp4"])
 def test_resume_continues_the_identical_trajectory(tmp_path, run):
     folder = _text_folder(tmp_path / "texts")
     spec = parse_runs(run)[0]

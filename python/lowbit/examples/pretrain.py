@@ -3,6 +3,7 @@ optimizers and precisions on the same data, seed and order, and compare them.
 
     python -m lowbit.examples.pretrain                # the default comparison (~5 min, 2 cores)
     python -m lowbit.examples.pretrain --runs lowbit-adamw8bit@bf16,torch-adamw@bf16 --steps 600
+    python -m lowbit.examples.pretrain --precision int4 --runs torch-adamw,lowbit-stablespam
     python -m lowbit.examples.pretrain --preset small --data my_texts/ --out runs_small
     python -m lowbit.examples.pretrain --stop-at 100 ...  then the same command with --resume
 
@@ -44,8 +45,12 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="default", help=f"one of {', '.join(PRESETS)}")
     p.add_argument("--runs", default=",".join(DEFAULT_RUNS),
-                   help="comma-separated optimizer@precision (fp32 | bf16); --list shows the "
-                        "optimizers (default: %(default)s)")
+                   help="comma-separated optimizer@precision (fp32 | bf16 | fp8 | int4 | "
+                        "fp4: the last three quantize the linear layers, lowbit.nn); --list "
+                        "shows the optimizers (default: %(default)s)")
+    p.add_argument("--precision", default="fp32",
+                   help="the precision of runs given without @precision (default %(default)s)"
+                        ", e.g. --precision int4 --runs torch-adamw,lowbit-stablespam")
     p.add_argument("--list", action="store_true", help="list the optimizer names and exit")
     p.add_argument("--data", default=None, help="a text file or folder (default: the Python "
                                                 "standard library's sources)")
@@ -172,7 +177,7 @@ def main(argv=None) -> int:
         print("\n".join(known_optimizers()))
         return 0
     try:
-        specs = parse_runs(a.runs)
+        specs = parse_runs(a.runs, a.precision)
         cfg = config_from_args(a)
         corpus = data.load_corpus(a.data)
         data.check_fits(corpus, cfg.model.seq_len)

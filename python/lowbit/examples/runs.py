@@ -4,9 +4,12 @@ A run is "<optimizer>@<precision>": optimizer names are `torch-adamw`, `torch-ad
 `torch-adam` or `lowbit-<class>` for any class of lowbit.optim (lower case, e.g.
 `lowbit-adamw8bit`, `lowbit-stablespam4bit`, `lowbit-sophiag`; `lowbit-adamw4bit-rank1` is
 AdamW4bit with the rank-1 second moment); precision is `fp32` or `bf16`
-(the model's parameters, gradients and the torch optimizers' states in that dtype). lowbit
-optimizers write bf16 parameters back with stochastic rounding (their default); torch's round to
-nearest — the comparison the demo exists to show.
+(the model's parameters, gradients and the torch optimizers' states in that dtype), or `fp8`,
+`int4` or `fp4`: fp32 parameters with the model's linear layers (all but the output head)
+converted to lowbit.nn's preset of that name — weights and activations (and, for fp8 / fp4,
+output gradients) fake-quantized, simulated low-precision training as in the SPAM / Stable-SPAM
+4-bit runs. lowbit optimizers write bf16 parameters back with stochastic rounding (their
+default); torch's round to nearest — the comparison the demo exists to show.
 
 Hyperparameters shared by every run (lr, betas, weight decay, warmup + cosine schedule) come
 from the command line; the few optimizer-specific ones follow the optimizers' papers: Sophia
@@ -26,7 +29,9 @@ import torch
 
 import lowbit.optim as lowbit_optim
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp8", "int4", "fp4")
+# precisions that are lowbit.nn layer presets (fp32 parameters, quantized linear layers)
+LAYER_PRECISIONS = ("fp8", "int4", "fp4")
 TORCH_OPTIMIZERS = {
     "torch-adamw": lambda params, kw: torch.optim.AdamW(params, **kw),
     "torch-adamw-fused": lambda params, kw: torch.optim.AdamW(params, fused=True, **kw),
@@ -67,7 +72,12 @@ class RunSpec:
 
     @property
     def dtype(self) -> torch.dtype:
-        return torch.float32 if self.precision == "fp32" else torch.bfloat16
+        return torch.bfloat16 if self.precision == "bf16" else torch.float32
+
+    @property
+    def layers(self):
+        """The lowbit.nn preset name the model's linear layers take, or None."""
+        return self.precision if self.precision in LAYER_PRECISIONS else None
 
     @property
     def is_sophia_g(self) -> bool:
@@ -78,15 +88,18 @@ class RunSpec:
         return self.optimizer.startswith(("lowbit-sophiah", "lowbit-adahessian"))
 
 
-def parse_runs(text: str) -> list:
-    """"a@fp32,b@bf16,c" (precision fp32 when omitted) -> [RunSpec], or a ValueError naming the
-    bad entry and the valid choices — raised before any training starts."""
+def parse_runs(text: str, default_precision: str = "fp32") -> list:
+    """"a@fp32,b@bf16,c" (default_precision when omitted) -> [RunSpec], or a ValueError naming
+    the bad entry and the valid choices — raised before any training starts."""
     specs, known = [], set(known_optimizers())
+    if default_precision not in PRECISIONS:
+        raise ValueError(f"--precision: unknown precision {default_precision!r}; choose from "
+                         f"{', '.join(PRECISIONS)}")
     for item in (s.strip() for s in text.split(",")):
         if not item:
             continue
         opt, _, prec = item.partition("@")
-        opt, prec = opt.strip().lower(), (prec.strip().lower() or "fp32")
+        opt, prec = opt.strip().lower(), (prec.strip().lower() or default_precision)
         if opt not in known:
             raise ValueError(f"--runs: unknown optimizer {opt!r}; choose from "
                              f"{', '.join(known_optimizers())}")

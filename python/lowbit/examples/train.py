@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+import lowbit.nn as lowbit_nn
+
 from . import corpus as data
 from .model import Decoder, DecoderConfig, lm_loss
 from .progress import Progress
@@ -75,7 +77,17 @@ def checkpoint_path(out: str, spec: RunSpec) -> str:
 
 def build_model(cfg: TrainConfig, spec: RunSpec) -> Decoder:
     torch.manual_seed(cfg.seed)
-    return Decoder(cfg.model).to(spec.dtype)
+    model = Decoder(cfg.model).to(spec.dtype)
+    if spec.layers:  # fp8 / int4 / fp4: the linear layers (not the head) fake-quantized
+        lowbit_nn.convert(model, lowbit_nn.PRESETS[spec.layers])
+    return model
+
+
+def _layer_calls(model) -> dict:
+    """Each QuantLinear's forward count, which keys its stochastic-rounding stream: a resumed
+    run must continue it to draw the same bits."""
+    return {name: m.calls for name, m in model.named_modules()
+            if isinstance(m, lowbit_nn.QuantLinear)}
 
 
 @torch.no_grad()
@@ -91,7 +103,8 @@ def _set_lr(optimizer, lr: float):
 def _save(path: str, model, optimizer, step: int, rows, cfg: TrainConfig, spec: RunSpec):
     tmp = path + ".tmp"
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "rows": rows, "config": cfg.as_dict(), "run": spec.name}, tmp)
+                "rows": rows, "config": cfg.as_dict(), "run": spec.name,
+                "layer_calls": _layer_calls(model)}, tmp)
     os.replace(tmp, path)  # a crash mid-save leaves the previous checkpoint intact
 
 
@@ -109,6 +122,9 @@ def _load(path: str, model, optimizer, cfg: TrainConfig, spec: RunSpec):
                          f"same options or start a fresh --out")
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
+    for name, m in model.named_modules():
+        if isinstance(m, lowbit_nn.QuantLinear):
+            m.calls = ckpt["layer_calls"][name]
     return ckpt["step"], ckpt["rows"]
 
 
