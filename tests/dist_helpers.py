@@ -51,3 +51,12 @@ def run_ranks(fn, world: int, out_dir, *args, timeout: float = 90.0) -> list:
                 p.kill()
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)
             for r in range(world)]
+
+
+def mean_over_ranks(t, world: int) -> float:
+    """The mean of a scalar tensor over the ranks (each rank's value as is with one rank)."""
+    import torch.distributed as dist
+    total = t.detach().clone()
+    if world > 1:
+        dist.all_reduce(total)
+    return total.item() / world

@@ -24,14 +24,13 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 import lowbit.optim as lo
 from lowbit.optim._checkpoint import carry_absmax
 from lowbit.reference import optim as ref
 
-from dist_helpers import run_ranks
+from dist_helpers import mean_over_ranks, run_ranks
 
 STEPS, SAVE_AT, BATCH, DIM, ROWS, SPIKE = 5, 2, 8, 256, 64, 3
 LR = 1e-2
@@ -91,9 +90,7 @@ def _steps(model, opt, steps, rank, world):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        total = loss.detach().clone()
-        dist.all_reduce(total)
-        losses.append(total.item() / world)
+        losses.append(mean_over_ranks(loss, world))
     return losses
 
 

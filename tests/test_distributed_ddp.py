@@ -6,14 +6,13 @@ rounding draws the same bits on every rank (its Philox key is the optimizer's se
 never the rank)."""
 import pytest
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lowbit.optim as lo
 from lowbit.clip import NormClip
 from lowbit.examples.model import Decoder, DecoderConfig, lm_loss
 
-from dist_helpers import run_ranks
+from dist_helpers import mean_over_ranks, run_ranks
 
 CFG = DecoderConfig(dim=64, n_layers=1, n_heads=2, seq_len=16)  # 64x192 matrices: quantized
 STEPS, BATCH = 8, 8
@@ -55,10 +54,7 @@ def _train(rank, world, name, dtype):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        total = loss.detach().clone()
-        if world > 1:
-            dist.all_reduce(total)
-        losses.append(total.item() / world)
+        losses.append(mean_over_ranks(loss, world))
     return {"losses": losses, "params": [p.detach().clone() for p in model.parameters()],
             "info": getattr(opt, "last_step_info", None)}
 

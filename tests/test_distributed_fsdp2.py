@@ -20,14 +20,13 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import distribute_tensor
 
 import lowbit.optim as lo
 from lowbit.clip import NormClip
 
-from dist_helpers import run_ranks
+from dist_helpers import mean_over_ranks, run_ranks
 
 STEPS, BATCH, DIM, HIDDEN, SPIKE = 4, 8, 256, 33, 2
 LR = 1e-2
@@ -107,10 +106,7 @@ def _train(rank, world, name):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        total = loss.detach().clone()
-        if world > 1:
-            dist.all_reduce(total)
-        losses.append(total.item() / world)
+        losses.append(mean_over_ranks(loss, world))
         norms.append(opt.last_step_info[0]["grad_norm"])
         if "clip_norm" in opt.last_clip_info:
             clip_norms.append(float(opt.last_clip_info["clip_norm"]))
