@@ -7,6 +7,7 @@ import traceback
 
 import torch
 import torch.multiprocessing as mp
+from torch import nn
 
 
 def free_port() -> int:
@@ -60,3 +61,18 @@ def mean_over_ranks(t, world: int) -> float:
     if world > 1:
         dist.all_reduce(total)
     return total.item() / world
+
+
+class MLP(nn.Module):
+    """The FSDP2 / DCP tests' model: two [rows, dim] matrices (quantized states), a bias of
+    `rows` (32-bit states) and a one-element gain (on 2 ranks, rank 1's shard of it is empty)."""
+
+    def __init__(self, rows, dim):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(rows, dim) / dim ** 0.5)
+        self.b1 = nn.Parameter(torch.zeros(rows))
+        self.w2 = nn.Parameter(torch.randn(rows, dim) / rows ** 0.5)
+        self.gain = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return (torch.tanh(x @ self.w1.T + self.b1) @ self.w2) * self.gain

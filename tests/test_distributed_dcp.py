@@ -24,33 +24,18 @@ import os
 
 import pytest
 import torch
-from torch import nn
 
 import lowbit.optim as lo
 from lowbit.optim._checkpoint import carry_absmax
 from lowbit.reference import optim as ref
 
-from dist_helpers import mean_over_ranks, run_ranks
+from dist_helpers import MLP, mean_over_ranks, run_ranks
 
 STEPS, SAVE_AT, BATCH, DIM, ROWS, SPIKE = 5, 2, 8, 256, 64, 3
 LR = 1e-2
 
 
-class MLP(nn.Module):
-    """Two [rows, dim] matrices (quantized states; [64, 256]: block-aligned shards), a bias of
-    `rows` and a one-element gain (32-bit states)."""
-
-    def __init__(self, rows=ROWS, dim=DIM):
-        super().__init__()
-        self.w1 = nn.Parameter(torch.randn(rows, dim) / dim ** 0.5)
-        self.b1 = nn.Parameter(torch.zeros(rows))
-        self.w2 = nn.Parameter(torch.randn(rows, dim) / rows ** 0.5)
-        self.gain = nn.Parameter(torch.ones(1))
-
-    def forward(self, x):
-        return (torch.tanh(x @ self.w1.T + self.b1) @ self.w2) * self.gain
-
-
+# the model: MLP(ROWS, DIM) of dist_helpers, [64, 256] matrices whose shards are block-aligned
 CONFIGS = {
     "AdamW8bit": lambda ps: lo.AdamW8bit(ps, lr=LR, seed=1),
     "AdamW4bit": lambda ps: lo.AdamW4bit(ps, lr=LR, seed=1),
@@ -251,7 +236,7 @@ def test_dcp_1_to_2_resume(runs, name):
 
 
 def _plain_model(full_model):
-    model = MLP()
+    model = MLP(ROWS, DIM)
     model.load_state_dict(full_model)
     return model
 

@@ -26,25 +26,14 @@ from torch.distributed.tensor import distribute_tensor
 import lowbit.optim as lo
 from lowbit.clip import NormClip
 
-from dist_helpers import mean_over_ranks, run_ranks
+from dist_helpers import MLP, mean_over_ranks, run_ranks
 
 STEPS, BATCH, DIM, HIDDEN, SPIKE = 4, 8, 256, 33, 2
 LR = 1e-2
 
 
-class MLP(nn.Module):
-    """Two [33, 256] matrices (8448 elements: quantized; shards of 17 and 16 rows), a bias of 33
-    (32-bit states) and a one-element gain (rank 1's shard of it is empty)."""
-
-    def __init__(self):
-        super().__init__()
-        self.w1 = nn.Parameter(torch.randn(HIDDEN, DIM) / DIM ** 0.5)
-        self.b1 = nn.Parameter(torch.zeros(HIDDEN))
-        self.w2 = nn.Parameter(torch.randn(HIDDEN, DIM) / HIDDEN ** 0.5)
-        self.gain = nn.Parameter(torch.ones(1))
-
-    def forward(self, x):
-        return (torch.tanh(x @ self.w1.T + self.b1) @ self.w2) * self.gain
+# MLP(HIDDEN, DIM): two [33, 256] matrices (8448 elements: quantized; shards of 17 and 16
+# rows), a bias of 33 (32-bit states) and a one-element gain (rank 1's shard of it is empty)
 
 
 def _batch(step):
@@ -96,7 +85,7 @@ def _train(rank, world, name):
     """Losses of the whole batch per step (the ranks' mean) and per-step telemetry; a name
     ending in "@HSDP" shards over a 2-D mesh."""
     torch.manual_seed(0)
-    model = MLP()
+    model = MLP(HIDDEN, DIM)
     if world > 1:
         _shard(model, world, hsdp=name.endswith("@HSDP"))
     opt = CONFIGS[name.split("@")[0]](model.parameters())
@@ -123,7 +112,7 @@ def _formats(rank, world):
     of a parameter whose shard starts mid-block, against a plain (unsharded) optimizer stepping
     that shard alone."""
     torch.manual_seed(0)
-    model = _shard(MLP(), world)
+    model = _shard(MLP(HIDDEN, DIM), world)
     opt = lo.AdamW8bit([{"params": [model.w1], "min_quant_numel": 5000},
                         {"params": [model.w2, model.b1, model.gain]}], lr=LR, seed=1)
     _loss(model, 0, rank, world).backward()
@@ -188,7 +177,7 @@ def _nonfinite(rank, world):
     """A NaN in rank 1's shard of w2's gradient only: every rank skips (nonfinite='skip'), and
     every rank raises (nonfinite='raise')."""
     torch.manual_seed(0)
-    model = _shard(MLP(), world)
+    model = _shard(MLP(HIDDEN, DIM), world)
     opt = lo.AdamW8bit(model.parameters(), lr=LR, seed=1)
     before = [_local(p).detach().clone() for p in model.parameters()]
     _loss(model, 0, rank, world).backward()
