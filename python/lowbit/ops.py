@@ -233,3 +233,70 @@ def grad_stats_eager(grads, backend, xform=None, value_clip=0.0, flags=0, tau=No
 def _(grads, backend, xform=None, value_clip=0.0, flags=0, tau=None, over=None, over_count=None):
     device = grads[0].device if grads else torch.device("cpu")
     return torch.empty((len(grads), _reference_clip.NSTATS), dtype=torch.float64, device=device)
+
+
+# --- scaled low-precision quantizers and the block Hadamard rotation (issue 8) ------------------
+# One kernel entry point per backend, `lowprec(x, fmt, scaling, block_size, e8m0, stochastic,
+# seed, offset, had_block, codes, scales, out)`:
+#   x       contiguous (R, C) fp32 / bf16 / fp16: the tensor seen as rows x last dimension
+#   fmt     lowbit.reference.lowprec.FORMAT_IDS (int8 0, int4 1, e4m3 2, e5m2 3, e2m1 4), or -1:
+#           no quantization, out = H(x)
+#   scaling block 0, row 1, column 2, tensor 3 (block_size used by block scaling)
+#   e8m0    scales stored as e8m0 codes (uint8) instead of fp32
+#   stochastic, seed, offset: element i (row-major) rounds with Philox word 0 of (seed, offset+i)
+#   had_block 0, or the block of a Hadamard rotation H applied to x (fp32) before quantizing
+#   codes   None or uint8 (R, C): one code byte per element (lowprec.h lp_encode)
+#   scales  stored scales (fp32 or uint8): (R, nb) block, (R, 1) row, (1, C) column, (1, 1) tensor
+#   out     None or x.dtype (R, C): dequantized values in fp32, rotated back by H when had_block,
+#           cast once to x.dtype (nearest-even)
+# The spec is lowbit.backends.reference.lowprec (lowbit.reference.lowprec / .hadamard).
+LOWPREC_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def lowprec_scales_shape(rows: int, cols: int, scaling: int, block_size: int) -> tuple:
+    return [(rows, -(-cols // block_size)), (rows, 1), (1, cols), (1, 1)][scaling]
+
+
+@torch.library.custom_op("lowbit::lowprec_quantize", mutates_args=())
+def lowprec_quantize(x: torch.Tensor, fmt: int, scaling: int, block_size: int, e8m0: bool,
+                     stochastic: bool, seed: int, offset: int, had_block: int,
+                     backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes uint8 (R, C), stored scales) of the (R, C) matrix x (the contract above)."""
+    codes, scales = _lowprec_quantize_fake(x, fmt, scaling, block_size, e8m0, stochastic, seed,
+                                           offset, had_block, backend)
+    if x.numel():
+        _backend_impl(backend).lowprec(x, fmt, scaling, block_size, e8m0, stochastic, seed,
+                                       offset, had_block, codes, scales, None)
+    else:
+        scales.zero_()  # empty groups: absmax 0, so scale 0 (fp32) or e8m0 code 0 (2**-127)
+    return codes, scales
+
+
+@lowprec_quantize.register_fake
+def _lowprec_quantize_fake(x, fmt, scaling, block_size, e8m0, stochastic, seed, offset,
+                           had_block, backend):
+    shape = lowprec_scales_shape(x.shape[0], x.shape[1], scaling, block_size)
+    return (x.new_empty(x.shape, dtype=torch.uint8),
+            x.new_empty(shape, dtype=torch.uint8 if e8m0 else torch.float32))
+
+
+@torch.library.custom_op("lowbit::lowprec_fake_quant", mutates_args=())
+def lowprec_fake_quant(x: torch.Tensor, fmt: int, scaling: int, block_size: int, e8m0: bool,
+                       stochastic: bool, seed: int, offset: int, had_block: int,
+                       backend: str) -> torch.Tensor:
+    """The (R, C) matrix x quantized and dequantized in one pass (between two Hadamard rotations
+    when had_block; fmt -1: the rotation alone), in x's dtype (the contract above)."""
+    out = torch.empty_like(x)
+    if x.numel():
+        scales = None
+        if fmt >= 0:
+            shape = lowprec_scales_shape(x.shape[0], x.shape[1], scaling, block_size)
+            scales = x.new_empty(shape, dtype=torch.uint8 if e8m0 else torch.float32)
+        _backend_impl(backend).lowprec(x, fmt, scaling, block_size, e8m0, stochastic, seed,
+                                       offset, had_block, None, scales, out)
+    return out
+
+
+@lowprec_fake_quant.register_fake
+def _(x, fmt, scaling, block_size, e8m0, stochastic, seed, offset, had_block, backend):
+    return torch.empty_like(x)

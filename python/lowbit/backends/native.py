@@ -35,6 +35,21 @@ class NativeBackend:
         self.module.stochastic_round(x.data_ptr(), x.numel(), out.data_ptr(),
                                      DTYPE_CODE[out.dtype], seed, offset, *self._stream(x))
 
+    def lowprec(self, x, fmt, scaling, block_size, e8m0, stochastic, seed, offset, had_block,
+                codes, scales, out):
+        """lowbit.ops' lowprec contract. The module also gets `absmax`: zeroed fp32 scratch
+        holding one float per scale group (laid out like `scales`), for kernels that reduce a
+        group's absmax in a pass of their own (column and tensor scaling) — with atomic maxima on
+        the bit patterns of |x| (non-negative floats order like their bits; NaN above inf)."""
+        rows, cols = x.shape
+        groups = 0 if scales is None else scales.numel()
+        absmax = torch.zeros(max(groups, 1), dtype=torch.float32, device=x.device)
+        self.module.lowprec(
+            x.data_ptr(), DTYPE_CODE[x.dtype], rows, cols, fmt, scaling, block_size, e8m0,
+            stochastic, seed, offset, had_block, 0 if codes is None else codes.data_ptr(),
+            0 if scales is None else scales.data_ptr(), 0 if out is None else out.data_ptr(),
+            absmax.data_ptr(), *self._stream(x))
+
     def optim_step(self, params, grads, state1, absmax1, state2, absmax2, comps, keys, kind,
                    state_bits, block_size, scalars, flags, writeback, v_cols=(), v_colmax=(),
                    clip=None, clipped=None, rms=None, hess=()):

@@ -32,3 +32,23 @@ def grad_stats(grads, out, xform=None, cv=0.0, flags=0, tau=None, over=None, ove
     from ..reference import clip
     out.copy_(clip.grad_stats(grads, None if xform is None else xform.cpu(), cv, flags, tau,
                               over, over_count))
+
+
+def lowprec(x, fmt, scaling, block_size, e8m0, stochastic, seed, offset, had_block, codes,
+            scales, out):
+    """The kernel contract of lowbit.ops.lowprec_* (see there), computed by the reference."""
+    from ..reference import hadamard, lowprec as lp
+    xc = x.cpu()
+    if fmt < 0:
+        out.copy_(hadamard.block_hadamard(xc, had_block))
+        return
+    spec = lp.QuantSpec(lp.FORMATS[fmt], lp.SCALINGS[scaling], block_size,
+                        "e8m0" if e8m0 else "fp32", "stochastic" if stochastic else "nearest")
+    y = hadamard.block_hadamard(xc.to(torch.float32), had_block) if had_block else xc
+    q = lp.quantize(y, spec, seed, offset)
+    if codes is not None:
+        codes.copy_(q.codes.view(torch.uint8).reshape(codes.shape))
+    scales.copy_(q.scales.reshape(scales.shape))
+    if out is not None:
+        z = lp.dequantize(q, spec, torch.float32)
+        out.copy_(hadamard.block_hadamard(z, had_block) if had_block else z)

@@ -53,3 +53,18 @@ def hadamard_matrix(block: int, dtype=torch.float64) -> torch.Tensor:
     while h.shape[0] < block:
         h = torch.kron(h2, h)
     return h / math.sqrt(block)
+
+
+def rotated_fake_quant(x: torch.Tensor, spec, block: int, seed: int = 0,
+                       offset: int = 0) -> torch.Tensor:
+    """H(fake_quant(H(x))) with H the normalized block-`block` Hadamard transform of the last
+    dimension, computed in fp32 throughout and cast to x's dtype once at the end (what a fused
+    rotate-quantize-dequantize-rotate kernel does). The quantizer sees the rotated values; its
+    stochastic stream indexes them row-major like x. With block == 0: fake_quant(x) itself."""
+    from .lowprec import dequantize, fake_quant, quantize
+    check_float("x", x)
+    if not block:
+        return fake_quant(x, spec, seed, offset)
+    y = block_hadamard(x.to(torch.float32), block)
+    z = dequantize(quantize(y, spec, seed, offset), spec, torch.float32)
+    return block_hadamard(z, block).to(x.dtype)

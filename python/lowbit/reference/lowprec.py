@@ -51,6 +51,9 @@ FORMATS = ("int8", "int4", "e4m3", "e5m2", "e2m1")
 SCALINGS = ("block", "row", "column", "tensor")
 SCALE_FORMATS = ("fp32", "e8m0")
 ROUNDINGS = ("nearest", "stochastic")
+# The kernels' integer ids (csrc/include/lowbit/lowprec.h LpFormat / LpScaling): index in these.
+FORMAT_IDS = {name: i for i, name in enumerate(FORMATS)}
+SCALING_IDS = {name: i for i, name in enumerate(SCALINGS)}
 
 FMT_MAX = {"int8": 127.0, "int4": 7.0, "e4m3": 448.0, "e5m2": 57344.0, "e2m1": 6.0}
 _FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}

@@ -1,0 +1,157 @@
+// Per-element math of the scaled low-precision quantizers (lowbit.nn; the spec is
+// python/lowbit/reference/lowprec.py): scale of a group from its absmax, quantization of one
+// scaled value onto a format's grid (nearest-even or stochastic), decoding, and the constants of
+// the block Hadamard rotation. CPU, CUDA and the sim compile this one source, so codes and
+// dequantized values are bit-identical across backends.
+#pragma once
+#include "formats.h"
+#include "philox.h"
+
+namespace lowbit {
+
+// Format ids (python/lowbit/reference/lowprec.py FORMAT_IDS); kLpNone = rotation only.
+enum LpFormat : int { kLpNone = -1, kLpInt8 = 0, kLpInt4 = 1, kLpE4M3 = 2, kLpE5M2 = 3,
+                      kLpE2M1 = 4 };
+// Scaling ids: which elements share one scale.
+enum LpScaling : int { kLpBlock = 0, kLpRow = 1, kLpColumn = 2, kLpTensor = 3 };
+
+LOWBIT_HD float lp_fmax(int fmt) {
+  switch (fmt) {
+    case kLpInt8: return 127.0f;
+    case kLpInt4: return 7.0f;
+    case kLpE4M3: return 448.0f;
+    case kLpE5M2: return 57344.0f;
+    default: return 6.0f;  // e2m1
+  }
+}
+
+LOWBIT_HD bool lp_finite(float v) { return (f32_bits(v) & 0x7F800000u) != 0x7F800000u; }
+
+LOWBIT_HD uint64_t lp_f64_bits(double x) {
+#if defined(__CUDA_ARCH__)
+  return (uint64_t)__double_as_longlong(x);
+#else
+  uint64_t u;
+  __builtin_memcpy(&u, &x, 8);
+  return u;
+#endif
+}
+
+// 2**(code - 127) as fp32 (2**-127 is the subnormal 0x00400000); code 255 is NaN.
+LOWBIT_HD float e8m0_to_f32(uint8_t code) {
+  if (code == 255) return bits_f32(0x7FC00000u);
+  return bits_f32(code ? (uint32_t)code << 23 : 0x00400000u);
+}
+
+// The scale of a group with the given absmax. fp32 scales: absmax / FMT_MAX (IEEE division).
+// e8m0 scales: 2**e with e = ceil(log2(absmax / FMT_MAX)) clamped to [-127, 127] (-127 for an
+// all-zero group); *code receives e + 127. The quotient is formed in float64, where it is
+// correctly rounded, and is never a power of two unless exactly one (absmax and FMT_MAX * 2**e
+// are fp32 values), so its exponent and "mantissa == 0" decide the ceiling exactly. A non-finite
+// absmax gives a NaN scale (e8m0 code 255). *code is untouched for fp32 scales.
+LOWBIT_HD float lp_scale(float absmax, int fmt, bool e8m0, uint8_t* code) {
+  const float fmax = lp_fmax(fmt);
+  if (!lp_finite(absmax)) {
+    if (e8m0) *code = 255;
+    return bits_f32(0x7FC00000u);
+  }
+  if (!e8m0) return div_rn(absmax, fmax);
+  int e = -127;
+  if (absmax > 0.0f) {
+#if defined(__CUDA_ARCH__)
+    const double r = __ddiv_rn((double)absmax, (double)fmax);
+#else
+    const double r = (double)absmax / (double)fmax;
+#endif
+    const uint64_t b = lp_f64_bits(r);
+    const int ex = (int)((b >> 52) & 0x7FF) - 1023;  // r is a normal double: absmax >= 2**-149
+    e = ex + ((b & 0xFFFFFFFFFFFFFull) ? 1 : 0);
+    e = e < -127 ? -127 : (e > 127 ? 127 : e);
+  }
+  *code = (uint8_t)(e + 127);
+  return e8m0_to_f32((uint8_t)(e + 127));
+}
+
+// x / scale clamped to the format's range; 0 where the scale is 0 (an all-zero group with fp32
+// scales), NaN where it is NaN (a group holding inf or NaN).
+LOWBIT_HD float lp_scaled(float x, float scale, float fmax) {
+  if (scale != scale) return scale;
+  float y = scale > 0.0f ? div_rn(x, scale) : 0.0f;
+  y = y > fmax ? fmax : y;
+  return y < -fmax ? -fmax : y;
+}
+
+// E2M1 magnitudes by bit pattern (exponent, mantissa) = index 0..7.
+LOWBIT_HD float e2m1_magnitude(uint32_t i) {
+  const float v[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+  return v[i & 7u];
+}
+
+// The code of a scaled value y (|y| <= FMT_MAX or NaN) as one byte: two's complement for
+// int8/int4, the float8 bit pattern for e4m3/e5m2, sign<<3 | exponent<<1 | mantissa for e2m1.
+// r is the element's Philox word 0 (ignored for nearest-even). NaN becomes code 0 for the integer
+// and e2m1 formats (the reference's nan_to_num) and the float8 NaN for e4m3/e5m2.
+LOWBIT_HD uint8_t lp_encode(float y, int fmt, bool stochastic, uint32_t r) {
+  if (fmt == kLpE4M3 || fmt == kLpE5M2)
+    return (uint8_t)round_to_fmt(f32_bits(y), fmt_of(fmt == kLpE4M3 ? kE4M3FN : kE5M2),
+                                 stochastic, r);
+  if (y != y) y = 0.0f;
+  if (fmt == kLpE2M1) {
+    const float a = y < 0.0f ? -y : y;
+    // index of the largest grid value <= a, at most 6 (a <= 6)
+    uint32_t lo = (a >= 0.5f) + (a >= 1.0f) + (a >= 1.5f) + (a >= 2.0f) + (a >= 3.0f) +
+                  (a >= 4.0f);
+    const float glo = e2m1_magnitude(lo), gap = e2m1_magnitude(lo + 1) - glo;
+    const float d = a - glo;  // exact: glo <= a < 2 * glo, or glo == 0
+    bool up;
+    if (stochastic) up = uniform24(r) < div_rn(d, gap);  // gap a power of two: exact quotient
+    else up = 2.0f * d > gap || (2.0f * d == gap && (lo & 1u));
+    const uint32_t mag = lo + (up ? 1u : 0u);
+    const uint32_t sign = ((f32_bits(y) >> 31) && mag) ? 8u : 0u;  // no negative-zero code
+    return (uint8_t)(sign | mag);
+  }
+  float q;
+  if (stochastic) {
+    const float lo = floorf(y);
+    q = lo + (uniform24(r) < y - lo ? 1.0f : 0.0f);  // y - lo exact: |y| <= 127
+  } else {
+    q = rintf(y);  // ties to even (the default rounding mode)
+  }
+  return (uint8_t)(int8_t)(int)q;
+}
+
+// float8_e4m3fn bits -> fp32 (no infinities; 0x7F / 0xFF are NaN).
+LOWBIT_HD float e4m3_to_f32(uint8_t c) {
+  const uint32_t sign = (uint32_t)(c & 0x80u) << 24;
+  const uint32_t e = (c >> 3) & 0xFu, m = c & 7u;
+  if (e == 0xFu && m == 7u) return bits_f32(sign | 0x7FC00000u);
+  if (e == 0) return bits_f32(f32_bits((float)m * 0.001953125f) | sign);  // m * 2**-9, exact
+  return bits_f32(sign | ((e + 120u) << 23) | (m << 20));
+}
+
+// The grid value (before scaling) of a code.
+LOWBIT_HD float lp_decode(uint8_t c, int fmt) {
+  if (fmt == kLpE4M3) return e4m3_to_f32(c);
+  if (fmt == kLpE5M2) return f16_to_f32((uint16_t)((uint16_t)c << 8));  // e5m2 = fp16's top byte
+  if (fmt == kLpE2M1) {
+    const float m = e2m1_magnitude(c & 7u);
+    return (c & 8u) ? -m : m;
+  }
+  return (float)(int8_t)c;
+}
+
+// One element quantized and dequantized in fp32 (before the cast to the output dtype).
+LOWBIT_HD float lp_fake_quant(float x, float scale, int fmt, bool stochastic, uint32_t r,
+                              uint8_t* code) {
+  const uint8_t c = lp_encode(lp_scaled(x, scale, lp_fmax(fmt)), fmt, stochastic, r);
+  *code = c;
+  return mul_rn(lp_decode(c, fmt), scale);
+}
+
+// 1/sqrt(block) rounded to fp32: the factor the normalized Hadamard butterfly ends with (the
+// reference multiplies its fp32 result by this Python float, which torch rounds to fp32).
+LOWBIT_HD float hadamard_norm(int block) {
+  return (float)(1.0 / sqrt((double)block));
+}
+
+}  // namespace lowbit
