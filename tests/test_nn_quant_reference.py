@@ -223,3 +223,58 @@ def test_bad_inputs_give_clear_errors():
         lnn.convert(nn.Linear(4, 4), "int4")
     with pytest.raises(TypeError, match="input must be a floating tensor"):
         QuantLinear(32, 32, config=INT4)(torch.ones(2, 32, dtype=torch.int64))
+
+
+def test_saved_activation_is_kept_as_codes_and_feeds_the_weight_gradient():
+    spec = TensorQuant("int8", scaling="row")
+    cfg = LinearQuantConfig(activation=TensorQuant("e4m3", scaling="row"), saved_activation=spec,
+                            seed=5)
+    layer = QuantLinear(64, 32, config=cfg)
+    x = torch.randn(10, 64, requires_grad=True)
+    g = torch.randn(10, 32)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    y.backward(g)
+    # the activation travels as one int8 code per element plus one fp32 scale per row
+    assert sorted(str(t.dtype) for t in saved if t.shape[0] == 10) == ["torch.float32",
+                                                                       "torch.int8"]
+    keys = [lnn.linear.sr_key(5, r, 0) for r in range(4)]
+    x_hat = fake_quant(x.detach(), cfg.activation, keys[1])
+    w = layer.weight.detach()
+    assert torch.equal(y, nn.functional.linear(x_hat, w, layer.bias.detach()))
+    x_s = fake_quant(x_hat, spec, keys[3])
+    assert torch.allclose(layer.weight.grad, g.t() @ x_s, atol=1e-5)
+    assert not torch.allclose(layer.weight.grad, g.t() @ x_hat, atol=1e-5)
+    assert torch.allclose(x.grad, g @ w, atol=1e-5)      # dL/dx does not read the activation
+    with pytest.raises(ValueError, match="saved_activation cannot use a hadamard"):
+        LinearQuantConfig(saved_activation=TensorQuant("int8", hadamard=True))
+
+
+def test_state_dict_carries_the_stream_position_and_loads_plain_linear_checkpoints():
+    cfg = sr_grad_config("stochastic", False)
+    torch.manual_seed(0)
+    model = lnn.convert(nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32)), cfg, exclude=())
+    x, g = torch.randn(4, 32), torch.randn(4, 32)
+
+    def step(m):
+        m.zero_grad()
+        m(x).backward(g)
+        return m[0].weight.grad.clone()
+
+    step(model)
+    sd = model.state_dict()
+    assert sd["0._extra_state"] == {"calls": 1}
+    want = step(model)
+    torch.manual_seed(0)
+    resumed = lnn.convert(nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32)), cfg, exclude=())
+    resumed.load_state_dict(sd)
+    assert resumed[0].calls == 1 and torch.equal(step(resumed), want)
+    # a checkpoint of the unconverted model loads strictly and keeps the count
+    plain = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    resumed.load_state_dict(plain.state_dict())
+    assert resumed[0].calls == 2 and torch.equal(resumed[0].weight, plain[0].weight)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        resumed.load_state_dict({"0.weight": plain[0].weight})
+    with pytest.raises(ValueError, match="extra state must be"):
+        resumed[0].set_extra_state({"calls": "3"})

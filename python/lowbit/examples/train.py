@@ -83,13 +83,6 @@ def build_model(cfg: TrainConfig, spec: RunSpec) -> Decoder:
     return model
 
 
-def _layer_calls(model) -> dict:
-    """Each QuantLinear's forward count, which keys its stochastic-rounding stream: a resumed
-    run must continue it to draw the same bits."""
-    return {name: m.calls for name, m in model.named_modules()
-            if isinstance(m, lowbit_nn.QuantLinear)}
-
-
 @torch.no_grad()
 def evaluate(model, batches) -> float:
     return sum(lm_loss(model(x), y).item() for x, y in batches) / len(batches)
@@ -103,8 +96,7 @@ def _set_lr(optimizer, lr: float):
 def _save(path: str, model, optimizer, step: int, rows, cfg: TrainConfig, spec: RunSpec):
     tmp = path + ".tmp"
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "rows": rows, "config": cfg.as_dict(), "run": spec.name,
-                "layer_calls": _layer_calls(model)}, tmp)
+                "rows": rows, "config": cfg.as_dict(), "run": spec.name}, tmp)
     os.replace(tmp, path)  # a crash mid-save leaves the previous checkpoint intact
 
 
@@ -122,9 +114,6 @@ def _load(path: str, model, optimizer, cfg: TrainConfig, spec: RunSpec):
                          f"same options or start a fresh --out")
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
-    for name, m in model.named_modules():
-        if isinstance(m, lowbit_nn.QuantLinear):
-            m.calls = ckpt["layer_calls"][name]
     return ckpt["step"], ckpt["rows"]
 
 

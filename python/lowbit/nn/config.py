@@ -1,16 +1,18 @@
 """What a QuantLinear quantizes: one TensorQuant per tensor role, and the published presets.
 
 Roles: `weight` and `activation` (the forward operands; their Hadamard settings must agree,
-because a rotation only cancels when both operands of a matmul get it) and `grad_output` (the
-gradient of the layer output, quantized once before both backward matmuls). None = that role
-stays in the operand precision.
+because a rotation only cancels when both operands of a matmul get it), `grad_output` (the
+gradient of the layer output, quantized once before both backward matmuls) and
+`saved_activation` (the activation kept for the weight gradient, stored as codes + scales between
+forward and backward instead of a full-precision tensor). None = that role stays in the operand
+precision.
 """
 from dataclasses import dataclass, field
 
 from ..reference.hadamard import check_block
 from ..reference.lowprec import QuantSpec
 
-ROLES = ("weight", "activation", "grad_output")
+ROLES = ("weight", "activation", "grad_output", "saved_activation")
 DEFAULT_EXCLUDE = ("lm_head", "head", "output", "*embed*")
 
 
@@ -35,6 +37,7 @@ class LinearQuantConfig:
     weight: TensorQuant | None = None
     activation: TensorQuant | None = None
     grad_output: TensorQuant | None = None
+    saved_activation: TensorQuant | None = None
     seed: int = 0
     exclude: tuple = field(default=DEFAULT_EXCLUDE)
 
@@ -47,6 +50,10 @@ class LinearQuantConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) \
                 or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
+        s = self.saved_activation
+        if s is not None and s.hadamard:
+            raise ValueError("saved_activation cannot use a hadamard rotation: the weight "
+                             "gradient contracts over tokens, not over the rotated features")
         w, a = self.weight, self.activation
         hw = (w.hadamard, w.hadamard_block) if w and w.hadamard else None
         ha = (a.hadamard, a.hadamard_block) if a and a.hadamard else None

@@ -13,12 +13,14 @@ def _excluded(qualname: str, patterns) -> bool:
                for p in patterns)
 
 
-def convert(model: nn.Module, config: LinearQuantConfig, exclude=None) -> nn.Module:
+def convert(model: nn.Module, config: LinearQuantConfig, exclude=None,
+            backend: str | None = None) -> nn.Module:
     """Replace every plain nn.Linear of `model` (type exactly nn.Linear; subclasses such as
     attention's out_proj are left alone) whose qualified name matches none of the fnmatch
     patterns `exclude` (default config.exclude: "lm_head", "head", "output", "*embed*", matched
     against the full name and its last component) with a QuantLinear sharing its Parameters.
-    Layers are numbered in named_modules() order for their random streams. Returns `model`."""
+    Layers are numbered in named_modules() order for their random streams; `backend` picks the
+    lowbit backend of their quantize kernels (None: the device's default). Returns `model`."""
     if not isinstance(config, LinearQuantConfig):
         raise TypeError(f"config must be a LinearQuantConfig, got {type(config).__name__}")
     patterns = tuple(config.exclude if exclude is None else exclude)
@@ -27,5 +29,6 @@ def convert(model: nn.Module, config: LinearQuantConfig, exclude=None) -> nn.Mod
     for index, (name, linear) in enumerate(todo):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QuantLinear.from_linear(linear, config, layer_index=index))
+        setattr(parent, child, QuantLinear.from_linear(linear, config, layer_index=index,
+                                                          backend=backend))
     return model
