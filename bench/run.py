@@ -6,7 +6,8 @@ Families (--families, default all): quant (block-wise quantize / dequantize, ben
 rounding (stochastic rounding, bench/quant_bench.py), optim (optimizer steps,
 bench/optim_bench.py), clip (clipped steps, bench/clip_bench.py), hvp (Hessian-vector products,
 eigenvalue readings, Sophia steps, bench/hessian_bench.py), dist (FSDP2 state bytes per rank and
-the statistics all-reduce, bench/dist_bench.py). Each script also runs on its own with
+the statistics all-reduce, bench/dist_bench.py), nn (QuantLinear's simulated low precision and
+the fused fake-quant kernels vs unfused PyTorch, bench/nn_bench.py). Each script also runs on its own with
 its own, more detailed report; this runner calls their `collect` functions and prints one table
 per family: median time, effective GB/s, fraction of the copy bandwidth, ratio to the best peer.
 Peers (torch.optim, bitsandbytes, torchao, pytorch-optimizer, torch-optimi, sophia-opt, PyHessian)
@@ -15,7 +16,7 @@ are optional: an absent one is skipped with a note.
 Timing: each timed repetition follows one timed fp32 copy of N elements (bench/_timing.py), the
 process re-executes itself once with a steady glibc malloc and OMP_NUM_THREADS set.
 
-Usage: python bench/run.py [--quick] [--families quant,rounding,optim,clip,hvp,dist] [--n N]
+Usage: python bench/run.py [--quick] [--families quant,rounding,optim,clip,hvp,dist,nn] [--n N]
                            [--threads T] [--out DIR] [--reps R] [--no-peers] [--torchao]
 --quick: tiny sizes (N = 2**14, a 1-layer d=32 transformer, few repetitions), well under a
 minute: it checks the suite runs, its numbers mean little. Writes DIR/report.md (default
@@ -38,6 +39,7 @@ FAMILIES = {  # key: title
     "clip": "Clipped optimizer steps",
     "hvp": "Curvature: Hessian-vector products, eigenvalue readings, Sophia steps",
     "dist": "FSDP2 on gloo: optimizer-state bytes per rank, the statistics all-reduce",
+    "nn": "Low-precision layers: QuantLinear and the fused fake-quant kernels",
 }
 
 
@@ -208,8 +210,19 @@ def run_dist(args, ctx):
                  "includes waiting for the slowest rank"]
 
 
+def run_nn(args, ctx):
+    import nn_bench as nb
+    nargs = nb.parse_args(family_argv(args))
+    out = [row("nn", r["group"], r["label"], r["kind"], r["ms"] / 1e3, reps=r["reps"],
+               nbytes=r["bytes"], copy_s=r["copy_ms"] / 1e3, copy_bytes=r["copy_bytes"],
+               note=r["note"]) for r in nb.collect(nargs)]
+    return out, ["matmuls run in fp32 on dequantized values (simulated low precision); the "
+                 "unfused PyTorch rows compute the same formats with torch ops, not lowbit's "
+                 "exact tie and scale rules"]
+
+
 RUNNERS = {"quant": run_quant, "rounding": run_rounding, "optim": run_optim, "clip": run_clip,
-           "hvp": run_hvp, "dist": run_dist}
+           "hvp": run_hvp, "dist": run_dist, "nn": run_nn}
 
 
 class Context:

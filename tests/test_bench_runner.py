@@ -11,7 +11,7 @@ import lowbit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER = os.path.join(ROOT, "bench", "run.py")
-FAMILIES = ["quant", "rounding", "optim", "clip", "hvp", "dist"]
+FAMILIES = ["quant", "rounding", "optim", "clip", "hvp", "dist", "nn"]
 COLUMNS = ["group", "implementation", "kind", "ms (median)", "reps", "GB/s", "x copy BW",
            "x best peer", "note"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
