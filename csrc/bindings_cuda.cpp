@@ -158,6 +158,26 @@ void py_grad_stats(const std::vector<uintptr_t>& g, const std::vector<int64_t>& 
   check("grad_stats launch", err);
 }
 
+// lowbit.ops' lowprec contract (lowbit._C's lowprec, csrc/bindings.cpp) plus (device, stream).
+// Pointers are device memory; codes / scales / out may be 0 (not wanted). absmax: zeroed fp32
+// scratch, one float per scale group, which must live until the launches complete.
+void py_lowprec(uintptr_t x, int x_dtype, int64_t rows, int64_t cols, int fmt, int scaling,
+                int block_size, bool e8m0, bool stochastic, uint64_t seed, uint64_t offset,
+                int had_block, uintptr_t codes, uintptr_t scales, uintptr_t out, uintptr_t absmax,
+                int device, uintptr_t stream) {
+  cudaError_t err;
+  {
+    py::gil_scoped_release release;
+    err = set_device(device);
+    if (err == cudaSuccess)
+      err = lowbit::cuda::lowprec(ptr<const void>(x), x_dtype, rows, cols, fmt, scaling,
+                                  block_size, e8m0, stochastic, seed, offset, had_block,
+                                  ptr<uint8_t>(codes), ptr<void>(scales), ptr<void>(out),
+                                  ptr<float>(absmax), reinterpret_cast<cudaStream_t>(stream));
+  }
+  check("lowprec launch", err);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C_cuda, m) {
@@ -174,4 +194,6 @@ PYBIND11_MODULE(_C_cuda, m) {
         "device workspace bytes grad_stats needs for tensors of these sizes");
   m.def("grad_stats", &py_grad_stats,
         "per-tensor sum of squares, non-finite count, max |g|, NaN count");
+  m.def("lowprec", &py_lowprec,
+        "scaled low-precision quantize / fake quant (INT8/INT4/FP8/FP4), block Hadamard rotation");
 }

@@ -55,6 +55,11 @@ def test_launch_without_device_raises_runtime_error():
     with pytest.raises(RuntimeError, match=r"lowbit CUDA grad_stats.*cudaError"):
         _ext.C_CUDA.grad_stats([grad.data_ptr()], [64], 0, 0, 0.0, 0, stats.data_ptr(), 0, 0, 0,
                                0, workspace.data_ptr(), need, 0, 0)
+    scales, fq = torch.zeros(2), torch.empty(64)
+    with pytest.raises(RuntimeError, match=r"lowbit CUDA lowprec.*cudaError"):
+        _ext.C_CUDA.lowprec(x.data_ptr(), 0, 2, 32, 0, 0, 32, False, False, 0, 0, 16,
+                            codes.data_ptr(), scales.data_ptr(), fq.data_ptr(),
+                            absmax.data_ptr(), 0, 0)
 
 
 def test_grad_stats_workspace_is_the_sims():

@@ -1,7 +1,7 @@
-// Host entry points of the CUDA kernels (csrc/cuda/quant.cu, optim.cu, stats.cu), on raw
-// pointers. Each enqueues on `stream` and returns the launch status (cudaGetLastError); none
-// synchronizes. Shared by bindings_cuda.cpp (nvcc-compiled kernels) and sim/bindings_sim.cpp (the
-// same source run by the simulator, where streams are ignored and launches are synchronous).
+// Host entry points of the CUDA kernels (csrc/cuda/quant.cu, optim.cu, stats.cu, lowprec.cu),
+// on raw pointers. Each enqueues on `stream` and returns the launch status (cudaGetLastError);
+// none synchronizes. Shared by bindings_cuda.cpp (nvcc-compiled kernels) and sim/bindings_sim.cpp
+// (the same source run by the simulator, where streams are ignored and launches are synchronous).
 #pragma once
 #include <stdint.h>
 
@@ -60,6 +60,21 @@ size_t grad_stats_workspace(const int64_t* n, int ntensors);
 // cudaErrorInvalidValue.
 cudaError_t grad_stats(const StatsArgs& a, void* workspace, size_t workspace_bytes,
                        cudaStream_t stream);
+
+// ---- csrc/cuda/lowprec.cu ----------------------------------------------------------------------
+
+// The scaled low-precision quantizers and the block Hadamard rotation: lowbit.ops' lowprec
+// contract on the (rows, cols) row-major matrix x (kF32/kBF16/kF16), bit-identical to
+// lowbit.backends.reference.lowprec. fmt: lowbit/lowprec.h LpFormat (kLpNone: out = H(x));
+// scaling: LpScaling; had_block: 0 or a power of two <= 4096 dividing cols. codes (rows * cols
+// bytes), scales (fp32, or e8m0 bytes) and out (x's dtype) may each be null. absmax: zeroed
+// device scratch of one float per scale group, laid out like scales (column / tensor scaling and
+// rows longer than a tile reduce into it; two launches then). Invalid arguments return
+// cudaErrorInvalidValue.
+cudaError_t lowprec(const void* x, int x_dtype, int64_t rows, int64_t cols, int fmt, int scaling,
+                    int block_size, bool e8m0, bool stochastic, uint64_t seed, uint64_t offset,
+                    int had_block, uint8_t* codes, void* scales, void* out, float* absmax,
+                    cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace lowbit

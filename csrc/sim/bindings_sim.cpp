@@ -15,6 +15,7 @@
 #include "cuda/quant.cu"
 #include "cuda/optim.cu"
 #include "cuda/stats.cu"
+#include "cuda/lowprec.cu"
 #include "optim_lists.h"
 #include "stats_lists.h"
 
@@ -111,6 +112,22 @@ void py_grad_stats(const std::vector<uintptr_t>& g, const std::vector<int64_t>& 
     err = lc::grad_stats(call.args, ptr<void>(workspace), workspace_bytes, nullptr);
   }
   check("grad_stats", err);
+}
+
+// lowbit._C's lowprec signature (csrc/bindings.cpp); runs csrc/cuda/lowprec.cu. absmax: zeroed
+// fp32 scratch, one float per scale group.
+void py_lowprec(uintptr_t x, int x_dtype, int64_t rows, int64_t cols, int fmt, int scaling,
+                int block_size, bool e8m0, bool stochastic, uint64_t seed, uint64_t offset,
+                int had_block, uintptr_t codes, uintptr_t scales, uintptr_t out,
+                uintptr_t absmax) {
+  cudaError_t err;
+  {
+    py::gil_scoped_release release;
+    err = lc::lowprec(ptr<const void>(x), x_dtype, rows, cols, fmt, scaling, block_size, e8m0,
+                      stochastic, seed, offset, had_block, ptr<uint8_t>(codes), ptr<void>(scales),
+                      ptr<void>(out), ptr<float>(absmax), nullptr);
+  }
+  check("lowprec", err);
 }
 
 // ---- self-test kernels: each checks one primitive's CUDA semantics ------------------------------
@@ -243,6 +260,8 @@ PYBIND11_MODULE(_C_sim, m) {
         "workspace bytes grad_stats needs for tensors of these sizes");
   m.def("grad_stats", &py_grad_stats,
         "per-tensor sum of squares, non-finite count, max |g|, NaN count");
+  m.def("lowprec", &py_lowprec,
+        "scaled low-precision quantize / fake quant (INT8/INT4/FP8/FP4), block Hadamard rotation");
   m.def("sim_selftest_barrier", &selftest_barrier, py::arg("nthreads"), py::arg("nblocks") = 1,
         "out[b*n + t] = value thread (t+1)%n of block b wrote before a __syncthreads()");
   m.def("sim_selftest_shfl", &selftest_shfl, py::arg("kind"), py::arg("nthreads"), py::arg("arg"),

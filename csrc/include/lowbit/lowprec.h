@@ -4,6 +4,8 @@
 // the block Hadamard rotation. CPU, CUDA and the sim compile this one source, so codes and
 // dequantized values are bit-identical across backends.
 #pragma once
+#include <math.h>  // floorf, rintf, sqrt (nvcc provides their device versions)
+
 #include "formats.h"
 #include "philox.h"
 
@@ -81,10 +83,13 @@ LOWBIT_HD float lp_scaled(float x, float scale, float fmax) {
   return y < -fmax ? -fmax : y;
 }
 
-// E2M1 magnitudes by bit pattern (exponent, mantissa) = index 0..7.
+// E2M1 magnitudes by bit pattern (exponent, mantissa) = index 0..7: 0, 0.5, 1, 1.5, 2, 3, 4, 6.
+// Built as fp32 bits rather than read from a table: a dynamically indexed local array lives in
+// local memory (a stack frame) on the GPU. Exponent e >= 1 is 2**(e-1) * (1 + m/2); e == 0 is
+// the subnormal m * 0.5.
 LOWBIT_HD float e2m1_magnitude(uint32_t i) {
-  const float v[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
-  return v[i & 7u];
+  const uint32_t e = (i >> 1) & 3u, m = i & 1u;
+  return bits_f32(e ? ((e + 126u) << 23) | (m << 22) : (m ? 0x3F000000u : 0u));
 }
 
 // The code of a scaled value y (|y| <= FMT_MAX or NaN) as one byte: two's complement for
@@ -140,12 +145,16 @@ LOWBIT_HD float lp_decode(uint8_t c, int fmt) {
   return (float)(int8_t)c;
 }
 
-// One element quantized and dequantized in fp32 (before the cast to the output dtype).
+// One element quantized and dequantized in fp32 (before the cast to the output dtype). A NaN
+// result (a group with a NaN scale) is the canonical 0x7FC00000, the reference's: the product's
+// own NaN bits depend on the hardware (GPUs return 0x7FFFFFFF) and, on x86, on which operand the
+// compiler puts first (e5m2's NaN code decodes to 0x7FE00000).
 LOWBIT_HD float lp_fake_quant(float x, float scale, int fmt, bool stochastic, uint32_t r,
                               uint8_t* code) {
   const uint8_t c = lp_encode(lp_scaled(x, scale, lp_fmax(fmt)), fmt, stochastic, r);
   *code = c;
-  return mul_rn(lp_decode(c, fmt), scale);
+  const float v = mul_rn(lp_decode(c, fmt), scale);
+  return v != v ? bits_f32(0x7FC00000u) : v;
 }
 
 // 1/sqrt(block) rounded to fp32: the factor the normalized Hadamard butterfly ends with (the
