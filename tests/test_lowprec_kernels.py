@@ -89,6 +89,10 @@ def test_block_hadamard_matches_the_reference(backend, dtype, block):
     x = awkward(5, 256, dtype, seed=block)
     got = lowprec.block_hadamard(x, block, backend=backend)
     assert bits_equal(got, ref_hadamard.block_hadamard(x, block))
+    special = awkward(6, 256, dtype, seed=block, specials=dtype != torch.bfloat16)
+    special[0, :2] = torch.tensor([float("inf"), float("-inf")])    # inf - inf: a NaN
+    assert bits_equal(lowprec.block_hadamard(special, block, backend=backend),
+                      ref_hadamard.block_hadamard(special, block))
     if dtype == torch.float32:
         # the normalized Hadamard matrix, and its own inverse
         h = ref_hadamard.hadamard_matrix(block)
@@ -107,6 +111,19 @@ def test_empty_and_one_element_inputs(backend):
         got = lowprec.quantize(x, spec, backend=backend)
         assert bits_equal(got.codes, want.codes) and bits_equal(got.scales, want.scales), shape
         assert bits_equal(lowprec.fake_quant(x, spec, backend=backend), ref.fake_quant(x, spec))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_nonfinite_group_gives_the_canonical_nan(backend, fmt):
+    # a long row (torch's vector body and scalar tail both) whose scale is NaN
+    x = torch.randn(3, 100)
+    x[1, 37] = float("nan")
+    x[2, 99] = float("inf")
+    spec = QuantSpec(fmt, "row")
+    got = lowprec.fake_quant(x, spec, backend=backend)
+    assert bits_equal(got, ref.fake_quant(x, spec))
+    assert (got[1:].view(torch.int32) == 0x7FC00000).all() and torch.isfinite(got[0]).all()
 
 
 def test_float64_runs_on_the_reference():

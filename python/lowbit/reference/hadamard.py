@@ -8,13 +8,14 @@ while spreading outliers across the block, which is why low-precision training u
 
 Computed by the O(n log n) butterfly: log2(b) stages of (a, c) -> (a + c, a - c) over pairs at
 distance h = 1, 2, 4, ..., then one multiplication by 1/sqrt(b) (exact when log2(b) is even).
-fp32 arithmetic for bf16/fp16/fp32 inputs, fp64 for fp64; the result has the input's dtype.
+fp32 arithmetic for bf16/fp16/fp32 inputs, fp64 for fp64; the result has the input's dtype, a
+NaN the canonical one (inf - inf, say, gives x86's negative NaN).
 """
 import math
 
 import torch
 
-from .lowprec import check_float
+from .lowprec import canonical_nan, check_float
 
 
 def check_block(block) -> int:
@@ -40,7 +41,7 @@ def block_hadamard(x: torch.Tensor, block: int) -> torch.Tensor:
         a, c = pairs[..., 0, :], pairs[..., 1, :]
         y = torch.stack((a + c, a - c), dim=3).reshape(y.shape)
         h *= 2
-    y = y * (1.0 / math.sqrt(block))
+    y = canonical_nan(y * (1.0 / math.sqrt(block)))
     return y.reshape(x.shape).to(x.dtype)
 
 

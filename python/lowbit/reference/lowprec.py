@@ -35,7 +35,8 @@ Quantize: y = x / scale (IEEE fp32 division; 0 where scale == 0), clamped to [-F
              word 0 under key `seed` and counter offset + (row-major element index) — the
              stream contract of lowbit.rounding. P(up) is the covered fraction rounded up to a
              multiple of 2**-24, so E[q] = y up to 2**-24 of a grid step per element.
-Dequantize: q * scale in fp32, then cast to the input dtype (nearest-even).
+Dequantize: q * scale in fp32 (a NaN result is the canonical 0x7FC00000), then cast to the input
+dtype (nearest-even).
 Inputs of any float dtype are first cast to fp32 (exact for bf16/fp16).
 """
 import math
@@ -249,8 +250,15 @@ def dequantize(q: Quantized, spec: QuantSpec, dtype: torch.dtype = torch.float32
     per_row = {"block": -(-cols // spec.block_size), "row": 1}
     sc = sc.reshape(rows, per_row[spec.scaling]) if spec.scaling in per_row else \
         sc.reshape(1, -1)
-    out = vals * expand_groups(sc, vals.shape, spec)
+    out = canonical_nan(vals * expand_groups(sc, vals.shape, spec))
     return out.reshape(shape).to(dtype)
+
+
+def canonical_nan(t: torch.Tensor) -> torch.Tensor:
+    """NaNs replaced by the one fp32 NaN 0x7FC00000: the bits of a NaN product depend on which
+    operand's NaN torch's vectorized body or scalar tail passes on (and differ on GPUs), so the
+    spec fixes them."""
+    return torch.where(torch.isnan(t), torch.full_like(t, float("nan")), t)
 
 
 def fake_quant(x: torch.Tensor, spec: QuantSpec, seed: int = 0, offset: int = 0) -> torch.Tensor:
