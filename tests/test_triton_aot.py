@@ -197,7 +197,7 @@ def _variants():
                          out_)
         sig = {"x_ptr": ptr[dtype], "codes_ptr": "*u8", "scales_ptr": "*u8" if e8m0 else "*fp32",
                "out_ptr": ptr[dtype], "amax_ptr": "*i32", "R": "i64", "C": "i64", "B": "i64",
-               "nb": "i64", "seed": "i64", "offset": "i64", "norm": "fp32"}
+               "nb": "i64", "nps": "i64", "seed": "i64", "offset": "i64", "norm": "fp32"}
         for p in plan.passes:
             const = dict(plan.const, PASS=p)
             out.append((f"lowprec {dtype} {rows}x{cols} fmt={fmt} scaling={scaling} "

@@ -189,8 +189,8 @@ def _quantize(v, sc, rw, FMT: tl.constexpr, FMAX: tl.constexpr, STOCHASTIC: tl.c
 
 
 @triton.jit
-def _lowprec_kernel(x_ptr, codes_ptr, scales_ptr, out_ptr, amax_ptr, R, C, B, nb, seed, offset,
-                    norm, IN_KIND: tl.constexpr, FMT: tl.constexpr, FMAX: tl.constexpr,
+def _lowprec_kernel(x_ptr, codes_ptr, scales_ptr, out_ptr, amax_ptr, R, C, B, nb, nps, seed,
+                    offset, norm, IN_KIND: tl.constexpr, FMT: tl.constexpr, FMAX: tl.constexpr,
                     SCALING: tl.constexpr, E8M0: tl.constexpr, STOCHASTIC: tl.constexpr,
                     PASS: tl.constexpr, HB: tl.constexpr, LOG2_HB: tl.constexpr,
                     TR: tl.constexpr, NSEG: tl.constexpr, SEG: tl.constexpr, SEGP: tl.constexpr,
@@ -199,8 +199,10 @@ def _lowprec_kernel(x_ptr, codes_ptr, scales_ptr, out_ptr, amax_ptr, R, C, B, nb
                     Q_OVERFLOW: tl.constexpr, Q_NAN: tl.constexpr, Q_NAN_KEEPS_SIGN: tl.constexpr,
                     O_MBITS: tl.constexpr, O_EMIN: tl.constexpr, O_MAX_FINITE: tl.constexpr,
                     O_OVERFLOW: tl.constexpr, O_NAN: tl.constexpr, O_NAN_KEEPS_SIGN: tl.constexpr):
-    pr = tl.program_id(0).to(tl.int64)
-    ps = tl.program_id(1).to(tl.int64)
+    # one grid axis (the second is limited to 65535 programs): nps programs per row tile
+    pid = tl.program_id(0).to(tl.int64)
+    pr = pid // nps
+    ps = pid % nps
     r = (pr * TR + tl.arange(0, TR).to(tl.int64))[:, None, None]
     s = (ps * NSEG + tl.arange(0, NSEG).to(tl.int64))[None, :, None]
     t = tl.arange(0, SEGP).to(tl.int64)[None, None, :]
@@ -320,12 +322,13 @@ def _plan(R: int, C: int, fmt: int, scaling: int, block_size: int, hb: int):
 
 class Launch(NamedTuple):
     """Everything a call launches: the passes (one launch each), the grid, the runtime ints B
-    (block size) and nb (groups per row), the number of absmax groups (pass 1's buffer), the
-    fp32 rotation norm and the constexprs (without PASS)."""
+    (block size), nb (groups per row) and nps (programs per row tile), the number of absmax
+    groups (pass 1's buffer), the fp32 rotation norm and the constexprs (without PASS)."""
     passes: list
     grid: tuple
     b: int
     nb: int
+    nps: int
     ngroups: int
     norm: float
     num_warps: int
@@ -357,8 +360,9 @@ def launch(dtype, R: int, C: int, fmt: int, scaling: int, block_size: int, e8m0:
         **dict(zip(("O_MBITS", "O_EMIN", "O_MAX_FINITE", "O_OVERFLOW", "O_NAN",
                     "O_NAN_KEEPS_SIGN"), o_fmt)))
     norm = float(torch.tensor(1.0 / math.sqrt(hb), dtype=torch.float32)) if hb else 1.0
-    return Launch(passes, (triton.cdiv(R, tr), triton.cdiv(nseg, nseg_t)), b, nb,
-                  (R * nb, R, C, 1)[scaling], norm, num_warps, const)
+    nps = triton.cdiv(nseg, nseg_t)
+    return Launch(passes, (triton.cdiv(R, tr) * nps,), b, nb, nps, (R * nb, R, C, 1)[scaling],
+                  norm, num_warps, const)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -388,5 +392,6 @@ def lowprec(x, fmt, scaling, block_size, e8m0, stochastic, seed, offset, had_blo
     with quiet_fp_warnings():
         for p in plan.passes:
             _lowprec_kernel[plan.grid](x_buf, codes_buf, scales_buf, out_buf, amax, R, C, plan.b,
-                                       plan.nb, int(seed), int(offset), plan.norm, PASS=p,
-                                       num_warps=plan.num_warps, **plan.const, **LAUNCH_OPTS)
+                                       plan.nb, plan.nps, int(seed), int(offset), plan.norm,
+                                       PASS=p, num_warps=plan.num_warps, **plan.const,
+                                       **LAUNCH_OPTS)
