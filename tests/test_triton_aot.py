@@ -172,6 +172,38 @@ def _variants():
     sig = {"first_ptr": "*i64", "psum_ptr": "*fp64", "pcnt_ptr": "*i64", "pmax_ptr": "*i32",
            "out_ptr": "*fp64"}
     out.append(("grad_stats combine", "stats._combine_kernel", sig, {"BLOCK": 128}, False))
+    # lowprec: the launches of the wrapper's own plan (lowprec.launch, GPU tiles) for small
+    # shapes, every pass, format, scaling and rotation kind; then two at the full GPU tile (a
+    # 2048-element tile with a 128 rotation, and one 8192-column row). Quantizing passes divide.
+    from lowbit.triton_kernels import lowprec as lp
+    bf16, f16, f32 = torch.bfloat16, torch.float16, torch.float32
+    calls = [  # dtype, R, C, fmt, scaling, block, e8m0, stochastic, hadamard, codes, out
+        (f32, 2, 64, -1, 0, 1, False, False, 16, False, True),
+        (bf16, 4, 4096, -1, 0, 1, False, False, 4096, False, True),
+        (f32, 2, 100, 0, 0, 48, False, False, 0, True, True),
+        (bf16, 2, 64, 2, 0, 32, True, True, 16, True, True),
+        (f16, 2, 128, 4, 0, 8, True, False, 64, False, True),
+        (f16, 2, 96, 3, 1, 32, False, True, 32, True, False),
+        (bf16, 2, 64, 1, 0, 24, False, True, 16, True, True),
+        (f32, 4, 64, 2, 2, 32, True, False, 16, True, True),
+        (f16, 4, 64, 0, 3, 32, False, False, 0, False, True),
+        (bf16, 1, 2 * lp.MAX_FUSED_GROUP, 4, 1, 32, True, True, 0, True, True),
+        (bf16, 64, 1024, 2, 0, 32, True, True, 128, True, True),
+        (f32, 1, lp.MAX_FUSED_GROUP, 0, 1, 32, False, False, 0, True, True),
+    ]
+    ptr = {f32: "*fp32", bf16: "*i16", f16: "*i16"}
+    for dtype, rows, cols, fmt, scaling, block, e8m0, stochastic, hb, codes, out_ in calls:
+        plan = lp.launch(dtype, rows, cols, fmt, scaling, block, e8m0, stochastic, hb, codes,
+                         out_)
+        sig = {"x_ptr": ptr[dtype], "codes_ptr": "*u8", "scales_ptr": "*u8" if e8m0 else "*fp32",
+               "out_ptr": ptr[dtype], "amax_ptr": "*i32", "R": "i64", "C": "i64", "B": "i64",
+               "nb": "i64", "nps": "i64", "seed": "i64", "offset": "i64", "norm": "fp32"}
+        for p in plan.passes:
+            const = dict(plan.const, PASS=p)
+            out.append((f"lowprec {dtype} {rows}x{cols} fmt={fmt} scaling={scaling} "
+                        f"block={block} e8m0={e8m0} st={stochastic} hadamard={hb} pass={p} "
+                        f"tile={const['TR']}x{const['NSEG']}x{const['SEGP']}",
+                        "lowprec._lowprec_kernel", sig, const, fmt >= 0 and p != lp.PASS_ABSMAX))
     return out
 
 

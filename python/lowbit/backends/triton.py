@@ -1,4 +1,5 @@
 """Adapter for the Triton kernels (lowbit.triton_kernels); imported only when used."""
+from ..triton_kernels import lowprec as _lowprec
 from ..triton_kernels import optim as _optim
 from ..triton_kernels import quant as _quant
 from ..triton_kernels import rounding as _rounding
@@ -9,3 +10,4 @@ dequantize_blockwise = _quant.dequantize_blockwise
 stochastic_round = _rounding.stochastic_round
 optim_step = _optim.optim_step
 grad_stats = _stats.grad_stats
+lowprec = _lowprec.lowprec
