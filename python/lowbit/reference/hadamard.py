@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from .lowprec import canonical_nan, check_float
+from .lowprec import canonical_nan, cast_from_f32, check_float
 
 
 def check_block(block) -> int:
@@ -42,7 +42,7 @@ def block_hadamard(x: torch.Tensor, block: int) -> torch.Tensor:
         y = torch.stack((a + c, a - c), dim=3).reshape(y.shape)
         h *= 2
     y = canonical_nan(y * (1.0 / math.sqrt(block)))
-    return y.reshape(x.shape).to(x.dtype)
+    return cast_from_f32(y.reshape(x.shape), x.dtype)
 
 
 def hadamard_matrix(block: int, dtype=torch.float64) -> torch.Tensor:
@@ -68,4 +68,4 @@ def rotated_fake_quant(x: torch.Tensor, spec, block: int, seed: int = 0,
         return fake_quant(x, spec, seed, offset)
     y = block_hadamard(x.to(torch.float32), block)
     z = dequantize(quantize(y, spec, seed, offset), spec, torch.float32)
-    return block_hadamard(z, block).to(x.dtype)
+    return cast_from_f32(block_hadamard(z, block), x.dtype)

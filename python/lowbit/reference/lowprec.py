@@ -36,7 +36,7 @@ Quantize: y = x / scale (IEEE fp32 division; 0 where scale == 0), clamped to [-F
              stream contract of lowbit.rounding. P(up) is the covered fraction rounded up to a
              multiple of 2**-24, so E[q] = y up to 2**-24 of a grid step per element.
 Dequantize: q * scale in fp32 (a NaN result is the canonical 0x7FC00000), then cast to the input
-dtype (nearest-even).
+dtype (nearest-even; a NaN becomes lowbit's canonical bf16 / fp16 NaN, see cast_from_f32).
 Inputs of any float dtype are first cast to fp32 (exact for bf16/fp16).
 """
 import math
@@ -251,7 +251,15 @@ def dequantize(q: Quantized, spec: QuantSpec, dtype: torch.dtype = torch.float32
     sc = sc.reshape(rows, per_row[spec.scaling]) if spec.scaling in per_row else \
         sc.reshape(1, -1)
     out = canonical_nan(vals * expand_groups(sc, vals.shape, spec))
-    return out.reshape(shape).to(dtype)
+    return cast_from_f32(out.reshape(shape), dtype)
+
+
+def cast_from_f32(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 -> dtype, nearest-even, by lowbit's own rounding rule for bf16 / fp16 (formats.h):
+    torch's cast agrees on every number but not on NaN (it gives bf16 0xFFFF)."""
+    if dtype in (torch.bfloat16, torch.float16):
+        return round_to_format(t, dtype)
+    return t.to(dtype)
 
 
 def canonical_nan(t: torch.Tensor) -> torch.Tensor:
