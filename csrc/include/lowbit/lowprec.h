@@ -4,6 +4,8 @@
 // the block Hadamard rotation. CPU, CUDA and the sim compile this one source, so codes and
 // dequantized values are bit-identical across backends.
 #pragma once
+#include <math.h>  // floorf, rintf, sqrt (host builds do not get them from elsewhere)
+
 #include "formats.h"
 #include "philox.h"
 
@@ -140,12 +142,17 @@ LOWBIT_HD float lp_decode(uint8_t c, int fmt) {
   return (float)(int8_t)c;
 }
 
-// One element quantized and dequantized in fp32 (before the cast to the output dtype).
+// One element quantized and dequantized in fp32 (before the cast to the output dtype). A NaN
+// scale (a non-finite group; always lp_scale's 0x7FC00000) is returned as it is: for float8
+// formats the decoded code is a NaN too, and which of two NaN operands a product passes on is up
+// to the compiler's operand order (x86) or canonical (GPUs); torch's CPU product, the
+// reference's, gives the scale's.
 LOWBIT_HD float lp_fake_quant(float x, float scale, int fmt, bool stochastic, uint32_t r,
                               uint8_t* code) {
   const uint8_t c = lp_encode(lp_scaled(x, scale, lp_fmax(fmt)), fmt, stochastic, r);
   *code = c;
-  return mul_rn(lp_decode(c, fmt), scale);
+  const float v = mul_rn(lp_decode(c, fmt), scale);
+  return scale != scale ? scale : v;
 }
 
 // 1/sqrt(block) rounded to fp32: the factor the normalized Hadamard butterfly ends with (the
