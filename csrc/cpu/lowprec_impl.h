@@ -1,0 +1,366 @@
+// The scaled low-precision quantizers and the block Hadamard rotation (lowbit.ops' lowprec
+// contract; the spec is lowbit.backends.reference.lowprec). Included per ISA after
+// kernels_impl.h (whose load_t, fill_philox and AVX-512 helpers it uses).
+//
+// Every row segment goes through a small fp32 buffer: load (widening bf16/fp16 exactly), rotate
+// when had > 0, quantize and dequantize group by group in place (codes straight to memory), rotate
+// back, store with one nearest-even cast. The rounding itself is lowbit/lowprec.h's, called per
+// element, so codes and values are the CUDA kernels' bit for bit.
+//   block and row scaling: one pass — a segment holds whole groups, whose absmax and scale come
+//     from the buffer (unless a block and the rotation block have a huge lcm, or a row is very
+//     long: then the two-pass path below)
+//   column and tensor scaling: two passes over x — the first reduces each group's absmax (of the
+//     rotated values) into the caller's zeroed scratch by atomic maxima on the bit patterns, the
+//     second quantizes with the finished scales.
+#include <vector>
+
+#include "lowbit/lowprec.h"
+
+namespace lowbit {
+namespace cpu {
+namespace LOWBIT_ISA_NS {
+
+// Elements of a work item (a row segment; the width of the two-pass tiles): the buffer stays in
+// L1/L2 and there are enough items to share between threads.
+static const int64_t kLpSeg = 4096;
+// One-pass limit for a segment (a row, or lcm(block, rotation block)): longer groups would need
+// buffers beyond L2, so they take the two-pass path.
+static const int64_t kLpSegMax = 16384;
+
+template <int DT>
+static void lp_load(const void* __restrict x, int64_t begin, int64_t len, float* __restrict buf) {
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) buf[i] = load_t<DT>(x, begin + i);
+}
+
+// The one cast of the result to x's dtype (nearest-even, formats.h).
+template <int DT>
+static void lp_store(void* __restrict out, int64_t begin, int64_t len,
+                     const float* __restrict buf) {
+  if (DT == kF32) {
+    memcpy((float*)out + begin, buf, sizeof(float) * len);
+    return;
+  }
+  uint16_t* __restrict o = (uint16_t*)out + begin;
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i)
+    o[i] = (uint16_t)(DT == kBF16 ? round_to_bf16(f32_bits(buf[i]), false, 0u)
+                                  : round_to_fmt(f32_bits(buf[i]), fmt_of(DT), false, 0u));
+}
+
+// Butterfly stages h = from, 2 from, ... < to over buf[0, len) (len a multiple of `to`): pairs
+// (a, c) at distance h become (a + c, a - c), in this operand order (hadamard.py's).
+static void lp_stages(float* __restrict buf, int64_t len, int from, int to) {
+  for (int h = from; h < to; h *= 2)
+    for (int64_t base = 0; base < len; base += 2 * h) {
+      float* __restrict lo = buf + base;
+      float* __restrict hi = buf + base + h;
+#pragma omp simd
+      for (int j = 0; j < h; ++j) {
+        const float a = lo[j], c = hi[j];
+        lo[j] = a + c;
+        hi[j] = a - c;
+      }
+    }
+}
+
+#if defined(LOWBIT_ISA_AVX512)
+// One butterfly stage of distance h < 16 inside a 16-lane vector: each lane meets its partner
+// lane ^ h. Lanes without bit h hold a (sum a + c), lanes with it hold c (difference a - c).
+static inline __m512 lp_stage16(__m512 v, int h) {
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i hv = _mm512_set1_epi32(h);
+  const __m512 p = _mm512_permutexvar_ps(_mm512_xor_si512(lane, hv), v);
+  return _mm512_mask_sub_ps(_mm512_add_ps(v, p), _mm512_test_epi32_mask(lane, hv), p, v);
+}
+#endif
+
+// The normalized block-h Hadamard transform of every length-h block of buf[0, len) (len a
+// multiple of h), as lowbit.reference.hadamard.block_hadamard computes it: all stages in fp32,
+// then one product with hadamard_norm(h).
+static void lp_hadamard(float* __restrict buf, int64_t len, int h) {
+  int done = 1;  // stages below `done` are applied
+#if defined(LOWBIT_ISA_AVX512)
+  // Stages below 16 shuffle lanes inside one vector (the plain loops would run at h elements per
+  // iteration); 16 | len holds whenever h >= 16, and for smaller h on all but odd-sized rows.
+  if (h > 1 && len % 16 == 0) {
+    const int top = h < 16 ? h : 16;
+    for (int64_t i = 0; i < len; i += 16) {
+      __m512 v = _mm512_loadu_ps(buf + i);
+      for (int s = 1; s < top; s *= 2) v = lp_stage16(v, s);
+      _mm512_storeu_ps(buf + i, v);
+    }
+    done = top;
+  }
+#endif
+  lp_stages(buf, len, done, h);
+  const float norm = hadamard_norm(h);
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) buf[i] = mul_rn(buf[i], norm);
+}
+
+static inline uint32_t lp_absmax_bits(const float* __restrict v, int64_t len) {
+  uint32_t m = 0;
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < len; ++i) {
+    const uint32_t b = abs_bits(v[i]);
+    m = b > m ? b : m;
+  }
+  return m;  // NaN bits order above inf: a NaN anywhere gives a NaN absmax, as torch.amax
+}
+
+// Quantize buf[0, len) in place to its dequantized values, codes to `codes`. COLS: scale[i] per
+// element (column scaling); else scale[0] for all. r: the elements' Philox words (stochastic).
+template <int FMT, bool ST, bool COLS>
+static void lp_quant_run(float* __restrict buf, int64_t len, const float* __restrict scale,
+                         const uint32_t* __restrict r, uint8_t* __restrict codes) {
+  const float s0 = scale[0];
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    uint8_t c;
+    buf[i] = lp_fake_quant(buf[i], COLS ? scale[i] : s0, FMT, ST, ST ? r[i] : 0u, &c);
+    codes[i] = c;
+  }
+}
+
+typedef void (*LpQuantFn)(float*, int64_t, const float*, const uint32_t*, uint8_t*);
+
+template <bool COLS>
+static LpQuantFn lp_quant_fn(int fmt, bool st) {
+#define LOWBIT_LP_FN(F) return st ? lp_quant_run<F, true, COLS> : lp_quant_run<F, false, COLS>
+  switch (fmt) {
+    case kLpInt8: LOWBIT_LP_FN(kLpInt8);
+    case kLpInt4: LOWBIT_LP_FN(kLpInt4);
+    case kLpE4M3: LOWBIT_LP_FN(kLpE4M3);
+    case kLpE5M2: LOWBIT_LP_FN(kLpE5M2);
+    default: LOWBIT_LP_FN(kLpE2M1);
+  }
+#undef LOWBIT_LP_FN
+}
+
+// What one call does, decided once.
+struct LpPlan {
+  int64_t seg;        // row segment length of a work item (a multiple of the rotation block)
+  int64_t nb;         // blocks per row (block scaling)
+  int had;            // rotation block, 0 for none
+  LpQuantFn quant;    // uniform scale per call
+  LpQuantFn quant_cols;  // a scale per element (column scaling)
+};
+
+// Per-thread buffers for one segment.
+struct LpBufs {
+  std::vector<float> x;
+  std::vector<uint32_t> r;
+  std::vector<uint8_t> codes;  // codes nobody asked for (fake quant) land here
+  explicit LpBufs(int64_t seg, bool st) : x(seg), r(st ? seg : 0), codes(seg) {}
+};
+
+static inline void lp_store_scale(const LowprecArgs& a, int64_t g, float s, uint8_t e8) {
+  if (a.e8m0) ((uint8_t*)a.scales)[g] = e8;
+  else ((float*)a.scales)[g] = s;
+}
+
+// Calls f(k, n, g) for every group g of row r that meets the segment [c0, c0 + len): its
+// elements k .. k + n of the segment (not for column scaling, whose groups are single elements).
+template <typename F>
+static inline void lp_for_groups(const LowprecArgs& a, const LpPlan& p, int64_t r, int64_t c0,
+                                 int64_t len, F f) {
+  if (a.scaling == kLpRow) {
+    f(0, len, r);
+  } else if (a.scaling == kLpTensor) {
+    f(0, len, 0);
+  } else {
+    for (int64_t k = 0; k < len;) {
+      const int64_t b = (c0 + k) / a.block;
+      const int64_t end = (b + 1) * a.block - c0 < len ? (b + 1) * a.block - c0 : len;
+      f(k, end - k, r * p.nb + b);
+      k = end;
+    }
+  }
+}
+
+// Load row r's segment [c0, c0 + len) into buf and rotate it.
+template <int DT>
+static inline void lp_fetch(const LowprecArgs& a, const LpPlan& p, int64_t r, int64_t c0,
+                            int64_t len, float* buf) {
+  lp_load<DT>(a.x, r * a.cols + c0, len, buf);
+  if (p.had) lp_hadamard(buf, len, p.had);
+}
+
+// Store the segment: dequantized and rotated back (fake quant), or as rotated (fmt -1).
+template <int DT>
+static inline void lp_finish(const LowprecArgs& a, const LpPlan& p, int64_t r, int64_t c0,
+                             int64_t len, float* buf) {
+  if (!a.out) return;
+  if (p.had && a.fmt >= 0) lp_hadamard(buf, len, p.had);
+  lp_store<DT>(a.out, r * a.cols + c0, len, buf);
+}
+
+// The one-pass path: every work item is a segment holding whole groups (or no quantization).
+template <int DT>
+static void lp_one_pass(const LowprecArgs& a, const LpPlan& p) {
+  const int64_t per_row = (a.cols + p.seg - 1) / p.seg;
+  const int64_t items = a.rows * per_row;
+#pragma omp parallel if (a.rows * a.cols >= kParallelMin)
+  {
+    LpBufs b(p.seg, a.stochastic);
+#pragma omp for schedule(static)
+    for (int64_t w = 0; w < items; ++w) {
+      const int64_t r = w / per_row, c0 = (w % per_row) * p.seg;
+      const int64_t len = a.cols - c0 < p.seg ? a.cols - c0 : p.seg;
+      float* buf = b.x.data();
+      lp_fetch<DT>(a, p, r, c0, len, buf);
+      if (a.fmt >= 0) {
+        const int64_t e0 = r * a.cols + c0;
+        if (a.stochastic) fill_philox(a.seed, a.offset + (uint64_t)e0, len, b.r.data());
+        uint8_t* codes = a.codes ? a.codes + e0 : b.codes.data();
+        lp_for_groups(a, p, r, c0, len, [&](int64_t k, int64_t n, int64_t g) {
+          uint8_t e8 = 0;
+          const float s = lp_scale(bits_f32(lp_absmax_bits(buf + k, n)), a.fmt, a.e8m0, &e8);
+          lp_store_scale(a, g, s, e8);
+          p.quant(buf + k, n, &s, a.stochastic ? b.r.data() + k : nullptr, codes + k);
+        });
+      }
+      lp_finish<DT>(a, p, r, c0, len, buf);
+    }
+  }
+}
+
+// Atomic maximum of a group's absmax bits (non-negative floats order like their bit patterns).
+static inline void lp_atomic_max(uint32_t* slot, uint32_t v) {
+  uint32_t cur = __atomic_load_n(slot, __ATOMIC_RELAXED);
+  while (v > cur &&
+         !__atomic_compare_exchange_n(slot, &cur, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+  }
+}
+
+// The two-pass path (column and tensor scaling; block and row scaling whose groups do not fit a
+// segment). Tiles of `tr` rows x one segment of columns; the scratch holds one uint32 per group:
+// absmax bits after the first pass, then the fp32 scale's bits.
+template <int DT>
+static void lp_two_pass(const LowprecArgs& a, const LpPlan& p) {
+  uint32_t* scratch = (uint32_t*)a.absmax;
+  const int64_t per_row = (a.cols + p.seg - 1) / p.seg;
+  // Column scaling reduces a tile's rows locally, then one atomic per column: tall tiles.
+  const int64_t tr = a.scaling == kLpColumn ? (65536 / p.seg > 1 ? 65536 / p.seg : 1) : 1;
+  const int64_t row_tiles = (a.rows + tr - 1) / tr;
+  const int64_t tiles = row_tiles * per_row;
+  const int64_t ngroups = a.scaling == kLpColumn ? a.cols
+                        : a.scaling == kLpTensor ? 1
+                        : a.scaling == kLpRow ? a.rows : a.rows * p.nb;
+  const bool parallel = a.rows * a.cols >= kParallelMin;
+#pragma omp parallel if (parallel)
+  {
+    LpBufs b(p.seg, a.stochastic);
+    std::vector<uint32_t> colmax(a.scaling == kLpColumn ? p.seg : 0);
+    float* buf = b.x.data();
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t r0 = (t / per_row) * tr, c0 = (t % per_row) * p.seg;
+      const int64_t r1 = r0 + tr < a.rows ? r0 + tr : a.rows;
+      const int64_t len = a.cols - c0 < p.seg ? a.cols - c0 : p.seg;
+      if (a.scaling == kLpColumn) {
+        uint32_t* __restrict cm = colmax.data();
+        for (int64_t j = 0; j < len; ++j) cm[j] = 0;
+        for (int64_t r = r0; r < r1; ++r) {
+          lp_fetch<DT>(a, p, r, c0, len, buf);
+#pragma omp simd
+          for (int64_t j = 0; j < len; ++j) {
+            const uint32_t v = abs_bits(buf[j]);
+            cm[j] = v > cm[j] ? v : cm[j];
+          }
+        }
+        for (int64_t j = 0; j < len; ++j)
+          if (cm[j]) lp_atomic_max(scratch + c0 + j, cm[j]);
+        continue;
+      }
+      for (int64_t r = r0; r < r1; ++r) {
+        lp_fetch<DT>(a, p, r, c0, len, buf);
+        lp_for_groups(a, p, r, c0, len, [&](int64_t k, int64_t n, int64_t g) {
+          const uint32_t m = lp_absmax_bits(buf + k, n);
+          if (m) lp_atomic_max(scratch + g, m);
+        });
+      }
+    }
+    // (the implicit barrier: every absmax is complete)
+#pragma omp for schedule(static)
+    for (int64_t g = 0; g < ngroups; ++g) {
+      uint8_t e8 = 0;
+      const float s = lp_scale(bits_f32(scratch[g]), a.fmt, a.e8m0, &e8);
+      lp_store_scale(a, g, s, e8);
+      scratch[g] = f32_bits(s);
+    }
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t r0 = (t / per_row) * tr, c0 = (t % per_row) * p.seg;
+      const int64_t r1 = r0 + tr < a.rows ? r0 + tr : a.rows;
+      const int64_t len = a.cols - c0 < p.seg ? a.cols - c0 : p.seg;
+      for (int64_t r = r0; r < r1; ++r) {
+        lp_fetch<DT>(a, p, r, c0, len, buf);
+        const int64_t e0 = r * a.cols + c0;
+        if (a.stochastic) fill_philox(a.seed, a.offset + (uint64_t)e0, len, b.r.data());
+        uint8_t* codes = a.codes ? a.codes + e0 : b.codes.data();
+        const uint32_t* rw = a.stochastic ? b.r.data() : nullptr;
+        if (a.scaling == kLpColumn) {
+          p.quant_cols(buf, len, (const float*)(scratch + c0), rw, codes);
+        } else {
+          lp_for_groups(a, p, r, c0, len, [&](int64_t k, int64_t n, int64_t g) {
+            const float s = bits_f32(scratch[g]);
+            p.quant(buf + k, n, &s, rw ? rw + k : nullptr, codes + k);
+          });
+        }
+        lp_finish<DT>(a, p, r, c0, len, buf);
+      }
+    }
+  }
+}
+
+static int64_t lp_gcd(int64_t u, int64_t v) {
+  while (v) {
+    const int64_t t = u % v;
+    u = v;
+    v = t;
+  }
+  return u;
+}
+
+template <int DT>
+static void lp_all(const LowprecArgs& a) {
+  if (a.rows <= 0 || a.cols <= 0) return;
+  LpPlan p{};
+  p.had = a.had;
+  const int64_t unit_had = a.had > 0 ? a.had : 1;
+  p.seg = a.cols < kLpSeg ? a.cols : (kLpSeg / unit_had) * unit_had;  // had <= 4096 = kLpSeg
+  if (a.fmt < 0) {
+    lp_one_pass<DT>(a, p);
+    return;
+  }
+  p.nb = a.scaling == kLpBlock ? (a.cols + a.block - 1) / a.block : 0;
+  p.quant = lp_quant_fn<false>(a.fmt, a.stochastic);
+  p.quant_cols = lp_quant_fn<true>(a.fmt, a.stochastic);
+  if (a.scaling == kLpBlock) {
+    // segments hold whole blocks and whole rotation blocks
+    const int64_t unit = a.block / lp_gcd(a.block, unit_had) * unit_had;
+    if (unit <= kLpSegMax) {
+      if (a.cols > unit) p.seg = unit * (kLpSeg / unit > 1 ? kLpSeg / unit : 1);
+      else p.seg = a.cols;
+      lp_one_pass<DT>(a, p);
+      return;
+    }
+  } else if (a.scaling == kLpRow && a.cols <= kLpSegMax) {
+    p.seg = a.cols;
+    lp_one_pass<DT>(a, p);
+    return;
+  }
+  lp_two_pass<DT>(a, p);
+}
+
+void lowprec(const LowprecArgs& a) {
+  if (a.dtype == kBF16) lp_all<kBF16>(a);
+  else if (a.dtype == kF16) lp_all<kF16>(a);
+  else lp_all<kF32>(a);
+}
+
+}  // namespace LOWBIT_ISA_NS
+}  // namespace cpu
+}  // namespace lowbit
