@@ -109,25 +109,27 @@ static inline uint32_t lp_absmax_bits(const float* __restrict v, int64_t len) {
   return m;  // NaN bits order above inf: a NaN anywhere gives a NaN absmax, as torch.amax
 }
 
-// Quantize buf[0, len) in place to its dequantized values, codes to `codes`. COLS: scale[i] per
-// element (column scaling); else scale[0] for all. r: the elements' Philox words (stochastic).
-template <int FMT, bool ST, bool COLS>
+// Quantize buf[0, len) in place to its dequantized values, codes to `codes`: element i with
+// scale[i] (callers spread each group's scale over its elements, so one long loop serves every
+// scaling) and Philox word r[i] (stochastic). lp_fake_quant in three loops: gcc 12 vectorizes
+// each of them for every format, but not the fused body for some (it cannot mix the masks of the
+// uint8 code's and the fp32 value's tests).
+template <int FMT, bool ST>
 static void lp_quant_run(float* __restrict buf, int64_t len, const float* __restrict scale,
                          const uint32_t* __restrict r, uint8_t* __restrict codes) {
-  const float s0 = scale[0];
+  const float fmax = lp_fmax(FMT);
 #pragma omp simd
-  for (int64_t i = 0; i < len; ++i) {
-    uint8_t c;
-    buf[i] = lp_fake_quant(buf[i], COLS ? scale[i] : s0, FMT, ST, ST ? r[i] : 0u, &c);
-    codes[i] = c;
-  }
+  for (int64_t i = 0; i < len; ++i) buf[i] = lp_scaled(buf[i], scale[i], fmax);
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) codes[i] = lp_encode(buf[i], FMT, ST, ST ? r[i] : 0u);
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) buf[i] = lp_dequant(codes[i], scale[i], FMT);
 }
 
 typedef void (*LpQuantFn)(float*, int64_t, const float*, const uint32_t*, uint8_t*);
 
-template <bool COLS>
 static LpQuantFn lp_quant_fn(int fmt, bool st) {
-#define LOWBIT_LP_FN(F) return st ? lp_quant_run<F, true, COLS> : lp_quant_run<F, false, COLS>
+#define LOWBIT_LP_FN(F) return st ? lp_quant_run<F, true> : lp_quant_run<F, false>
   switch (fmt) {
     case kLpInt8: LOWBIT_LP_FN(kLpInt8);
     case kLpInt4: LOWBIT_LP_FN(kLpInt4);
@@ -138,21 +140,25 @@ static LpQuantFn lp_quant_fn(int fmt, bool st) {
 #undef LOWBIT_LP_FN
 }
 
+static inline void lp_fill(float* __restrict v, int64_t len, float s) {
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) v[i] = s;
+}
+
 // What one call does, decided once.
 struct LpPlan {
-  int64_t seg;        // row segment length of a work item (a multiple of the rotation block)
-  int64_t nb;         // blocks per row (block scaling)
-  int had;            // rotation block, 0 for none
-  LpQuantFn quant;    // uniform scale per call
-  LpQuantFn quant_cols;  // a scale per element (column scaling)
+  int64_t seg;     // row segment length of a work item (a multiple of the rotation block)
+  int64_t nb;      // blocks per row (block scaling)
+  int had;         // rotation block, 0 for none
+  LpQuantFn quant;
 };
 
 // Per-thread buffers for one segment.
 struct LpBufs {
-  std::vector<float> x;
+  std::vector<float> x, scale;  // the values; each element's scale
   std::vector<uint32_t> r;
   std::vector<uint8_t> codes;  // codes nobody asked for (fake quant) land here
-  explicit LpBufs(int64_t seg, bool st) : x(seg), r(st ? seg : 0), codes(seg) {}
+  explicit LpBufs(int64_t seg, bool st) : x(seg), scale(seg), r(st ? seg : 0), codes(seg) {}
 };
 
 static inline void lp_store_scale(const LowprecArgs& a, int64_t g, float s, uint8_t e8) {
@@ -213,13 +219,13 @@ static void lp_one_pass(const LowprecArgs& a, const LpPlan& p) {
       if (a.fmt >= 0) {
         const int64_t e0 = r * a.cols + c0;
         if (a.stochastic) fill_philox(a.seed, a.offset + (uint64_t)e0, len, b.r.data());
-        uint8_t* codes = a.codes ? a.codes + e0 : b.codes.data();
         lp_for_groups(a, p, r, c0, len, [&](int64_t k, int64_t n, int64_t g) {
           uint8_t e8 = 0;
           const float s = lp_scale(bits_f32(lp_absmax_bits(buf + k, n)), a.fmt, a.e8m0, &e8);
           lp_store_scale(a, g, s, e8);
-          p.quant(buf + k, n, &s, a.stochastic ? b.r.data() + k : nullptr, codes + k);
+          lp_fill(b.scale.data() + k, n, s);
         });
+        p.quant(buf, len, b.scale.data(), b.r.data(), a.codes ? a.codes + e0 : b.codes.data());
       }
       lp_finish<DT>(a, p, r, c0, len, buf);
     }
@@ -299,16 +305,16 @@ static void lp_two_pass(const LowprecArgs& a, const LpPlan& p) {
         lp_fetch<DT>(a, p, r, c0, len, buf);
         const int64_t e0 = r * a.cols + c0;
         if (a.stochastic) fill_philox(a.seed, a.offset + (uint64_t)e0, len, b.r.data());
-        uint8_t* codes = a.codes ? a.codes + e0 : b.codes.data();
-        const uint32_t* rw = a.stochastic ? b.r.data() : nullptr;
+        float* __restrict scale = b.scale.data();
         if (a.scaling == kLpColumn) {
-          p.quant_cols(buf, len, (const float*)(scratch + c0), rw, codes);
+#pragma omp simd
+          for (int64_t j = 0; j < len; ++j) scale[j] = bits_f32(scratch[c0 + j]);
         } else {
           lp_for_groups(a, p, r, c0, len, [&](int64_t k, int64_t n, int64_t g) {
-            const float s = bits_f32(scratch[g]);
-            p.quant(buf + k, n, &s, rw ? rw + k : nullptr, codes + k);
+            lp_fill(scale + k, n, bits_f32(scratch[g]));
           });
         }
+        p.quant(buf, len, scale, b.r.data(), a.codes ? a.codes + e0 : b.codes.data());
         lp_finish<DT>(a, p, r, c0, len, buf);
       }
     }
@@ -336,8 +342,7 @@ static void lp_all(const LowprecArgs& a) {
     return;
   }
   p.nb = a.scaling == kLpBlock ? (a.cols + a.block - 1) / a.block : 0;
-  p.quant = lp_quant_fn<false>(a.fmt, a.stochastic);
-  p.quant_cols = lp_quant_fn<true>(a.fmt, a.stochastic);
+  p.quant = lp_quant_fn(a.fmt, a.stochastic);
   if (a.scaling == kLpBlock) {
     // segments hold whole blocks and whole rotation blocks
     const int64_t unit = a.block / lp_gcd(a.block, unit_had) * unit_had;

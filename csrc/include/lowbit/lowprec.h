@@ -83,10 +83,13 @@ LOWBIT_HD float lp_scaled(float x, float scale, float fmax) {
   return y < -fmax ? -fmax : y;
 }
 
-// E2M1 magnitudes by bit pattern (exponent, mantissa) = index 0..7.
+// E2M1 magnitudes by bit pattern (exponent, mantissa) = index 0..7: 0, 0.5, 1, 1.5, 2, 3, 4, 6.
+// Built as fp32 bits rather than read from a table, so that CPU loops vectorize (gcc gives up on
+// a local array) and CUDA needs no local memory: exponent e > 0 is 2**(e-1) * (1 + m/2), e = 0
+// the subnormal m/2.
 LOWBIT_HD float e2m1_magnitude(uint32_t i) {
-  const float v[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
-  return v[i & 7u];
+  const uint32_t e = (i >> 1) & 3u, m = i & 1u;
+  return bits_f32(e ? ((e + 126u) << 23) | (m << 22) : (m ? 0x3F000000u : 0u));
 }
 
 // The code of a scaled value y (|y| <= FMT_MAX or NaN) as one byte: two's complement for
@@ -142,17 +145,21 @@ LOWBIT_HD float lp_decode(uint8_t c, int fmt) {
   return (float)(int8_t)c;
 }
 
-// One element quantized and dequantized in fp32 (before the cast to the output dtype). A NaN
-// scale (a non-finite group; always lp_scale's 0x7FC00000) is returned as it is: for float8
-// formats the decoded code is a NaN too, and which of two NaN operands a product passes on is up
-// to the compiler's operand order (x86) or canonical (GPUs); torch's CPU product, the
-// reference's, gives the scale's.
+// The dequantized fp32 value of code c in a group of the given scale. A NaN scale (a non-finite
+// group; always lp_scale's 0x7FC00000) is returned as it is: for float8 formats the decoded code
+// is a NaN too, and which of two NaN operands a product passes on is up to the compiler's operand
+// order (x86) or canonical (GPUs); torch's CPU product, the reference's, gives the scale's.
+LOWBIT_HD float lp_dequant(uint8_t c, float scale, int fmt) {
+  const float v = mul_rn(lp_decode(c, fmt), scale);
+  return scale != scale ? scale : v;
+}
+
+// One element quantized and dequantized in fp32 (before the cast to the output dtype).
 LOWBIT_HD float lp_fake_quant(float x, float scale, int fmt, bool stochastic, uint32_t r,
                               uint8_t* code) {
   const uint8_t c = lp_encode(lp_scaled(x, scale, lp_fmax(fmt)), fmt, stochastic, r);
   *code = c;
-  const float v = mul_rn(lp_decode(c, fmt), scale);
-  return scale != scale ? scale : v;
+  return lp_dequant(c, scale, fmt);
 }
 
 // 1/sqrt(block) rounded to fp32: the factor the normalized Hadamard butterfly ends with (the
