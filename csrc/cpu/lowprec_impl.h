@@ -33,14 +33,27 @@ static void lp_load(const void* __restrict x, int64_t begin, int64_t len, float*
   for (int64_t i = 0; i < len; ++i) buf[i] = load_t<DT>(x, begin + i);
 }
 
-// The one cast of the result to x's dtype (nearest-even, formats.h).
+// The one cast of the result to x's dtype (nearest-even, formats.h). `stream`: non-temporal
+// stores (fp32, AVX-512) for outputs too large to stay in cache, which also saves reading the
+// destination's lines before writing them.
 template <int DT>
 static void lp_store(void* __restrict out, int64_t begin, int64_t len,
-                     const float* __restrict buf) {
+                     const float* __restrict buf, bool stream) {
   if (DT == kF32) {
-    memcpy((float*)out + begin, buf, sizeof(float) * len);
+    float* o = (float*)out + begin;
+#if defined(LOWBIT_ISA_AVX512)
+    if (stream && ((uintptr_t)o & 63) == 0) {
+      int64_t i = 0;
+      for (; i + 16 <= len; i += 16) _mm512_stream_ps(o + i, _mm512_loadu_ps(buf + i));
+      memcpy(o + i, buf + i, sizeof(float) * (len - i));
+      return;
+    }
+#endif
+    (void)stream;
+    memcpy(o, buf, sizeof(float) * len);
     return;
   }
+  (void)stream;
   uint16_t* __restrict o = (uint16_t*)out + begin;
 #pragma omp simd
   for (int64_t i = 0; i < len; ++i)
@@ -49,19 +62,31 @@ static void lp_store(void* __restrict out, int64_t begin, int64_t len,
 }
 
 // Butterfly stages h = from, 2 from, ... < to over buf[0, len) (len a multiple of `to`): pairs
-// (a, c) at distance h become (a + c, a - c), in this operand order (hadamard.py's).
-static void lp_stages(float* __restrict buf, int64_t len, int from, int to) {
-  for (int h = from; h < to; h *= 2)
+// (a, c) at distance h become (a + c, a - c), in this operand order (hadamard.py's). The last
+// stage also multiplies by `norm` (rounded separately, as the reference's product).
+static void lp_stages(float* __restrict buf, int64_t len, int from, int to, float norm) {
+  for (int h = from; h < to; h *= 2) {
+    const bool last = 2 * h >= to;
     for (int64_t base = 0; base < len; base += 2 * h) {
       float* __restrict lo = buf + base;
       float* __restrict hi = buf + base + h;
+      if (last) {
 #pragma omp simd
-      for (int j = 0; j < h; ++j) {
-        const float a = lo[j], c = hi[j];
-        lo[j] = a + c;
-        hi[j] = a - c;
+        for (int j = 0; j < h; ++j) {
+          const float a = lo[j], c = hi[j];
+          lo[j] = mul_rn(a + c, norm);
+          hi[j] = mul_rn(a - c, norm);
+        }
+      } else {
+#pragma omp simd
+        for (int j = 0; j < h; ++j) {
+          const float a = lo[j], c = hi[j];
+          lo[j] = a + c;
+          hi[j] = a - c;
+        }
       }
     }
+  }
 }
 
 #if defined(LOWBIT_ISA_AVX512)
@@ -73,30 +98,74 @@ static inline __m512 lp_stage16(__m512 v, int h) {
   const __m512 p = _mm512_permutexvar_ps(_mm512_xor_si512(lane, hv), v);
   return _mm512_mask_sub_ps(_mm512_add_ps(v, p), _mm512_test_epi32_mask(lane, hv), p, v);
 }
+
+// A stage of distance 16 or 32 between two whole vectors.
+static inline void lp_stage2(__m512& a, __m512& c) {
+  const __m512 s = _mm512_add_ps(a, c);
+  c = _mm512_sub_ps(a, c);
+  a = s;
+}
+
+// The stages below min(h, 64) in registers, in one pass over chunks of NV vectors: the stages
+// below IN = min(h, 16) by lane permutes inside each vector (plain loops would run h < 16
+// elements per iteration), 16 and 32 between them. WHOLE: that is the whole transform (h <= 64),
+// so the pass also multiplies by the norm, and may stream to dst.
+template <int IN, int NV, bool WHOLE>
+static void lp_hadamard_pass(const float* src, float* dst, int64_t len, float norm, bool stream) {
+  const __m512 vn = _mm512_set1_ps(norm);
+  stream = WHOLE && stream && ((uintptr_t)dst & 63) == 0;
+  for (int64_t i = 0; i < len; i += 16 * NV) {
+    __m512 v[NV];
+    for (int k = 0; k < NV; ++k) {
+      v[k] = _mm512_loadu_ps(src + i + 16 * k);
+      for (int s = 1; s < IN; s *= 2) v[k] = lp_stage16(v[k], s);
+    }
+    if (NV >= 2) lp_stage2(v[0], v[1 % NV]);
+    if (NV == 4) {
+      lp_stage2(v[2 % NV], v[3 % NV]);
+      lp_stage2(v[0], v[2 % NV]);
+      lp_stage2(v[1 % NV], v[3 % NV]);
+    }
+    for (int k = 0; k < NV; ++k) {
+      const __m512 o = WHOLE ? _mm512_mul_ps(v[k], vn) : v[k];
+      if (stream) _mm512_stream_ps(dst + i + 16 * k, o);
+      else _mm512_storeu_ps(dst + i + 16 * k, o);
+    }
+  }
+}
 #endif
 
-// The normalized block-h Hadamard transform of every length-h block of buf[0, len) (len a
-// multiple of h), as lowbit.reference.hadamard.block_hadamard computes it: all stages in fp32,
-// then one product with hadamard_norm(h).
-static void lp_hadamard(float* __restrict buf, int64_t len, int h) {
-  int done = 1;  // stages below `done` are applied
+// The normalized block-h Hadamard transform of every length-h block of src[0, len) into dst
+// (len a multiple of h; dst may be src), as lowbit.reference.hadamard.block_hadamard computes
+// it: all stages in fp32, then one product with hadamard_norm(h). `stream`: dst is written with
+// non-temporal stores where it can (a large output that would not stay in cache).
+static void lp_hadamard(const float* src, float* dst, int64_t len, int h, bool stream) {
+  const float norm = hadamard_norm(h);
 #if defined(LOWBIT_ISA_AVX512)
-  // Stages below 16 shuffle lanes inside one vector (the plain loops would run at h elements per
-  // iteration); 16 | len holds whenever h >= 16, and for smaller h on all but odd-sized rows.
+  // 16 | len holds whenever h >= 16, and for smaller h on all but odd-sized rows.
   if (h > 1 && len % 16 == 0) {
-    const int top = h < 16 ? h : 16;
-    for (int64_t i = 0; i < len; i += 16) {
-      __m512 v = _mm512_loadu_ps(buf + i);
-      for (int s = 1; s < top; s *= 2) v = lp_stage16(v, s);
-      _mm512_storeu_ps(buf + i, v);
+    switch (h) {
+      case 2: lp_hadamard_pass<2, 1, true>(src, dst, len, norm, stream); return;
+      case 4: lp_hadamard_pass<4, 1, true>(src, dst, len, norm, stream); return;
+      case 8: lp_hadamard_pass<8, 1, true>(src, dst, len, norm, stream); return;
+      case 16: lp_hadamard_pass<16, 1, true>(src, dst, len, norm, stream); return;
+      case 32: lp_hadamard_pass<16, 2, true>(src, dst, len, norm, stream); return;
+      case 64: lp_hadamard_pass<16, 4, true>(src, dst, len, norm, stream); return;
+      default:
+        lp_hadamard_pass<16, 4, false>(src, dst, len, norm, false);
+        lp_stages(dst, len, 64, h, norm);
+        return;
     }
-    done = top;
   }
 #endif
-  lp_stages(buf, len, done, h);
-  const float norm = hadamard_norm(h);
+  (void)stream;
+  if (h == 1) {
 #pragma omp simd
-  for (int64_t i = 0; i < len; ++i) buf[i] = mul_rn(buf[i], norm);
+    for (int64_t i = 0; i < len; ++i) dst[i] = mul_rn(src[i], norm);
+    return;
+  }
+  if (dst != src) memcpy(dst, src, sizeof(float) * len);
+  lp_stages(dst, len, 1, h, norm);
 }
 
 static inline uint32_t lp_absmax_bits(const float* __restrict v, int64_t len) {
@@ -150,6 +219,7 @@ struct LpPlan {
   int64_t seg;     // row segment length of a work item (a multiple of the rotation block)
   int64_t nb;      // blocks per row (block scaling)
   int had;         // rotation block, 0 for none
+  bool stream;     // non-temporal stores of out
   LpQuantFn quant;
 };
 
@@ -185,21 +255,41 @@ static inline void lp_for_groups(const LowprecArgs& a, const LpPlan& p, int64_t 
   }
 }
 
-// Load row r's segment [c0, c0 + len) into buf and rotate it.
+// Load row r's segment [c0, c0 + len) into buf, rotated when p.had (an fp32 x straight from x).
 template <int DT>
 static inline void lp_fetch(const LowprecArgs& a, const LpPlan& p, int64_t r, int64_t c0,
                             int64_t len, float* buf) {
-  lp_load<DT>(a.x, r * a.cols + c0, len, buf);
-  if (p.had) lp_hadamard(buf, len, p.had);
+  const int64_t e0 = r * a.cols + c0;
+  if (DT == kF32 && p.had) {
+    lp_hadamard((const float*)a.x + e0, buf, len, p.had, false);
+    return;
+  }
+  lp_load<DT>(a.x, e0, len, buf);
+  if (p.had) lp_hadamard(buf, buf, len, p.had, false);
 }
 
-// Store the segment: dequantized and rotated back (fake quant), or as rotated (fmt -1).
+// Store the segment: dequantized and rotated back (fake quant), or as rotated (fmt -1). An fp32
+// output rotated in one pass (blocks up to 64) is written by the rotation itself.
 template <int DT>
 static inline void lp_finish(const LowprecArgs& a, const LpPlan& p, int64_t r, int64_t c0,
                              int64_t len, float* buf) {
   if (!a.out) return;
-  if (p.had && a.fmt >= 0) lp_hadamard(buf, len, p.had);
-  lp_store<DT>(a.out, r * a.cols + c0, len, buf);
+  const int64_t e0 = r * a.cols + c0;
+  if (p.had && a.fmt >= 0) {
+    if (DT == kF32 && p.had <= 64) {
+      lp_hadamard(buf, (float*)a.out + e0, len, p.had, p.stream);
+      return;
+    }
+    lp_hadamard(buf, buf, len, p.had, false);
+  }
+  lp_store<DT>(a.out, e0, len, buf, p.stream);
+}
+
+// Orders this thread's non-temporal stores before the call returns (and its results are read).
+static inline void lp_fence() {
+#if defined(LOWBIT_ISA_AVX512)
+  _mm_sfence();
+#endif
 }
 
 // The one-pass path: every work item is a segment holding whole groups (or no quantization).
@@ -229,6 +319,7 @@ static void lp_one_pass(const LowprecArgs& a, const LpPlan& p) {
       }
       lp_finish<DT>(a, p, r, c0, len, buf);
     }
+    lp_fence();
   }
 }
 
@@ -318,6 +409,7 @@ static void lp_two_pass(const LowprecArgs& a, const LpPlan& p) {
         lp_finish<DT>(a, p, r, c0, len, buf);
       }
     }
+    lp_fence();
   }
 }
 
@@ -335,6 +427,7 @@ static void lp_all(const LowprecArgs& a) {
   if (a.rows <= 0 || a.cols <= 0) return;
   LpPlan p{};
   p.had = a.had;
+  p.stream = a.rows * a.cols >= kStreamMin;
   const int64_t unit_had = a.had > 0 ? a.had : 1;
   p.seg = a.cols < kLpSeg ? a.cols : (kLpSeg / unit_had) * unit_had;  // had <= 4096 = kLpSeg
   if (a.fmt < 0) {
