@@ -92,6 +92,42 @@ LOWBIT_HD float e2m1_magnitude(uint32_t i) {
   return bits_f32(e ? ((e + 126u) << 23) | (m << 22) : (m ? 0x3F000000u : 0u));
 }
 
+// The E2M1 magnitude index (0..7) of y (not NaN, |y| <= 6), computed on the fp32 bits like
+// round_to_fmt's float8 rounding: E2M1 is a float format with one mantissa bit and exponent bias
+// 1 (1.0 is its smallest normal, 0.5 its one subnormal), so q = |y| truncated onto the grid is
+// already laid out as (exponent, mantissa) bits once `base` is added, and rem / 2**s (exact) is
+// |y|'s position inside the gap to the next grid value. Nearest: up if rem is above half the gap,
+// or exactly half and q is odd (ties to the even mantissa). Stochastic: up iff uniform24(r) <
+// rem / 2**s, i.e. (r >> 8) < ceil(rem * 2**(24 - s)) — exact for every s, unlike round_to_fmt's
+// truncated threshold. (Integer operations only: a fraction of the cost of comparing against the
+// grid in fp32 once vectorized, with the same results for every input.)
+LOWBIT_HD uint32_t lp_e2m1_index(float y, bool stochastic, uint32_t r) {
+  // (unsigned arithmetic throughout: gcc 12 vectorizes the signed version of some tests only
+  // for nearest rounding)
+  const uint32_t a = f32_bits(y) & 0x7FFFFFFFu;
+  const uint32_t E = a >> 23;
+  const uint32_t M = E ? ((a & 0x7FFFFFu) | 0x800000u) : a;
+  const uint32_t s = E < 127u ? 149u - (E ? E : 1u) : 22u;  // dropped bits: 22 - exponent
+  const uint32_t q = s < 32u ? M >> s : 0u;
+  const uint32_t rem = s < 32u ? M & ((1u << s) - 1u) : M;
+  uint32_t inc;
+  if (stochastic) {
+    uint32_t t;
+    if (s <= 24u) {
+      t = rem << (24u - s);
+    } else {
+      const uint32_t k = s - 24u;
+      t = (k < 32u ? rem >> k : 0u) + ((k < 32u ? rem & ((1u << k) - 1u) : rem) ? 1u : 0u);
+    }
+    inc = (r >> 8) < t ? 1u : 0u;
+  } else {
+    const uint32_t half = s <= 32u ? 1u << (s - 1u) : 0xFFFFFFFFu;
+    inc = (rem > half || (rem == half && (q & 1u))) ? 1u : 0u;
+  }
+  const uint32_t mag = (E > 127u ? (E - 127u) << 1 : 0u) + q + inc;
+  return mag < 7u ? mag : 7u;  // (|y| <= 6 never needs it)
+}
+
 // The code of a scaled value y (|y| <= FMT_MAX or NaN) as one byte: two's complement for
 // int8/int4, the float8 bit pattern for e4m3/e5m2, sign<<3 | exponent<<1 | mantissa for e2m1.
 // r is the element's Philox word 0 (ignored for nearest-even). NaN becomes code 0 for the integer
@@ -102,18 +138,8 @@ LOWBIT_HD uint8_t lp_encode(float y, int fmt, bool stochastic, uint32_t r) {
                                  stochastic, r);
   if (y != y) y = 0.0f;
   if (fmt == kLpE2M1) {
-    const float a = y < 0.0f ? -y : y;
-    // index of the largest grid value <= a, at most 6 (a <= 6)
-    uint32_t lo = (a >= 0.5f) + (a >= 1.0f) + (a >= 1.5f) + (a >= 2.0f) + (a >= 3.0f) +
-                  (a >= 4.0f);
-    const float glo = e2m1_magnitude(lo), gap = e2m1_magnitude(lo + 1) - glo;
-    const float d = a - glo;  // exact: glo <= a < 2 * glo, or glo == 0
-    bool up;
-    if (stochastic) up = uniform24(r) < div_rn(d, gap);  // gap a power of two: exact quotient
-    else up = 2.0f * d > gap || (2.0f * d == gap && (lo & 1u));
-    const uint32_t mag = lo + (up ? 1u : 0u);
-    const uint32_t sign = ((f32_bits(y) >> 31) && mag) ? 8u : 0u;  // no negative-zero code
-    return (uint8_t)(sign | mag);
+    const uint32_t mag = lp_e2m1_index(y, stochastic, r);
+    return (uint8_t)(mag ? ((f32_bits(y) >> 28) & 8u) | mag : 0u);  // no negative-zero code
   }
   float q;
   if (stochastic) {
