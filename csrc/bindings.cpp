@@ -117,6 +117,18 @@ void py_grad_stats(const std::vector<uintptr_t>& g, const std::vector<int64_t>& 
   lowbit::cpu::grad_stats(call.args);
 }
 
+// Scaled low-precision quantization / fake quantization / block Hadamard rotation of the (rows,
+// cols) matrix x (lowbit.ops' lowprec contract); codes, scales and out may be 0 (null).
+void py_lowprec(uintptr_t x, int dtype, int64_t rows, int64_t cols, int fmt, int scaling,
+                int block, bool e8m0, bool stochastic, uint64_t seed, uint64_t offset, int had,
+                uintptr_t codes, uintptr_t scales, uintptr_t out, uintptr_t absmax) {
+  LowprecArgs a{ptr<const void>(x), dtype, rows, cols, fmt, scaling, block, e8m0, stochastic,
+                seed, offset, had, ptr<uint8_t>(codes), ptr<void>(scales), ptr<void>(out),
+                ptr<float>(absmax)};
+  py::gil_scoped_release release;
+  lowbit::cpu::lowprec(a);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -126,5 +138,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("dequantize_blockwise", &py_dequantize_blockwise);
   m.def("stochastic_round", &py_stochastic_round);
   m.def("grad_stats", &py_grad_stats, "per-tensor sum of squares, non-finite count, max |g|, NaN count");
+  m.def("lowprec", &py_lowprec, "scaled low-precision (fake) quantization, block Hadamard rotation");
   m.def("optim_step", &py_optim_step, "fused multi-tensor optimizer step (Adam, Lion, SGD)");
 }

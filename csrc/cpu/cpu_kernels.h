@@ -48,6 +48,14 @@ struct OptimCpuArgs {
   NearestLut lut1, lut2;
 };
 
+// lowbit.ops' lowprec contract (python/lowbit/ops.py): x (rows, cols) of dtype fp32/bf16/fp16;
+// fmt -1 = rotation only; codes / out may be null; absmax = zeroed scratch, one float per group.
+struct LowprecArgs {
+  const void* x; int dtype; int64_t rows, cols;
+  int fmt, scaling, block; bool e8m0, stochastic; uint64_t seed, offset; int had;
+  uint8_t* codes; void* scales; void* out; float* absmax;
+};
+
 #define LOWBIT_DECLARE_ISA(ns)                          \
   namespace ns {                                        \
   void quantize_blockwise(const QuantArgs& a);          \
@@ -55,6 +63,7 @@ struct OptimCpuArgs {
   void stochastic_round(const RoundArgs& a);            \
   void optim_step(const OptimCpuArgs& a);               \
   void grad_stats(const StatsArgs& a);                  \
+  void lowprec(const LowprecArgs& a);                   \
   }
 LOWBIT_DECLARE_ISA(avx512)
 LOWBIT_DECLARE_ISA(avx2)
@@ -70,6 +79,7 @@ void dequantize_blockwise(const DequantArgs& a);
 void stochastic_round(const RoundArgs& a);
 void optim_step(const OptimCpuArgs& a);
 void grad_stats(const StatsArgs& a);
+void lowprec(const LowprecArgs& a);
 
 }  // namespace cpu
 }  // namespace lowbit

@@ -55,6 +55,7 @@ void dequantize_blockwise(const DequantArgs& a) { LOWBIT_DISPATCH(dequantize_blo
 void stochastic_round(const RoundArgs& a) { LOWBIT_DISPATCH(stochastic_round, a) }
 void optim_step(const OptimCpuArgs& a) { LOWBIT_DISPATCH(optim_step, a) }
 void grad_stats(const StatsArgs& a) { LOWBIT_DISPATCH(grad_stats, a) }
+void lowprec(const LowprecArgs& a) { LOWBIT_DISPATCH(lowprec, a) }
 
 void build_nearest_lut(const float* mids, int nmid, int32_t* table, int* max_inside,
                        uint32_t* packed) {

@@ -9,3 +9,4 @@
 #include "kernels_impl.h"
 #include "optim_impl.h"
 #include "stats_impl.h"
+#include "lowprec_impl.h"

@@ -4,7 +4,7 @@
 // the block Hadamard rotation. CPU, CUDA and the sim compile this one source, so codes and
 // dequantized values are bit-identical across backends.
 #pragma once
-#include <math.h>  // floorf, rintf, sqrt (nvcc provides their device versions)
+#include <math.h>  // floorf, rintf, sqrt (host builds; nvcc provides their device versions)
 
 #include "formats.h"
 #include "philox.h"
@@ -84,12 +84,48 @@ LOWBIT_HD float lp_scaled(float x, float scale, float fmax) {
 }
 
 // E2M1 magnitudes by bit pattern (exponent, mantissa) = index 0..7: 0, 0.5, 1, 1.5, 2, 3, 4, 6.
-// Built as fp32 bits rather than read from a table: a dynamically indexed local array lives in
-// local memory (a stack frame) on the GPU. Exponent e >= 1 is 2**(e-1) * (1 + m/2); e == 0 is
-// the subnormal m * 0.5.
+// Built as fp32 bits rather than read from a table, so that CPU loops vectorize (gcc gives up on
+// a local array) and CUDA needs no local memory: exponent e > 0 is 2**(e-1) * (1 + m/2), e = 0
+// the subnormal m/2.
 LOWBIT_HD float e2m1_magnitude(uint32_t i) {
   const uint32_t e = (i >> 1) & 3u, m = i & 1u;
   return bits_f32(e ? ((e + 126u) << 23) | (m << 22) : (m ? 0x3F000000u : 0u));
+}
+
+// The E2M1 magnitude index (0..7) of y (not NaN, |y| <= 6), computed on the fp32 bits like
+// round_to_fmt's float8 rounding: E2M1 is a float format with one mantissa bit and exponent bias
+// 1 (1.0 is its smallest normal, 0.5 its one subnormal), so q = |y| truncated onto the grid is
+// already laid out as (exponent, mantissa) bits once `base` is added, and rem / 2**s (exact) is
+// |y|'s position inside the gap to the next grid value. Nearest: up if rem is above half the gap,
+// or exactly half and q is odd (ties to the even mantissa). Stochastic: up iff uniform24(r) <
+// rem / 2**s, i.e. (r >> 8) < ceil(rem * 2**(24 - s)) — exact for every s, unlike round_to_fmt's
+// truncated threshold. (Integer operations only: a fraction of the cost of comparing against the
+// grid in fp32 once vectorized, with the same results for every input.)
+LOWBIT_HD uint32_t lp_e2m1_index(float y, bool stochastic, uint32_t r) {
+  // (unsigned arithmetic throughout: gcc 12 vectorizes the signed version of some tests only
+  // for nearest rounding)
+  const uint32_t a = f32_bits(y) & 0x7FFFFFFFu;
+  const uint32_t E = a >> 23;
+  const uint32_t M = E ? ((a & 0x7FFFFFu) | 0x800000u) : a;
+  const uint32_t s = E < 127u ? 149u - (E ? E : 1u) : 22u;  // dropped bits: 22 - exponent
+  const uint32_t q = s < 32u ? M >> s : 0u;
+  const uint32_t rem = s < 32u ? M & ((1u << s) - 1u) : M;
+  uint32_t inc;
+  if (stochastic) {
+    uint32_t t;
+    if (s <= 24u) {
+      t = rem << (24u - s);
+    } else {
+      const uint32_t k = s - 24u;
+      t = (k < 32u ? rem >> k : 0u) + ((k < 32u ? rem & ((1u << k) - 1u) : rem) ? 1u : 0u);
+    }
+    inc = (r >> 8) < t ? 1u : 0u;
+  } else {
+    const uint32_t half = s <= 32u ? 1u << (s - 1u) : 0xFFFFFFFFu;
+    inc = (rem > half || (rem == half && (q & 1u))) ? 1u : 0u;
+  }
+  const uint32_t mag = (E > 127u ? (E - 127u) << 1 : 0u) + q + inc;
+  return mag < 7u ? mag : 7u;  // (|y| <= 6 never needs it)
 }
 
 // The code of a scaled value y (|y| <= FMT_MAX or NaN) as one byte: two's complement for
@@ -102,18 +138,8 @@ LOWBIT_HD uint8_t lp_encode(float y, int fmt, bool stochastic, uint32_t r) {
                                  stochastic, r);
   if (y != y) y = 0.0f;
   if (fmt == kLpE2M1) {
-    const float a = y < 0.0f ? -y : y;
-    // index of the largest grid value <= a, at most 6 (a <= 6)
-    uint32_t lo = (a >= 0.5f) + (a >= 1.0f) + (a >= 1.5f) + (a >= 2.0f) + (a >= 3.0f) +
-                  (a >= 4.0f);
-    const float glo = e2m1_magnitude(lo), gap = e2m1_magnitude(lo + 1) - glo;
-    const float d = a - glo;  // exact: glo <= a < 2 * glo, or glo == 0
-    bool up;
-    if (stochastic) up = uniform24(r) < div_rn(d, gap);  // gap a power of two: exact quotient
-    else up = 2.0f * d > gap || (2.0f * d == gap && (lo & 1u));
-    const uint32_t mag = lo + (up ? 1u : 0u);
-    const uint32_t sign = ((f32_bits(y) >> 31) && mag) ? 8u : 0u;  // no negative-zero code
-    return (uint8_t)(sign | mag);
+    const uint32_t mag = lp_e2m1_index(y, stochastic, r);
+    return (uint8_t)(mag ? ((f32_bits(y) >> 28) & 8u) | mag : 0u);  // no negative-zero code
   }
   float q;
   if (stochastic) {
@@ -145,16 +171,21 @@ LOWBIT_HD float lp_decode(uint8_t c, int fmt) {
   return (float)(int8_t)c;
 }
 
-// One element quantized and dequantized in fp32 (before the cast to the output dtype). A NaN
-// result (a group with a NaN scale) is the canonical 0x7FC00000, the reference's: the product's
-// own NaN bits depend on the hardware (GPUs return 0x7FFFFFFF) and, on x86, on which operand the
-// compiler puts first (e5m2's NaN code decodes to 0x7FE00000).
+// The dequantized fp32 value of code c in a group of the given scale. A NaN scale (a non-finite
+// group; always lp_scale's canonical 0x7FC00000, the reference's NaN) is returned as it is: for
+// float8 formats the decoded code is a NaN too, and which NaN a product passes on depends on the
+// hardware (GPUs return 0x7FFFFFFF) and, on x86, on the compiler's operand order.
+LOWBIT_HD float lp_dequant(uint8_t c, float scale, int fmt) {
+  const float v = mul_rn(lp_decode(c, fmt), scale);
+  return scale != scale ? scale : v;
+}
+
+// One element quantized and dequantized in fp32 (before the cast to the output dtype).
 LOWBIT_HD float lp_fake_quant(float x, float scale, int fmt, bool stochastic, uint32_t r,
                               uint8_t* code) {
   const uint8_t c = lp_encode(lp_scaled(x, scale, lp_fmax(fmt)), fmt, stochastic, r);
   *code = c;
-  const float v = mul_rn(lp_decode(c, fmt), scale);
-  return v != v ? bits_f32(0x7FC00000u) : v;
+  return lp_dequant(c, scale, fmt);
 }
 
 // 1/sqrt(block) rounded to fp32: the factor the normalized Hadamard butterfly ends with (the

@@ -1,0 +1,464 @@
+// The scaled low-precision quantizers and the block Hadamard rotation (lowbit.ops' lowprec
+// contract; the spec is lowbit.backends.reference.lowprec). Included per ISA after
+// kernels_impl.h (whose load_t, fill_philox and AVX-512 helpers it uses).
+//
+// Every row segment goes through a small fp32 buffer: load (widening bf16/fp16 exactly), rotate
+// when had > 0, quantize and dequantize group by group in place (codes straight to memory), rotate
+// back, store with one nearest-even cast. The rounding itself is lowbit/lowprec.h's, called per
+// element, so codes and values are the CUDA kernels' bit for bit.
+//   block and row scaling: one pass — a segment holds whole groups, whose absmax and scale come
+//     from the buffer (unless a block and the rotation block have a huge lcm, or a row is very
+//     long: then the two-pass path below)
+//   column and tensor scaling: two passes over x — the first reduces each group's absmax (of the
+//     rotated values) into the caller's zeroed scratch by atomic maxima on the bit patterns, the
+//     second quantizes with the finished scales.
+#include <vector>
+
+#include "lowbit/lowprec.h"
+
+namespace lowbit {
+namespace cpu {
+namespace LOWBIT_ISA_NS {
+
+// Elements of a work item (a row segment; the width of the two-pass tiles): the buffer stays in
+// L1/L2 and there are enough items to share between threads.
+static const int64_t kLpSeg = 4096;
+// One-pass limit for a segment (a row, or lcm(block, rotation block)): longer groups would need
+// buffers beyond L2, so they take the two-pass path.
+static const int64_t kLpSegMax = 16384;
+
+template <int DT>
+static void lp_load(const void* __restrict x, int64_t begin, int64_t len, float* __restrict buf) {
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) buf[i] = load_t<DT>(x, begin + i);
+}
+
+// The one cast of the result to x's dtype (nearest-even, formats.h). `stream`: non-temporal
+// stores (fp32, AVX-512) for outputs too large to stay in cache, which also saves reading the
+// destination's lines before writing them.
+template <int DT>
+static void lp_store(void* __restrict out, int64_t begin, int64_t len,
+                     const float* __restrict buf, bool stream) {
+  if (DT == kF32) {
+    float* o = (float*)out + begin;
+#if defined(LOWBIT_ISA_AVX512)
+    if (stream && ((uintptr_t)o & 63) == 0) {
+      int64_t i = 0;
+      for (; i + 16 <= len; i += 16) _mm512_stream_ps(o + i, _mm512_loadu_ps(buf + i));
+      memcpy(o + i, buf + i, sizeof(float) * (len - i));
+      return;
+    }
+#endif
+    (void)stream;
+    memcpy(o, buf, sizeof(float) * len);
+    return;
+  }
+  (void)stream;
+  uint16_t* __restrict o = (uint16_t*)out + begin;
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i)
+    o[i] = (uint16_t)(DT == kBF16 ? round_to_bf16(f32_bits(buf[i]), false, 0u)
+                                  : round_to_fmt(f32_bits(buf[i]), fmt_of(DT), false, 0u));
+}
+
+// Butterfly stages h = from, 2 from, ... < to over buf[0, len) (len a multiple of `to`): pairs
+// (a, c) at distance h become (a + c, a - c), in this operand order (hadamard.py's). The last
+// stage also multiplies by `norm` (rounded separately, as the reference's product).
+static void lp_stages(float* __restrict buf, int64_t len, int from, int to, float norm) {
+  for (int h = from; h < to; h *= 2) {
+    const bool last = 2 * h >= to;
+    for (int64_t base = 0; base < len; base += 2 * h) {
+      float* __restrict lo = buf + base;
+      float* __restrict hi = buf + base + h;
+      if (last) {
+#pragma omp simd
+        for (int j = 0; j < h; ++j) {
+          const float a = lo[j], c = hi[j];
+          lo[j] = mul_rn(a + c, norm);
+          hi[j] = mul_rn(a - c, norm);
+        }
+      } else {
+#pragma omp simd
+        for (int j = 0; j < h; ++j) {
+          const float a = lo[j], c = hi[j];
+          lo[j] = a + c;
+          hi[j] = a - c;
+        }
+      }
+    }
+  }
+}
+
+#if defined(LOWBIT_ISA_AVX512)
+// One butterfly stage of distance h < 16 inside a 16-lane vector: each lane meets its partner
+// lane ^ h. Lanes without bit h hold a (sum a + c), lanes with it hold c (difference a - c).
+static inline __m512 lp_stage16(__m512 v, int h) {
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i hv = _mm512_set1_epi32(h);
+  const __m512 p = _mm512_permutexvar_ps(_mm512_xor_si512(lane, hv), v);
+  return _mm512_mask_sub_ps(_mm512_add_ps(v, p), _mm512_test_epi32_mask(lane, hv), p, v);
+}
+
+// A stage of distance 16 or 32 between two whole vectors.
+static inline void lp_stage2(__m512& a, __m512& c) {
+  const __m512 s = _mm512_add_ps(a, c);
+  c = _mm512_sub_ps(a, c);
+  a = s;
+}
+
+// The stages below min(h, 64) in registers, in one pass over chunks of NV vectors: the stages
+// below IN = min(h, 16) by lane permutes inside each vector (plain loops would run h < 16
+// elements per iteration), 16 and 32 between them. WHOLE: that is the whole transform (h <= 64),
+// so the pass also multiplies by the norm, and may stream to dst.
+template <int IN, int NV, bool WHOLE>
+static void lp_hadamard_pass(const float* src, float* dst, int64_t len, float norm, bool stream) {
+  const __m512 vn = _mm512_set1_ps(norm);
+  stream = WHOLE && stream && ((uintptr_t)dst & 63) == 0;
+  for (int64_t i = 0; i < len; i += 16 * NV) {
+    __m512 v[NV];
+    for (int k = 0; k < NV; ++k) {
+      v[k] = _mm512_loadu_ps(src + i + 16 * k);
+      for (int s = 1; s < IN; s *= 2) v[k] = lp_stage16(v[k], s);
+    }
+    if (NV >= 2) lp_stage2(v[0], v[1 % NV]);
+    if (NV == 4) {
+      lp_stage2(v[2 % NV], v[3 % NV]);
+      lp_stage2(v[0], v[2 % NV]);
+      lp_stage2(v[1 % NV], v[3 % NV]);
+    }
+    for (int k = 0; k < NV; ++k) {
+      const __m512 o = WHOLE ? _mm512_mul_ps(v[k], vn) : v[k];
+      if (stream) _mm512_stream_ps(dst + i + 16 * k, o);
+      else _mm512_storeu_ps(dst + i + 16 * k, o);
+    }
+  }
+}
+#endif
+
+// The normalized block-h Hadamard transform of every length-h block of src[0, len) into dst
+// (len a multiple of h; dst may be src), as lowbit.reference.hadamard.block_hadamard computes
+// it: all stages in fp32, then one product with hadamard_norm(h). `stream`: dst is written with
+// non-temporal stores where it can (a large output that would not stay in cache).
+static void lp_hadamard(const float* src, float* dst, int64_t len, int h, bool stream) {
+  const float norm = hadamard_norm(h);
+#if defined(LOWBIT_ISA_AVX512)
+  // 16 | len holds whenever h >= 16, and for smaller h on all but odd-sized rows.
+  if (h > 1 && len % 16 == 0) {
+    switch (h) {
+      case 2: lp_hadamard_pass<2, 1, true>(src, dst, len, norm, stream); return;
+      case 4: lp_hadamard_pass<4, 1, true>(src, dst, len, norm, stream); return;
+      case 8: lp_hadamard_pass<8, 1, true>(src, dst, len, norm, stream); return;
+      case 16: lp_hadamard_pass<16, 1, true>(src, dst, len, norm, stream); return;
+      case 32: lp_hadamard_pass<16, 2, true>(src, dst, len, norm, stream); return;
+      case 64: lp_hadamard_pass<16, 4, true>(src, dst, len, norm, stream); return;
+      default:
+        lp_hadamard_pass<16, 4, false>(src, dst, len, norm, false);
+        lp_stages(dst, len, 64, h, norm);
+        return;
+    }
+  }
+#endif
+  (void)stream;
+  if (h == 1) {
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) dst[i] = mul_rn(src[i], norm);
+    return;
+  }
+  if (dst != src) memcpy(dst, src, sizeof(float) * len);
+  lp_stages(dst, len, 1, h, norm);
+}
+
+static inline uint32_t lp_absmax_bits(const float* __restrict v, int64_t len) {
+  uint32_t m = 0;
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < len; ++i) {
+    const uint32_t b = abs_bits(v[i]);
+    m = b > m ? b : m;
+  }
+  return m;  // NaN bits order above inf: a NaN anywhere gives a NaN absmax, as torch.amax
+}
+
+// Quantize buf[0, len) in place to its dequantized values, codes to `codes`: element i with
+// scale[i] (callers spread each group's scale over its elements, so one long loop serves every
+// scaling) and Philox word r[i] (stochastic). lp_fake_quant in three loops: gcc 12 vectorizes
+// each of them for every format, but not the fused body for some (it cannot mix the masks of the
+// uint8 code's and the fp32 value's tests).
+template <int FMT, bool ST>
+static void lp_quant_run(float* __restrict buf, int64_t len, const float* __restrict scale,
+                         const uint32_t* __restrict r, uint8_t* __restrict codes) {
+  const float fmax = lp_fmax(FMT);
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) buf[i] = lp_scaled(buf[i], scale[i], fmax);
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) codes[i] = lp_encode(buf[i], FMT, ST, ST ? r[i] : 0u);
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) buf[i] = lp_dequant(codes[i], scale[i], FMT);
+}
+
+typedef void (*LpQuantFn)(float*, int64_t, const float*, const uint32_t*, uint8_t*);
+
+static LpQuantFn lp_quant_fn(int fmt, bool st) {
+#define LOWBIT_LP_FN(F) return st ? lp_quant_run<F, true> : lp_quant_run<F, false>
+  switch (fmt) {
+    case kLpInt8: LOWBIT_LP_FN(kLpInt8);
+    case kLpInt4: LOWBIT_LP_FN(kLpInt4);
+    case kLpE4M3: LOWBIT_LP_FN(kLpE4M3);
+    case kLpE5M2: LOWBIT_LP_FN(kLpE5M2);
+    default: LOWBIT_LP_FN(kLpE2M1);
+  }
+#undef LOWBIT_LP_FN
+}
+
+static inline void lp_fill(float* __restrict v, int64_t len, float s) {
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) v[i] = s;
+}
+
+// What one call does, decided once.
+struct LpPlan {
+  int64_t seg;     // row segment length of a work item (a multiple of the rotation block)
+  int64_t nb;      // blocks per row (block scaling)
+  int had;         // rotation block, 0 for none
+  bool stream;     // non-temporal stores of out
+  LpQuantFn quant;
+};
+
+// Per-thread buffers for one segment.
+struct LpBufs {
+  std::vector<float> x, scale;  // the values; each element's scale
+  std::vector<uint32_t> r;
+  std::vector<uint8_t> codes;  // codes nobody asked for (fake quant) land here
+  explicit LpBufs(int64_t seg, bool st) : x(seg), scale(seg), r(st ? seg : 0), codes(seg) {}
+};
+
+static inline void lp_store_scale(const LowprecArgs& a, int64_t g, float s, uint8_t e8) {
+  if (a.e8m0) ((uint8_t*)a.scales)[g] = e8;
+  else ((float*)a.scales)[g] = s;
+}
+
+// Calls f(k, n, g) for every group g of row r that meets the segment [c0, c0 + len): its
+// elements k .. k + n of the segment (not for column scaling, whose groups are single elements).
+template <typename F>
+static inline void lp_for_groups(const LowprecArgs& a, const LpPlan& p, int64_t r, int64_t c0,
+                                 int64_t len, F f) {
+  if (a.scaling == kLpRow) {
+    f(0, len, r);
+  } else if (a.scaling == kLpTensor) {
+    f(0, len, 0);
+  } else {
+    for (int64_t k = 0; k < len;) {
+      const int64_t b = (c0 + k) / a.block;
+      const int64_t end = (b + 1) * a.block - c0 < len ? (b + 1) * a.block - c0 : len;
+      f(k, end - k, r * p.nb + b);
+      k = end;
+    }
+  }
+}
+
+// Load row r's segment [c0, c0 + len) into buf, rotated when p.had (an fp32 x straight from x).
+template <int DT>
+static inline void lp_fetch(const LowprecArgs& a, const LpPlan& p, int64_t r, int64_t c0,
+                            int64_t len, float* buf) {
+  const int64_t e0 = r * a.cols + c0;
+  if (DT == kF32 && p.had) {
+    lp_hadamard((const float*)a.x + e0, buf, len, p.had, false);
+    return;
+  }
+  lp_load<DT>(a.x, e0, len, buf);
+  if (p.had) lp_hadamard(buf, buf, len, p.had, false);
+}
+
+// Store the segment: dequantized and rotated back (fake quant), or as rotated (fmt -1). An fp32
+// output rotated in one pass (blocks up to 64) is written by the rotation itself.
+template <int DT>
+static inline void lp_finish(const LowprecArgs& a, const LpPlan& p, int64_t r, int64_t c0,
+                             int64_t len, float* buf) {
+  if (!a.out) return;
+  const int64_t e0 = r * a.cols + c0;
+  if (p.had && a.fmt >= 0) {
+    if (DT == kF32 && p.had <= 64) {
+      lp_hadamard(buf, (float*)a.out + e0, len, p.had, p.stream);
+      return;
+    }
+    lp_hadamard(buf, buf, len, p.had, false);
+  }
+  lp_store<DT>(a.out, e0, len, buf, p.stream);
+}
+
+// Orders this thread's non-temporal stores before the call returns (and its results are read).
+static inline void lp_fence() {
+#if defined(LOWBIT_ISA_AVX512)
+  _mm_sfence();
+#endif
+}
+
+// The one-pass path: every work item is a segment holding whole groups (or no quantization).
+template <int DT>
+static void lp_one_pass(const LowprecArgs& a, const LpPlan& p) {
+  const int64_t per_row = (a.cols + p.seg - 1) / p.seg;
+  const int64_t items = a.rows * per_row;
+#pragma omp parallel if (a.rows * a.cols >= kParallelMin)
+  {
+    LpBufs b(p.seg, a.stochastic);
+#pragma omp for schedule(static)
+    for (int64_t w = 0; w < items; ++w) {
+      const int64_t r = w / per_row, c0 = (w % per_row) * p.seg;
+      const int64_t len = a.cols - c0 < p.seg ? a.cols - c0 : p.seg;
+      float* buf = b.x.data();
+      lp_fetch<DT>(a, p, r, c0, len, buf);
+      if (a.fmt >= 0) {
+        const int64_t e0 = r * a.cols + c0;
+        if (a.stochastic) fill_philox(a.seed, a.offset + (uint64_t)e0, len, b.r.data());
+        lp_for_groups(a, p, r, c0, len, [&](int64_t k, int64_t n, int64_t g) {
+          uint8_t e8 = 0;
+          const float s = lp_scale(bits_f32(lp_absmax_bits(buf + k, n)), a.fmt, a.e8m0, &e8);
+          lp_store_scale(a, g, s, e8);
+          lp_fill(b.scale.data() + k, n, s);
+        });
+        p.quant(buf, len, b.scale.data(), b.r.data(), a.codes ? a.codes + e0 : b.codes.data());
+      }
+      lp_finish<DT>(a, p, r, c0, len, buf);
+    }
+    lp_fence();
+  }
+}
+
+// Atomic maximum of a group's absmax bits (non-negative floats order like their bit patterns).
+static inline void lp_atomic_max(uint32_t* slot, uint32_t v) {
+  uint32_t cur = __atomic_load_n(slot, __ATOMIC_RELAXED);
+  while (v > cur &&
+         !__atomic_compare_exchange_n(slot, &cur, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+  }
+}
+
+// The two-pass path (column and tensor scaling; block and row scaling whose groups do not fit a
+// segment). Tiles of `tr` rows x one segment of columns; the scratch holds one uint32 per group:
+// absmax bits after the first pass, then the fp32 scale's bits.
+template <int DT>
+static void lp_two_pass(const LowprecArgs& a, const LpPlan& p) {
+  uint32_t* scratch = (uint32_t*)a.absmax;
+  const int64_t per_row = (a.cols + p.seg - 1) / p.seg;
+  // Column scaling reduces a tile's rows locally, then one atomic per column: tall tiles.
+  const int64_t tr = a.scaling == kLpColumn ? (65536 / p.seg > 1 ? 65536 / p.seg : 1) : 1;
+  const int64_t row_tiles = (a.rows + tr - 1) / tr;
+  const int64_t tiles = row_tiles * per_row;
+  const int64_t ngroups = a.scaling == kLpColumn ? a.cols
+                        : a.scaling == kLpTensor ? 1
+                        : a.scaling == kLpRow ? a.rows : a.rows * p.nb;
+  const bool parallel = a.rows * a.cols >= kParallelMin;
+#pragma omp parallel if (parallel)
+  {
+    LpBufs b(p.seg, a.stochastic);
+    std::vector<uint32_t> colmax(a.scaling == kLpColumn ? p.seg : 0);
+    float* buf = b.x.data();
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t r0 = (t / per_row) * tr, c0 = (t % per_row) * p.seg;
+      const int64_t r1 = r0 + tr < a.rows ? r0 + tr : a.rows;
+      const int64_t len = a.cols - c0 < p.seg ? a.cols - c0 : p.seg;
+      if (a.scaling == kLpColumn) {
+        uint32_t* __restrict cm = colmax.data();
+        for (int64_t j = 0; j < len; ++j) cm[j] = 0;
+        for (int64_t r = r0; r < r1; ++r) {
+          lp_fetch<DT>(a, p, r, c0, len, buf);
+#pragma omp simd
+          for (int64_t j = 0; j < len; ++j) {
+            const uint32_t v = abs_bits(buf[j]);
+            cm[j] = v > cm[j] ? v : cm[j];
+          }
+        }
+        for (int64_t j = 0; j < len; ++j)
+          if (cm[j]) lp_atomic_max(scratch + c0 + j, cm[j]);
+        continue;
+      }
+      for (int64_t r = r0; r < r1; ++r) {
+        lp_fetch<DT>(a, p, r, c0, len, buf);
+        lp_for_groups(a, p, r, c0, len, [&](int64_t k, int64_t n, int64_t g) {
+          const uint32_t m = lp_absmax_bits(buf + k, n);
+          if (m) lp_atomic_max(scratch + g, m);
+        });
+      }
+    }
+    // (the implicit barrier: every absmax is complete)
+#pragma omp for schedule(static)
+    for (int64_t g = 0; g < ngroups; ++g) {
+      uint8_t e8 = 0;
+      const float s = lp_scale(bits_f32(scratch[g]), a.fmt, a.e8m0, &e8);
+      lp_store_scale(a, g, s, e8);
+      scratch[g] = f32_bits(s);
+    }
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t r0 = (t / per_row) * tr, c0 = (t % per_row) * p.seg;
+      const int64_t r1 = r0 + tr < a.rows ? r0 + tr : a.rows;
+      const int64_t len = a.cols - c0 < p.seg ? a.cols - c0 : p.seg;
+      for (int64_t r = r0; r < r1; ++r) {
+        lp_fetch<DT>(a, p, r, c0, len, buf);
+        const int64_t e0 = r * a.cols + c0;
+        if (a.stochastic) fill_philox(a.seed, a.offset + (uint64_t)e0, len, b.r.data());
+        float* __restrict scale = b.scale.data();
+        if (a.scaling == kLpColumn) {
+#pragma omp simd
+          for (int64_t j = 0; j < len; ++j) scale[j] = bits_f32(scratch[c0 + j]);
+        } else {
+          lp_for_groups(a, p, r, c0, len, [&](int64_t k, int64_t n, int64_t g) {
+            lp_fill(scale + k, n, bits_f32(scratch[g]));
+          });
+        }
+        p.quant(buf, len, scale, b.r.data(), a.codes ? a.codes + e0 : b.codes.data());
+        lp_finish<DT>(a, p, r, c0, len, buf);
+      }
+    }
+    lp_fence();
+  }
+}
+
+static int64_t lp_gcd(int64_t u, int64_t v) {
+  while (v) {
+    const int64_t t = u % v;
+    u = v;
+    v = t;
+  }
+  return u;
+}
+
+template <int DT>
+static void lp_all(const LowprecArgs& a) {
+  if (a.rows <= 0 || a.cols <= 0) return;
+  LpPlan p{};
+  p.had = a.had;
+  p.stream = a.rows * a.cols >= kStreamMin;
+  const int64_t unit_had = a.had > 0 ? a.had : 1;
+  p.seg = a.cols < kLpSeg ? a.cols : (kLpSeg / unit_had) * unit_had;  // had <= 4096 = kLpSeg
+  if (a.fmt < 0) {
+    lp_one_pass<DT>(a, p);
+    return;
+  }
+  p.nb = a.scaling == kLpBlock ? (a.cols + a.block - 1) / a.block : 0;
+  p.quant = lp_quant_fn(a.fmt, a.stochastic);
+  if (a.scaling == kLpBlock) {
+    // segments hold whole blocks and whole rotation blocks
+    const int64_t unit = a.block / lp_gcd(a.block, unit_had) * unit_had;
+    if (unit <= kLpSegMax) {
+      if (a.cols > unit) p.seg = unit * (kLpSeg / unit > 1 ? kLpSeg / unit : 1);
+      else p.seg = a.cols;
+      lp_one_pass<DT>(a, p);
+      return;
+    }
+  } else if (a.scaling == kLpRow && a.cols <= kLpSegMax) {
+    p.seg = a.cols;
+    lp_one_pass<DT>(a, p);
+    return;
+  }
+  lp_two_pass<DT>(a, p);
+}
+
+void lowprec(const LowprecArgs& a) {
+  if (a.dtype == kBF16) lp_all<kBF16>(a);
+  else if (a.dtype == kF16) lp_all<kF16>(a);
+  else lp_all<kF32>(a);
+}
+
+}  // namespace LOWBIT_ISA_NS
+}  // namespace cpu
+}  // namespace lowbit
