@@ -74,8 +74,8 @@ static void lp_stages(float* __restrict buf, int64_t len, int from, int to, floa
 #pragma omp simd
         for (int j = 0; j < h; ++j) {
           const float a = lo[j], c = hi[j];
-          lo[j] = mul_rn(a + c, norm);
-          hi[j] = mul_rn(a - c, norm);
+          lo[j] = lp_canonical_nan(mul_rn(a + c, norm));
+          hi[j] = lp_canonical_nan(mul_rn(a - c, norm));
         }
       } else {
 #pragma omp simd
@@ -113,6 +113,7 @@ static inline void lp_stage2(__m512& a, __m512& c) {
 template <int IN, int NV, bool WHOLE>
 static void lp_hadamard_pass(const float* src, float* dst, int64_t len, float norm, bool stream) {
   const __m512 vn = _mm512_set1_ps(norm);
+  const __m512 vnan = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FC00000));
   stream = WHOLE && stream && ((uintptr_t)dst & 63) == 0;
   for (int64_t i = 0; i < len; i += 16 * NV) {
     __m512 v[NV];
@@ -127,7 +128,11 @@ static void lp_hadamard_pass(const float* src, float* dst, int64_t len, float no
       lp_stage2(v[1 % NV], v[3 % NV]);
     }
     for (int k = 0; k < NV; ++k) {
-      const __m512 o = WHOLE ? _mm512_mul_ps(v[k], vn) : v[k];
+      __m512 o = v[k];
+      if (WHOLE) {  // the norm, and the spec's one NaN
+        o = _mm512_mul_ps(o, vn);
+        o = _mm512_mask_mov_ps(o, _mm512_cmp_ps_mask(o, o, _CMP_UNORD_Q), vnan);
+      }
       if (stream) _mm512_stream_ps(dst + i + 16 * k, o);
       else _mm512_storeu_ps(dst + i + 16 * k, o);
     }
@@ -137,7 +142,8 @@ static void lp_hadamard_pass(const float* src, float* dst, int64_t len, float no
 
 // The normalized block-h Hadamard transform of every length-h block of src[0, len) into dst
 // (len a multiple of h; dst may be src), as lowbit.reference.hadamard.block_hadamard computes
-// it: all stages in fp32, then one product with hadamard_norm(h). `stream`: dst is written with
+// it: all stages in fp32, then one product with hadamard_norm(h); a NaN result is the canonical
+// one. `stream`: dst is written with
 // non-temporal stores where it can (a large output that would not stay in cache).
 static void lp_hadamard(const float* src, float* dst, int64_t len, int h, bool stream) {
   const float norm = hadamard_norm(h);
@@ -161,7 +167,7 @@ static void lp_hadamard(const float* src, float* dst, int64_t len, int h, bool s
   (void)stream;
   if (h == 1) {
 #pragma omp simd
-    for (int64_t i = 0; i < len; ++i) dst[i] = mul_rn(src[i], norm);
+    for (int64_t i = 0; i < len; ++i) dst[i] = lp_canonical_nan(mul_rn(src[i], norm));
     return;
   }
   if (dst != src) memcpy(dst, src, sizeof(float) * len);

@@ -18,7 +18,8 @@
 // The Hadamard rotation is then computed in both launches, from x: the contract provides no
 // memory for a global fp32 copy of the rotated tensor.
 //
-// NaN outputs are the canonical 0x7FC00000 (see canonical_nan).
+// NaN outputs are the canonical 0x7FC00000 (lowprec.h lp_canonical_nan: a GPU's fp32 ops
+// return 0x7FFFFFFF for any NaN operand).
 #include "cuda/launchers.h"
 #include "cuda/primitives.cuh"
 #include "lowbit/formats.h"
@@ -73,12 +74,6 @@ __device__ __forceinline__ void butterfly(float* s, int len, int had) {
   }
 }
 
-// NaN outputs as the canonical 0x7FC00000 (the reference's NaN for a group with a NaN scale):
-// a GPU's fp32 ops return 0x7FFFFFFF for any NaN operand, so the butterfly's NaN bits would
-// otherwise differ between the hardware and the sim.
-__device__ __forceinline__ float canonical_nan(float v) {
-  return v != v ? bits_f32(0x7FC00000u) : v;
-}
 
 // The scale groups a tile (row, columns [c0, c0 + len)) touches form one contiguous range of
 // the scratch / scales layout: its first index, its size, and element i's offset in it.
@@ -132,7 +127,7 @@ __global__ void __launch_bounds__(kLpThreads) lowprec_kernel(LpArgs a, int pass)
     }
 
     if (!quant) {  // the rotation alone
-      for (int i = t; i < len; i += nt) store_rne(a.out, DT, base + i, canonical_nan(s_v[i]));
+      for (int i = t; i < len; i += nt) store_rne(a.out, DT, base + i, lp_canonical_nan(s_v[i]));
       __syncthreads();  // s_v / s_g are rewritten by the next tile
       continue;
     }
@@ -186,7 +181,7 @@ __global__ void __launch_bounds__(kLpThreads) lowprec_kernel(LpArgs a, int pass)
         butterfly(s_v, len, a.had);
         for (int i = t; i < len; i += nt) s_v[i] = mul_rn(s_v[i], a.norm);
       }
-      for (int i = t; i < len; i += nt) store_rne(a.out, DT, base + i, canonical_nan(s_v[i]));
+      for (int i = t; i < len; i += nt) store_rne(a.out, DT, base + i, lp_canonical_nan(s_v[i]));
     }
     __syncthreads();
   }

@@ -188,6 +188,10 @@ LOWBIT_HD float lp_fake_quant(float x, float scale, int fmt, bool stochastic, ui
   return lp_dequant(c, scale, fmt);
 }
 
+// The spec's one NaN (0x7FC00000) for a NaN v: which NaN operand an fp32 add passes on, and
+// inf - inf's sign, differ between x86, GPUs and numpy.
+LOWBIT_HD float lp_canonical_nan(float v) { return v != v ? bits_f32(0x7FC00000u) : v; }
+
 // 1/sqrt(block) rounded to fp32: the factor the normalized Hadamard butterfly ends with (the
 // reference multiplies its fp32 result by this Python float, which torch rounds to fp32).
 LOWBIT_HD float hadamard_norm(int block) {
