@@ -18,8 +18,8 @@ block Walsh–Hadamard transform (its own inverse), fp32 in between and one cast
 fake_quant(x H) @ fake_quant(W H)^T (HH^T = I), the rotated low-precision product; for the
 gradient the inner dimension of g_hat @ fq_w(W) is out_features, and g_hat^T @ x reuses the same
 rotated-back g_hat. A role with no quantizer is used as is and never rotated (a rotation alone
-changes nothing but rounding), so an all-None config, or `layer.quantize = False`, computes
-exactly what nn.Linear computes, bit for bit.
+changes nothing but rounding); an all-None config, or `layer.quantize = False`, runs nn.Linear's
+own F.linear, bit for bit. Otherwise the backward is the three matmuls above, written out.
 
 Randomness: a stochastic role uses the Philox key sr_key(config.seed, 4 * layer_index + role,
 call) with role 0 weight, 1 activation, 2 grad_output, 3 saved_activation and `call` the layer's
@@ -69,16 +69,12 @@ class _QuantLinearFn(torch.autograd.Function):
         if ctx.saved_spec is not None:
             x_saved = lowprec.dequantize(Quantized(x_saved, scales), ctx.saved_spec, ctx.x_dtype)
         g_hat = fq(grad_out, ctx.spec_g, ctx.key_g, ctx.backend)
-        # Differentiate F.linear itself (on the saved, detached operands) rather than writing the
-        # three matmuls out: that is the very computation nn.Linear's backward performs, so with
-        # quantization off the gradients match it bit for bit on every shape and dtype.
-        leaves = [None if t is None else t.detach().requires_grad_(need)
-                  for t, need in zip((x_saved, w_hat, bias), ctx.needs_input_grad[:3])]
-        wanted = [t for t in leaves if t is not None and t.requires_grad]
-        with torch.enable_grad():
-            grads = iter(torch.autograd.grad(F.linear(*leaves), wanted, g_hat) if wanted else ())
-        out = [next(grads) if t is not None and t.requires_grad else None for t in leaves]
-        return out[0], out[1], out[2], None, None, None
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        g2 = g_hat.reshape(-1, g_hat.shape[-1])
+        grad_x = g_hat.matmul(w_hat) if need_x else None
+        grad_w = g2.t().mm(x_saved.reshape(-1, x_saved.shape[-1])) if need_w else None
+        grad_b = g2.sum(0) if need_b and bias is not None else None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 class QuantLinear(nn.Linear):
@@ -129,11 +125,13 @@ class QuantLinear(nn.Linear):
             raise ValueError(f"out_features={self.out_features} is not a multiple of the "
                              f"grad_output hadamard block {g.hadamard_block}")
         self.config, self.layer_index, self.backend = config, layer_index, backend
+        # no role quantized: nn.Linear's own computation (and autograd), bit for bit
+        self._plain = all(getattr(config, r) is None for r in ROLES)
         self.quantize, self.calls = True, 0
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         check_float("input", input)
-        if not self.quantize:
+        if not self.quantize or self._plain:
             return F.linear(input, self.weight, self.bias)
         base = len(ROLES) * self.layer_index
         keys = tuple(sr_key(self.config.seed, base + r, self.calls) for r in range(len(ROLES)))
