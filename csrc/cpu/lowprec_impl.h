@@ -33,27 +33,16 @@ static void lp_load(const void* __restrict x, int64_t begin, int64_t len, float*
   for (int64_t i = 0; i < len; ++i) buf[i] = load_t<DT>(x, begin + i);
 }
 
-// The one cast of the result to x's dtype (nearest-even, formats.h). `stream`: non-temporal
-// stores (fp32, AVX-512) for outputs too large to stay in cache, which also saves reading the
-// destination's lines before writing them.
+// The one cast of the result to x's dtype (nearest-even, formats.h). (Plain stores: the
+// output of the ops is freshly allocated memory, whose first touch faults the page in and zeroes
+// it into the cache; non-temporal stores then measured 20-30% slower on 4096 x 4096.)
 template <int DT>
 static void lp_store(void* __restrict out, int64_t begin, int64_t len,
-                     const float* __restrict buf, bool stream) {
+                     const float* __restrict buf) {
   if (DT == kF32) {
-    float* o = (float*)out + begin;
-#if defined(LOWBIT_ISA_AVX512)
-    if (stream && ((uintptr_t)o & 63) == 0) {
-      int64_t i = 0;
-      for (; i + 16 <= len; i += 16) _mm512_stream_ps(o + i, _mm512_loadu_ps(buf + i));
-      memcpy(o + i, buf + i, sizeof(float) * (len - i));
-      return;
-    }
-#endif
-    (void)stream;
-    memcpy(o, buf, sizeof(float) * len);
+    memcpy((float*)out + begin, buf, sizeof(float) * len);
     return;
   }
-  (void)stream;
   uint16_t* __restrict o = (uint16_t*)out + begin;
 #pragma omp simd
   for (int64_t i = 0; i < len; ++i)
@@ -109,12 +98,11 @@ static inline void lp_stage2(__m512& a, __m512& c) {
 // The stages below min(h, 64) in registers, in one pass over chunks of NV vectors: the stages
 // below IN = min(h, 16) by lane permutes inside each vector (plain loops would run h < 16
 // elements per iteration), 16 and 32 between them. WHOLE: that is the whole transform (h <= 64),
-// so the pass also multiplies by the norm, and may stream to dst.
+// so the pass also multiplies by the norm.
 template <int IN, int NV, bool WHOLE>
-static void lp_hadamard_pass(const float* src, float* dst, int64_t len, float norm, bool stream) {
+static void lp_hadamard_pass(const float* src, float* dst, int64_t len, float norm) {
   const __m512 vn = _mm512_set1_ps(norm);
   const __m512 vnan = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FC00000));
-  stream = WHOLE && stream && ((uintptr_t)dst & 63) == 0;
   for (int64_t i = 0; i < len; i += 16 * NV) {
     __m512 v[NV];
     for (int k = 0; k < NV; ++k) {
@@ -133,8 +121,7 @@ static void lp_hadamard_pass(const float* src, float* dst, int64_t len, float no
         o = _mm512_mul_ps(o, vn);
         o = _mm512_mask_mov_ps(o, _mm512_cmp_ps_mask(o, o, _CMP_UNORD_Q), vnan);
       }
-      if (stream) _mm512_stream_ps(dst + i + 16 * k, o);
-      else _mm512_storeu_ps(dst + i + 16 * k, o);
+      _mm512_storeu_ps(dst + i + 16 * k, o);
     }
   }
 }
@@ -143,28 +130,26 @@ static void lp_hadamard_pass(const float* src, float* dst, int64_t len, float no
 // The normalized block-h Hadamard transform of every length-h block of src[0, len) into dst
 // (len a multiple of h; dst may be src), as lowbit.reference.hadamard.block_hadamard computes
 // it: all stages in fp32, then one product with hadamard_norm(h); a NaN result is the canonical
-// one. `stream`: dst is written with
-// non-temporal stores where it can (a large output that would not stay in cache).
-static void lp_hadamard(const float* src, float* dst, int64_t len, int h, bool stream) {
+// one.
+static void lp_hadamard(const float* src, float* dst, int64_t len, int h) {
   const float norm = hadamard_norm(h);
 #if defined(LOWBIT_ISA_AVX512)
   // 16 | len holds whenever h >= 16, and for smaller h on all but odd-sized rows.
   if (h > 1 && len % 16 == 0) {
     switch (h) {
-      case 2: lp_hadamard_pass<2, 1, true>(src, dst, len, norm, stream); return;
-      case 4: lp_hadamard_pass<4, 1, true>(src, dst, len, norm, stream); return;
-      case 8: lp_hadamard_pass<8, 1, true>(src, dst, len, norm, stream); return;
-      case 16: lp_hadamard_pass<16, 1, true>(src, dst, len, norm, stream); return;
-      case 32: lp_hadamard_pass<16, 2, true>(src, dst, len, norm, stream); return;
-      case 64: lp_hadamard_pass<16, 4, true>(src, dst, len, norm, stream); return;
+      case 2: lp_hadamard_pass<2, 1, true>(src, dst, len, norm); return;
+      case 4: lp_hadamard_pass<4, 1, true>(src, dst, len, norm); return;
+      case 8: lp_hadamard_pass<8, 1, true>(src, dst, len, norm); return;
+      case 16: lp_hadamard_pass<16, 1, true>(src, dst, len, norm); return;
+      case 32: lp_hadamard_pass<16, 2, true>(src, dst, len, norm); return;
+      case 64: lp_hadamard_pass<16, 4, true>(src, dst, len, norm); return;
       default:
-        lp_hadamard_pass<16, 4, false>(src, dst, len, norm, false);
+        lp_hadamard_pass<16, 4, false>(src, dst, len, norm);
         lp_stages(dst, len, 64, h, norm);
         return;
     }
   }
 #endif
-  (void)stream;
   if (h == 1) {
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i) dst[i] = lp_canonical_nan(mul_rn(src[i], norm));
@@ -184,24 +169,52 @@ static inline uint32_t lp_absmax_bits(const float* __restrict v, int64_t len) {
   return m;  // NaN bits order above inf: a NaN anywhere gives a NaN absmax, as torch.amax
 }
 
-// Quantize buf[0, len) in place to its dequantized values, codes to `codes`: element i with
-// scale[i] (callers spread each group's scale over its elements, so one long loop serves every
-// scaling) and Philox word r[i] (stochastic). lp_fake_quant in three loops: gcc 12 vectorizes
-// each of them for every format, but not the fused body for some (it cannot mix the masks of the
-// uint8 code's and the fp32 value's tests).
+// Per-thread buffers for one segment.
+struct LpBufs {
+  std::vector<float> x;        // the values
+  std::vector<float> scale;    // each element's scale
+  std::vector<uint32_t> r;     // each element's Philox word (stochastic)
+  std::vector<uint32_t> wide;  // float8 codes as 32-bit lanes
+  std::vector<uint8_t> codes;  // codes nobody asked for (fake quant) land here
+  LpBufs(int64_t seg, bool st, bool fp8)
+      : x(seg), scale(seg), r(st ? seg : 0), wide(fp8 ? seg : 0), codes(seg) {}
+};
+
+// Quantize b.x[0, len) in place to its dequantized values, codes to `codes`: element i with
+// b.scale[i] (callers spread each group's scale over its elements, so one long loop serves every
+// scaling) and Philox word b.r[i] (stochastic). lp_fake_quant in three loops: gcc 12 vectorizes each of them for every
+// format, but not the fused body for some (it cannot mix the masks of the uint8 code's and the
+// fp32 value's tests), and the three run faster than any fused pair. The float8 codes go
+// through 32-bit lanes (round_to_fmt then vectorizes 16 lanes wide, not 64 with spills).
 template <int FMT, bool ST>
-static void lp_quant_run(float* __restrict buf, int64_t len, const float* __restrict scale,
-                         const uint32_t* __restrict r, uint8_t* __restrict codes) {
+static void lp_quant_run(LpBufs& b, int64_t len, uint8_t* __restrict codes) {
+  constexpr bool kWide = FMT == kLpE4M3 || FMT == kLpE5M2;
   const float fmax = lp_fmax(FMT);
+  float* __restrict x = b.x.data();
+  const float* __restrict scale = b.scale.data();
+  const uint32_t* __restrict r = b.r.data();
+  uint32_t* __restrict wide = b.wide.data();
 #pragma omp simd
-  for (int64_t i = 0; i < len; ++i) buf[i] = lp_scaled(buf[i], scale[i], fmax);
+  for (int64_t i = 0; i < len; ++i)
+    x[i] = lp_scaled(x[i], scale[i], fmax);
+  if (kWide) {
 #pragma omp simd
-  for (int64_t i = 0; i < len; ++i) codes[i] = lp_encode(buf[i], FMT, ST, ST ? r[i] : 0u);
+    for (int64_t i = 0; i < len; ++i) wide[i] = lp_encode(x[i], FMT, ST, ST ? r[i] : 0u);
 #pragma omp simd
-  for (int64_t i = 0; i < len; ++i) buf[i] = lp_dequant(codes[i], scale[i], FMT);
+    for (int64_t i = 0; i < len; ++i) {
+      const uint8_t c = (uint8_t)wide[i];
+      codes[i] = c;
+      x[i] = lp_dequant(c, scale[i], FMT);
+    }
+    return;
+  }
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) codes[i] = lp_encode(x[i], FMT, ST, ST ? r[i] : 0u);
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) x[i] = lp_dequant(codes[i], scale[i], FMT);
 }
 
-typedef void (*LpQuantFn)(float*, int64_t, const float*, const uint32_t*, uint8_t*);
+typedef void (*LpQuantFn)(LpBufs&, int64_t, uint8_t*);
 
 static LpQuantFn lp_quant_fn(int fmt, bool st) {
 #define LOWBIT_LP_FN(F) return st ? lp_quant_run<F, true> : lp_quant_run<F, false>
@@ -215,9 +228,11 @@ static LpQuantFn lp_quant_fn(int fmt, bool st) {
 #undef LOWBIT_LP_FN
 }
 
-static inline void lp_fill(float* __restrict v, int64_t len, float s) {
+// Spread a group's scale over its elements k .. k + n of the segment.
+static inline void lp_fill(LpBufs& b, int64_t k, int64_t n, float s) {
+  float* __restrict v = b.scale.data() + k;
 #pragma omp simd
-  for (int64_t i = 0; i < len; ++i) v[i] = s;
+  for (int64_t i = 0; i < n; ++i) v[i] = s;
 }
 
 // What one call does, decided once.
@@ -225,16 +240,7 @@ struct LpPlan {
   int64_t seg;     // row segment length of a work item (a multiple of the rotation block)
   int64_t nb;      // blocks per row (block scaling)
   int had;         // rotation block, 0 for none
-  bool stream;     // non-temporal stores of out
   LpQuantFn quant;
-};
-
-// Per-thread buffers for one segment.
-struct LpBufs {
-  std::vector<float> x, scale;  // the values; each element's scale
-  std::vector<uint32_t> r;
-  std::vector<uint8_t> codes;  // codes nobody asked for (fake quant) land here
-  explicit LpBufs(int64_t seg, bool st) : x(seg), scale(seg), r(st ? seg : 0), codes(seg) {}
 };
 
 static inline void lp_store_scale(const LowprecArgs& a, int64_t g, float s, uint8_t e8) {
@@ -267,11 +273,11 @@ static inline void lp_fetch(const LowprecArgs& a, const LpPlan& p, int64_t r, in
                             int64_t len, float* buf) {
   const int64_t e0 = r * a.cols + c0;
   if (DT == kF32 && p.had) {
-    lp_hadamard((const float*)a.x + e0, buf, len, p.had, false);
+    lp_hadamard((const float*)a.x + e0, buf, len, p.had);
     return;
   }
   lp_load<DT>(a.x, e0, len, buf);
-  if (p.had) lp_hadamard(buf, buf, len, p.had, false);
+  if (p.had) lp_hadamard(buf, buf, len, p.had);
 }
 
 // Store the segment: dequantized and rotated back (fake quant), or as rotated (fmt -1). An fp32
@@ -283,19 +289,12 @@ static inline void lp_finish(const LowprecArgs& a, const LpPlan& p, int64_t r, i
   const int64_t e0 = r * a.cols + c0;
   if (p.had && a.fmt >= 0) {
     if (DT == kF32 && p.had <= 64) {
-      lp_hadamard(buf, (float*)a.out + e0, len, p.had, p.stream);
+      lp_hadamard(buf, (float*)a.out + e0, len, p.had);
       return;
     }
-    lp_hadamard(buf, buf, len, p.had, false);
+    lp_hadamard(buf, buf, len, p.had);
   }
-  lp_store<DT>(a.out, e0, len, buf, p.stream);
-}
-
-// Orders this thread's non-temporal stores before the call returns (and its results are read).
-static inline void lp_fence() {
-#if defined(LOWBIT_ISA_AVX512)
-  _mm_sfence();
-#endif
+  lp_store<DT>(a.out, e0, len, buf);
 }
 
 // The one-pass path: every work item is a segment holding whole groups (or no quantization).
@@ -305,7 +304,7 @@ static void lp_one_pass(const LowprecArgs& a, const LpPlan& p) {
   const int64_t items = a.rows * per_row;
 #pragma omp parallel if (a.rows * a.cols >= kParallelMin)
   {
-    LpBufs b(p.seg, a.stochastic);
+    LpBufs b(p.seg, a.stochastic, a.fmt == kLpE4M3 || a.fmt == kLpE5M2);
 #pragma omp for schedule(static)
     for (int64_t w = 0; w < items; ++w) {
       const int64_t r = w / per_row, c0 = (w % per_row) * p.seg;
@@ -319,13 +318,12 @@ static void lp_one_pass(const LowprecArgs& a, const LpPlan& p) {
           uint8_t e8 = 0;
           const float s = lp_scale(bits_f32(lp_absmax_bits(buf + k, n)), a.fmt, a.e8m0, &e8);
           lp_store_scale(a, g, s, e8);
-          lp_fill(b.scale.data() + k, n, s);
+          lp_fill(b, k, n, s);
         });
-        p.quant(buf, len, b.scale.data(), b.r.data(), a.codes ? a.codes + e0 : b.codes.data());
+        p.quant(b, len, a.codes ? a.codes + e0 : b.codes.data());
       }
       lp_finish<DT>(a, p, r, c0, len, buf);
     }
-    lp_fence();
   }
 }
 
@@ -354,7 +352,7 @@ static void lp_two_pass(const LowprecArgs& a, const LpPlan& p) {
   const bool parallel = a.rows * a.cols >= kParallelMin;
 #pragma omp parallel if (parallel)
   {
-    LpBufs b(p.seg, a.stochastic);
+    LpBufs b(p.seg, a.stochastic, a.fmt == kLpE4M3 || a.fmt == kLpE5M2);
     std::vector<uint32_t> colmax(a.scaling == kLpColumn ? p.seg : 0);
     float* buf = b.x.data();
 #pragma omp for schedule(static)
@@ -402,20 +400,20 @@ static void lp_two_pass(const LowprecArgs& a, const LpPlan& p) {
         lp_fetch<DT>(a, p, r, c0, len, buf);
         const int64_t e0 = r * a.cols + c0;
         if (a.stochastic) fill_philox(a.seed, a.offset + (uint64_t)e0, len, b.r.data());
-        float* __restrict scale = b.scale.data();
         if (a.scaling == kLpColumn) {
+          float* __restrict sc = b.scale.data();
+          const uint32_t* __restrict bits = scratch + c0;
 #pragma omp simd
-          for (int64_t j = 0; j < len; ++j) scale[j] = bits_f32(scratch[c0 + j]);
+          for (int64_t j = 0; j < len; ++j) sc[j] = bits_f32(bits[j]);
         } else {
           lp_for_groups(a, p, r, c0, len, [&](int64_t k, int64_t n, int64_t g) {
-            lp_fill(scale + k, n, bits_f32(scratch[g]));
+            lp_fill(b, k, n, bits_f32(scratch[g]));
           });
         }
-        p.quant(buf, len, scale, b.r.data(), a.codes ? a.codes + e0 : b.codes.data());
+        p.quant(b, len, a.codes ? a.codes + e0 : b.codes.data());
         lp_finish<DT>(a, p, r, c0, len, buf);
       }
     }
-    lp_fence();
   }
 }
 
@@ -433,7 +431,6 @@ static void lp_all(const LowprecArgs& a) {
   if (a.rows <= 0 || a.cols <= 0) return;
   LpPlan p{};
   p.had = a.had;
-  p.stream = a.rows * a.cols >= kStreamMin;
   const int64_t unit_had = a.had > 0 ? a.had : 1;
   p.seg = a.cols < kLpSeg ? a.cols : (kLpSeg / unit_had) * unit_had;  // had <= 4096 = kLpSeg
   if (a.fmt < 0) {
