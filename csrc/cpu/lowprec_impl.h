@@ -3,8 +3,8 @@
 // kernels_impl.h (whose load_t, fill_philox and AVX-512 helpers it uses).
 //
 // Every row segment goes through a small fp32 buffer: load (widening bf16/fp16 exactly), rotate
-// when had > 0, quantize and dequantize group by group in place (codes straight to memory), rotate
-// back, store with one nearest-even cast. The rounding itself is lowbit/lowprec.h's, called per
+// when had > 0, take each group's absmax and scale, quantize and dequantize in place (codes
+// straight to memory), rotate back, store with one nearest-even cast. The rounding itself is lowbit/lowprec.h's, called per
 // element, so codes and values are the CUDA kernels' bit for bit.
 //   block and row scaling: one pass — a segment holds whole groups, whose absmax and scale come
 //     from the buffer (unless a block and the rotation block have a huge lcm, or a row is very
@@ -169,27 +169,30 @@ struct LpBufs {
   std::vector<uint32_t> r;     // each element's Philox word (stochastic)
   std::vector<uint32_t> wide;  // float8 codes as 32-bit lanes
   std::vector<uint8_t> codes;  // codes nobody asked for (fake quant) land here
+  const char* next = nullptr;  // the next work item's input (lp_quant_run prefetches it)
+  int64_t next_bytes = 0;
   LpBufs(int64_t seg, bool st, bool fp8)
       : x(seg), scale(seg), r(st ? seg : 0), wide(fp8 ? seg : 0), codes(seg) {}
 };
 
-// Quantize b.x[0, len) in place to its dequantized values, codes to `codes`: element i with
-// b.scale[i] (callers spread each group's scale over its elements, so one long loop serves every
-// scaling) and Philox word b.r[i] (stochastic). lp_fake_quant in three loops: gcc 12 vectorizes each of them for every
-// format, but not the fused body for some (it cannot mix the masks of the uint8 code's and the
-// fp32 value's tests), and the three run faster than any fused pair. The float8 codes go
-// through 32-bit lanes (round_to_fmt then vectorizes 16 lanes wide, not 64 with spills).
+// Quantize b.x[k0, k0 + len) in place to its dequantized values, codes to codes[k0 ..]: element
+// i with b.scale[i] (callers spread each group's scale over its elements, so one long loop serves
+// every scaling) and Philox word b.r[i] (stochastic). lp_fake_quant in three loops: gcc 12
+// vectorizes each of them for every format, but not the fused body for some (it cannot mix the
+// masks of the uint8 code's and the fp32 value's tests), and the three run faster than any fused
+// pair. The float8 codes go through 32-bit lanes (round_to_fmt then vectorizes 16 lanes wide,
+// not 64 with spills: 15% faster).
 template <int FMT, bool ST>
-static void lp_quant_run(LpBufs& b, int64_t len, uint8_t* __restrict codes) {
+static void lp_quant_chunk(LpBufs& b, int64_t k0, int64_t len, uint8_t* __restrict codes) {
   constexpr bool kWide = FMT == kLpE4M3 || FMT == kLpE5M2;
   const float fmax = lp_fmax(FMT);
-  float* __restrict x = b.x.data();
-  const float* __restrict scale = b.scale.data();
-  const uint32_t* __restrict r = b.r.data();
-  uint32_t* __restrict wide = b.wide.data();
+  float* __restrict x = b.x.data() + k0;
+  const float* __restrict scale = b.scale.data() + k0;
+  const uint32_t* __restrict r = b.r.data() + (ST ? k0 : 0);
+  uint32_t* __restrict wide = b.wide.data() + (kWide ? k0 : 0);
+  codes += k0;
 #pragma omp simd
-  for (int64_t i = 0; i < len; ++i)
-    x[i] = lp_scaled(x[i], scale[i], fmax);
+  for (int64_t i = 0; i < len; ++i) x[i] = lp_scaled(x[i], scale[i], fmax);
   if (kWide) {
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i) wide[i] = lp_encode(x[i], FMT, ST, ST ? r[i] : 0u);
@@ -205,6 +208,21 @@ static void lp_quant_run(LpBufs& b, int64_t len, uint8_t* __restrict codes) {
   for (int64_t i = 0; i < len; ++i) codes[i] = lp_encode(x[i], FMT, ST, ST ? r[i] : 0u);
 #pragma omp simd
   for (int64_t i = 0; i < len; ++i) x[i] = lp_dequant(codes[i], scale[i], FMT);
+}
+
+// The whole segment, in chunks: before each, a share of the next work item's input is
+// prefetched into L2, so that memory is read while this item computes (a burst of prefetches
+// up front would only queue behind the few line fill buffers). 6-10% faster on 4096 x 4096.
+template <int FMT, bool ST>
+static void lp_quant_run(LpBufs& b, int64_t len, uint8_t* codes) {
+  const int64_t chunk = 512, nchunks = (len + chunk - 1) / chunk;
+  for (int64_t k = 0, c = 0; k < len; k += chunk, ++c) {
+    if (b.next) {
+      const int64_t lo = b.next_bytes * c / nchunks, hi = b.next_bytes * (c + 1) / nchunks;
+      for (int64_t o = lo & ~(int64_t)63; o < hi; o += 64) __builtin_prefetch(b.next + o, 0, 2);
+    }
+    lp_quant_chunk<FMT, ST>(b, k, len - k < chunk ? len - k : chunk, codes);
+  }
 }
 
 typedef void (*LpQuantFn)(LpBufs&, int64_t, uint8_t*);
@@ -290,6 +308,13 @@ static inline void lp_finish(const LowprecArgs& a, const LpPlan& p, int64_t r, i
   lp_store<DT>(a.out, e0, len, buf);
 }
 
+// Point b.next at row r's segment [c0, c0 + len) of x (none if r is past the end).
+static inline void lp_next(const LowprecArgs& a, LpBufs& b, int64_t r, int64_t c0, int64_t len) {
+  const int64_t esz = a.dtype == kF32 ? 4 : 2;
+  b.next = r < a.rows ? (const char*)a.x + (r * a.cols + c0) * esz : nullptr;
+  b.next_bytes = len * esz;
+}
+
 // The one-pass path: every work item is a segment holding whole groups (or no quantization).
 template <int DT>
 static void lp_one_pass(const LowprecArgs& a, const LpPlan& p) {
@@ -303,6 +328,8 @@ static void lp_one_pass(const LowprecArgs& a, const LpPlan& p) {
       const int64_t r = w / per_row, c0 = (w % per_row) * p.seg;
       const int64_t len = a.cols - c0 < p.seg ? a.cols - c0 : p.seg;
       float* buf = b.x.data();
+      const int64_t cn = c0 + p.seg < a.cols ? c0 + p.seg : 0;  // the next item
+      lp_next(a, b, cn ? r : r + 1, cn, a.cols - cn < p.seg ? a.cols - cn : p.seg);
       lp_fetch<DT>(a, p, r, c0, len, buf);
       if (a.fmt >= 0) {
         const int64_t e0 = r * a.cols + c0;
@@ -390,6 +417,12 @@ static void lp_two_pass(const LowprecArgs& a, const LpPlan& p) {
       const int64_t r1 = r0 + tr < a.rows ? r0 + tr : a.rows;
       const int64_t len = a.cols - c0 < p.seg ? a.cols - c0 : p.seg;
       for (int64_t r = r0; r < r1; ++r) {
+        if (r + 1 < r1) {
+          lp_next(a, b, r + 1, c0, len);
+        } else {  // the next tile's first row
+          const int64_t rn = ((t + 1) / per_row) * tr, cn = ((t + 1) % per_row) * p.seg;
+          lp_next(a, b, t + 1 < tiles ? rn : a.rows, cn, a.cols - cn < p.seg ? a.cols - cn : p.seg);
+        }
         lp_fetch<DT>(a, p, r, c0, len, buf);
         const int64_t e0 = r * a.cols + c0;
         if (a.stochastic) fill_philox(a.seed, a.offset + (uint64_t)e0, len, b.r.data());
