@@ -115,3 +115,21 @@ def test_forced_isa_clone_lowprec_matches_reference(isa):
     if isa == "avx2" and chosen == "scalar":
         pytest.skip("this CPU has no AVX2; the scalar clone is covered by the other case")
     assert chosen == isa and status == "ok"
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_e2m1_rounding_on_a_sweep_of_bit_patterns(rounding):
+    """lowprec.h rounds E2M1 on the fp32 bits, not by comparing with the grid: every 4096th bit
+    pattern in [0, 6] (all values with few mantissa bits, so every tie), a random sample of the
+    rest, both signs; a 6 in the tensor makes the scale exactly 1 (fp32 and e8m0)."""
+    g = torch.Generator().manual_seed(1)
+    top = 0x40C00000
+    bits = torch.cat([torch.arange(0, top + 1, 4096), torch.randint(0, top + 1, (200000,),
+                                                                     generator=g)])
+    x = bits.to(torch.int32).view(torch.float32)
+    x = torch.cat([x, -x, torch.tensor([6.0])])
+    for sf in ("fp32", "e8m0"):
+        spec = QuantSpec("e2m1", "tensor", 32, sf, rounding)
+        want = ref.quantize(x, spec, 5, 9)
+        got = lowprec.quantize(x, spec, 5, 9, backend="cpu")
+        assert bits_equal(got.scales, want.scales) and bits_equal(got.codes, want.codes)
