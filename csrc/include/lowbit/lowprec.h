@@ -147,14 +147,39 @@ LOWBIT_HD uint32_t lp_e2m1_index(float y, bool stochastic, uint32_t r) {
   return stochastic ? lp_e2m1_bits(y, true, r) : lp_e2m1_nearest(y);
 }
 
+// Nearest-even float8 (e4m3fn, or e5m2) bits of y, |y| <= the format's largest finite value or
+// NaN: round_to_fmt(f32_bits(y), fmt_of(...), false, 0)'s result for every such y (checked
+// exhaustively), a third of its cost once vectorized. As in lp_e2m1_nearest, adding
+// m = 2**(max(e, emin) + 23 - mbits) leaves the format's spacing at |y| (subnormals included) as
+// the sum's last bit, so the fp32 addition rounds |y| onto the grid and subtracting m is exact;
+// the grid value's fp32 bits then rearrange into the float8 bits. (|y| beyond the largest finite
+// value, which lp_scaled's clamp rules out, would saturate.)
+LOWBIT_HD uint32_t lp_fp8_nearest(float y, bool e4m3) {
+  const uint32_t mbits = e4m3 ? 3u : 2u, emin = e4m3 ? 127u - 6u : 127u - 14u;  // biased fp32
+  const uint32_t max_bits = e4m3 ? 0x43E00000u : 0x47600000u;                   // 448, 57344
+  const uint32_t b = f32_bits(y), sign = (b >> 31) << 7;
+  const uint32_t a = (b & 0x7FFFFFFFu) < max_bits ? b & 0x7FFFFFFFu : max_bits;
+  const uint32_t E = a >> 23;
+  const float m = bits_f32(((E > emin ? E : emin) + 23u - mbits) << 23);
+  const float vf = (bits_f32(a) + m) - m;  // |y| on the grid
+  const uint32_t v = f32_bits(vf);
+  const uint32_t normal = (((v >> 23) - (emin - 1u)) << mbits) | ((v >> (23u - mbits)) &
+                                                                  ((1u << mbits) - 1u));
+  // a subnormal grid value is k * 2**(emin - 127 - mbits): k, exactly
+  const uint32_t sub = (uint32_t)(int)(vf * bits_f32((127u + 127u + mbits - emin) << 23));
+  const uint32_t mag = v >= (emin << 23) ? normal : sub;
+  return ((b & 0x7FFFFFFFu) > 0x7F800000u ? 0x7Fu : mag) | sign;  // NaN keeps its sign
+}
+
 // The code of a scaled value y (|y| <= FMT_MAX or NaN) as one byte: two's complement for
 // int8/int4, the float8 bit pattern for e4m3/e5m2, sign<<3 | exponent<<1 | mantissa for e2m1.
 // r is the element's Philox word 0 (ignored for nearest-even). NaN becomes code 0 for the integer
 // and e2m1 formats (the reference's nan_to_num) and the float8 NaN for e4m3/e5m2.
 LOWBIT_HD uint8_t lp_encode(float y, int fmt, bool stochastic, uint32_t r) {
-  if (fmt == kLpE4M3 || fmt == kLpE5M2)
-    return (uint8_t)round_to_fmt(f32_bits(y), fmt_of(fmt == kLpE4M3 ? kE4M3FN : kE5M2),
-                                 stochastic, r);
+  if (fmt == kLpE4M3 || fmt == kLpE5M2) {
+    if (!stochastic) return (uint8_t)lp_fp8_nearest(y, fmt == kLpE4M3);
+    return (uint8_t)round_to_fmt(f32_bits(y), fmt_of(fmt == kLpE4M3 ? kE4M3FN : kE5M2), true, r);
+  }
   if (y != y) y = 0.0f;
   if (fmt == kLpE2M1) {
     const uint32_t mag = lp_e2m1_index(y, stochastic, r);
