@@ -118,18 +118,21 @@ def test_forced_isa_clone_lowprec_matches_reference(isa):
 
 
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-def test_e2m1_rounding_on_a_sweep_of_bit_patterns(rounding):
-    """lowprec.h rounds E2M1 on the fp32 bits, not by comparing with the grid: every 4096th bit
-    pattern in [0, 6] (all values with few mantissa bits, so every tie), a random sample of the
-    rest, both signs; a 6 in the tensor makes the scale exactly 1 (fp32 and e8m0)."""
+@pytest.mark.parametrize("fmt", ["e2m1", "e4m3", "e5m2"])
+def test_float_rounding_on_a_sweep_of_bit_patterns(fmt, rounding):
+    """lowprec.h rounds E2M1 (both roundings) and float8 (nearest) with its own fp32 arithmetic,
+    not by grid comparisons or round_to_fmt: every 4096th bit pattern up to the format's maximum
+    (all values with few mantissa bits, so every tie), a random sample of the rest, both signs; a
+    maximum in the tensor makes the scale exactly 1 (fp32 and e8m0)."""
     g = torch.Generator().manual_seed(1)
-    top = 0x40C00000
+    fmax = torch.tensor([ref.FMT_MAX[fmt]], dtype=torch.float32)
+    top = int(fmax.view(torch.int32))
     bits = torch.cat([torch.arange(0, top + 1, 4096), torch.randint(0, top + 1, (200000,),
                                                                      generator=g)])
     x = bits.to(torch.int32).view(torch.float32)
-    x = torch.cat([x, -x, torch.tensor([6.0])])
+    x = torch.cat([x, -x, fmax])
     for sf in ("fp32", "e8m0"):
-        spec = QuantSpec("e2m1", "tensor", 32, sf, rounding)
+        spec = QuantSpec(fmt, "tensor", 32, sf, rounding)
         want = ref.quantize(x, spec, 5, 9)
         got = lowprec.quantize(x, spec, 5, 9, backend="cpu")
         assert bits_equal(got.scales, want.scales) and bits_equal(got.codes, want.codes)

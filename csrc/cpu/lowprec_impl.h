@@ -167,12 +167,12 @@ struct LpBufs {
   std::vector<float> x;        // the values
   std::vector<float> scale;    // each element's scale
   std::vector<uint32_t> r;     // each element's Philox word (stochastic)
-  std::vector<uint32_t> wide;  // float8 codes as 32-bit lanes
+  std::vector<uint32_t> wide;  // stochastic float8 codes as 32-bit lanes
   std::vector<uint8_t> codes;  // codes nobody asked for (fake quant) land here
   const char* next = nullptr;  // the next work item's input (lp_quant_run prefetches it)
   int64_t next_bytes = 0;
   LpBufs(int64_t seg, bool st, bool fp8)
-      : x(seg), scale(seg), r(st ? seg : 0), wide(fp8 ? seg : 0), codes(seg) {}
+      : x(seg), scale(seg), r(st ? seg : 0), wide(st && fp8 ? seg : 0), codes(seg) {}
 };
 
 // Quantize b.x[k0, k0 + len) in place to its dequantized values, codes to codes[k0 ..]: element
@@ -180,11 +180,11 @@ struct LpBufs {
 // every scaling) and Philox word b.r[i] (stochastic). lp_fake_quant in three loops: gcc 12
 // vectorizes each of them for every format, but not the fused body for some (it cannot mix the
 // masks of the uint8 code's and the fp32 value's tests), and the three run faster than any fused
-// pair. The float8 codes go through 32-bit lanes (round_to_fmt then vectorizes 16 lanes wide,
-// not 64 with spills: 15% faster).
+// pair. Stochastic float8 codes go through 32-bit lanes (round_to_fmt then vectorizes 16 lanes
+// wide, not 64 with spills: 15% faster).
 template <int FMT, bool ST>
 static void lp_quant_chunk(LpBufs& b, int64_t k0, int64_t len, uint8_t* __restrict codes) {
-  constexpr bool kWide = FMT == kLpE4M3 || FMT == kLpE5M2;
+  constexpr bool kWide = (FMT == kLpE4M3 || FMT == kLpE5M2) && ST;
   const float fmax = lp_fmax(FMT);
   float* __restrict x = b.x.data() + k0;
   const float* __restrict scale = b.scale.data() + k0;
