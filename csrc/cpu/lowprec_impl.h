@@ -254,12 +254,12 @@ static inline void lp_for_groups(const LowprecArgs& a, const LpPlan& p, int64_t 
   } else if (a.scaling == kLpTensor) {
     f(0, len, 0);
   } else {
-    for (int64_t k = 0; k < len;) {
-      const int64_t b = (c0 + k) / a.block;
-      const int64_t end = (b + 1) * a.block - c0 < len ? (b + 1) * a.block - c0 : len;
-      f(k, end - k, r * p.nb + b);
-      k = end;
-    }
+    // (one division per segment: a division per group would chain its latency through the
+    // loop, a quarter of the time of blocks of 32)
+    const int64_t b0 = c0 / a.block;
+    int64_t k = 0, end = (b0 + 1) * a.block - c0;
+    for (int64_t g = r * p.nb + b0; k < len; ++g, k = end, end += a.block)
+      f(k, (end < len ? end : len) - k, g);
   }
 }
 
