@@ -13,6 +13,9 @@
 //     rotated values) into the caller's zeroed scratch by atomic maxima on the bit patterns, the
 //     second quantizes with the finished scales.
 #include <vector>
+#if defined(LOWBIT_ISA_AVX2)
+#include <immintrin.h>
+#endif
 
 #include "lowbit/lowprec.h"
 
@@ -78,46 +81,78 @@ static void lp_stages(float* __restrict buf, int64_t len, int from, int to, floa
   }
 }
 
+// Vector types for the in-register Hadamard stages: W lanes, and stage(v, h) = one butterfly
+// stage of distance h < W inside a vector: each lane meets its partner lane ^ h; lanes without
+// bit h hold a (sum a + c), lanes with it hold c (difference a - c).
 #if defined(LOWBIT_ISA_AVX512)
-// One butterfly stage of distance h < 16 inside a 16-lane vector: each lane meets its partner
-// lane ^ h. Lanes without bit h hold a (sum a + c), lanes with it hold c (difference a - c).
-static inline __m512 lp_stage16(__m512 v, int h) {
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i hv = _mm512_set1_epi32(h);
-  const __m512 p = _mm512_permutexvar_ps(_mm512_xor_si512(lane, hv), v);
-  return _mm512_mask_sub_ps(_mm512_add_ps(v, p), _mm512_test_epi32_mask(lane, hv), p, v);
-}
+#define LOWBIT_LP_VEC 1
+struct LpVec {
+  typedef __m512 T;
+  static const int W = 16;
+  static T load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, T v) { _mm512_storeu_ps(p, v); }
+  static T add(T a, T b) { return _mm512_add_ps(a, b); }
+  static T sub(T a, T b) { return _mm512_sub_ps(a, b); }
+  static T mul(T a, T b) { return _mm512_mul_ps(a, b); }
+  static T set1(float x) { return _mm512_set1_ps(x); }
+  static T stage(T v, int h) {
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i hv = _mm512_set1_epi32(h);
+    const __m512 p = _mm512_permutexvar_ps(_mm512_xor_si512(lane, hv), v);
+    return _mm512_mask_sub_ps(_mm512_add_ps(v, p), _mm512_test_epi32_mask(lane, hv), p, v);
+  }
+};
+#elif defined(LOWBIT_ISA_AVX2)
+#define LOWBIT_LP_VEC 1
+struct LpVec {
+  typedef __m256 T;
+  static const int W = 8;
+  static T load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, T v) { _mm256_storeu_ps(p, v); }
+  static T add(T a, T b) { return _mm256_add_ps(a, b); }
+  static T sub(T a, T b) { return _mm256_sub_ps(a, b); }
+  static T mul(T a, T b) { return _mm256_mul_ps(a, b); }
+  static T set1(float x) { return _mm256_set1_ps(x); }
+  static T stage(T v, int h) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i hv = _mm256_set1_epi32(h);
+    const __m256 p = _mm256_permutevar8x32_ps(v, _mm256_xor_si256(lane, hv));
+    const __m256 upper = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(lane, hv), hv));
+    return _mm256_blendv_ps(_mm256_add_ps(v, p), _mm256_sub_ps(p, v), upper);
+  }
+};
+#endif
 
-// A stage of distance 16 or 32 between two whole vectors.
-static inline void lp_stage2(__m512& a, __m512& c) {
-  const __m512 s = _mm512_add_ps(a, c);
-  c = _mm512_sub_ps(a, c);
-  a = s;
-}
-
+#if defined(LOWBIT_LP_VEC)
 // The stages below min(h, 64) in registers, in one pass over chunks of NV vectors: the stages
-// below IN = min(h, 16) by lane permutes inside each vector (plain loops would run h < 16
-// elements per iteration), 16 and 32 between them. WHOLE: that is the whole transform (h <= 64),
-// so the pass also multiplies by the norm.
+// below IN = min(h, W) by lane permutes inside each vector (plain loops would run h < W
+// elements per iteration), the others between whole vectors. WHOLE: that is the whole
+// transform (h <= 64), so the pass also multiplies by the norm.
 template <int IN, int NV, bool WHOLE>
 static void lp_hadamard_pass(const float* src, float* dst, int64_t len, float norm) {
-  const __m512 vn = _mm512_set1_ps(norm);
-  for (int64_t i = 0; i < len; i += 16 * NV) {
-    __m512 v[NV];
+  typedef LpVec V;
+  const typename V::T vn = V::set1(norm);
+  for (int64_t i = 0; i < len; i += V::W * NV) {
+    typename V::T v[NV];
     for (int k = 0; k < NV; ++k) {
-      v[k] = _mm512_loadu_ps(src + i + 16 * k);
-      for (int s = 1; s < IN; s *= 2) v[k] = lp_stage16(v[k], s);
+      v[k] = V::load(src + i + V::W * k);
+      for (int s = 1; s < IN; s *= 2) v[k] = V::stage(v[k], s);
     }
-    if (NV >= 2) lp_stage2(v[0], v[1 % NV]);
-    if (NV == 4) {
-      lp_stage2(v[2 % NV], v[3 % NV]);
-      lp_stage2(v[0], v[2 % NV]);
-      lp_stage2(v[1 % NV], v[3 % NV]);
-    }
-    for (int k = 0; k < NV; ++k) {
-      _mm512_storeu_ps(dst + i + 16 * k, WHOLE ? _mm512_mul_ps(v[k], vn) : v[k]);
-    }
+    for (int s = 1; s < NV; s *= 2)
+      for (int k = 0; k < NV; ++k)
+        if (!(k & s)) {
+          const typename V::T sum = V::add(v[k], v[k + s]);
+          v[k + s] = V::sub(v[k], v[k + s]);
+          v[k] = sum;
+        }
+    for (int k = 0; k < NV; ++k) V::store(dst + i + V::W * k, WHOLE ? V::mul(v[k], vn) : v[k]);
   }
+}
+
+template <int H>
+static void lp_hadamard_fixed(const float* src, float* dst, int64_t len, float norm) {
+  lp_hadamard_pass<(H < LpVec::W ? H : LpVec::W), (H > LpVec::W ? H / LpVec::W : 1), true>(
+      src, dst, len, norm);
 }
 #endif
 
@@ -126,18 +161,18 @@ static void lp_hadamard_pass(const float* src, float* dst, int64_t len, float no
 // it: all stages in fp32, then one product with hadamard_norm(h).
 static void lp_hadamard(const float* src, float* dst, int64_t len, int h) {
   const float norm = hadamard_norm(h);
-#if defined(LOWBIT_ISA_AVX512)
-  // 16 | len holds whenever h >= 16, and for smaller h on all but odd-sized rows.
-  if (h > 1 && len % 16 == 0) {
+#if defined(LOWBIT_LP_VEC)
+  // W | len holds whenever h >= W, and for smaller h on all but odd-sized rows.
+  if (h > 1 && len % LpVec::W == 0) {
     switch (h) {
-      case 2: lp_hadamard_pass<2, 1, true>(src, dst, len, norm); return;
-      case 4: lp_hadamard_pass<4, 1, true>(src, dst, len, norm); return;
-      case 8: lp_hadamard_pass<8, 1, true>(src, dst, len, norm); return;
-      case 16: lp_hadamard_pass<16, 1, true>(src, dst, len, norm); return;
-      case 32: lp_hadamard_pass<16, 2, true>(src, dst, len, norm); return;
-      case 64: lp_hadamard_pass<16, 4, true>(src, dst, len, norm); return;
+      case 2: lp_hadamard_fixed<2>(src, dst, len, norm); return;
+      case 4: lp_hadamard_fixed<4>(src, dst, len, norm); return;
+      case 8: lp_hadamard_fixed<8>(src, dst, len, norm); return;
+      case 16: lp_hadamard_fixed<16>(src, dst, len, norm); return;
+      case 32: lp_hadamard_fixed<32>(src, dst, len, norm); return;
+      case 64: lp_hadamard_fixed<64>(src, dst, len, norm); return;
       default:
-        lp_hadamard_pass<16, 4, false>(src, dst, len, norm);
+        lp_hadamard_pass<LpVec::W, 64 / LpVec::W, false>(src, dst, len, norm);
         lp_stages(dst, len, 64, h, norm);
         return;
     }
