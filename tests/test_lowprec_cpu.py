@@ -1,5 +1,5 @@
 """The CPU lowprec kernel's own paths, against the reference bit for bit: sizes that run it on
-several threads with non-temporal stores, rows split into several segments, the two-pass path
+several threads and in chunks that prefetch the next item, rows split into several segments, the two-pass path
 (column and tensor scaling, very long rows, a block whose lcm with the rotation block exceeds a
 segment), and the AVX2 and scalar clones (forced through LOWBIT_CPU_ISA in a subprocess, as
 test_cpu_isa_clones.py does)."""
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif("cpu" not in lowbit.available_backends(),
 
 # (rows, cols, dtype, spec, hadamard block): each crosses a path or boundary of the kernel
 CASES = [
-    # > 1M elements: OpenMP and streamed fp32 stores; the one-pass block path, rotated
+    # > 1M elements: OpenMP, items prefetching their successors; the one-pass block path, rotated
     (300, 4096, torch.float32, QuantSpec("e2m1", "block", 32, "e8m0"), 32),
     (300, 4096, torch.float32, QuantSpec("int4", "block", 256, "fp32", "stochastic"), 0),
     (300, 4096, torch.bfloat16, QuantSpec("e4m3", "row"), 128),
@@ -62,7 +62,7 @@ def test_large_and_multi_segment_shapes_match_the_reference(case):
     assert bits_equal(got, want)
 
 
-# large (threads, streamed stores) and rows that are no multiple of 16 (no in-register stages)
+# large (threads, straight from x into out) and rows that are no multiple of 16 (no in-register stages)
 @pytest.mark.parametrize("shape", [(260, 4096, 4), (260, 4096, 64), (260, 4096, 512),
                                    (7, 40, 8), (5, 24, 8), (3, 6, 2)], ids=str)
 def test_block_hadamard_shapes_match_the_reference(shape):
