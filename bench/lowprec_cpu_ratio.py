@@ -50,8 +50,8 @@ def main():
             run()
             fq.append(time.perf_counter() - t0)
         c, f = statistics.median(copy), statistics.median(fq)
-        print(f"{name:28s} {f * 1e3:7.2f} ms ({nbytes / f / 1e9:5.1f} GB/s)   copy {c * 1e3:6.2f} ms"
-              f" ({nbytes / c / 1e9:5.1f} GB/s)   ratio {c / f:4.2f}")
+        print(f"{name:28s} {f * 1e3:7.2f} ms ({nbytes / f / 1e9:5.1f} GB/s)   "
+              f"copy {c * 1e3:6.2f} ms ({nbytes / c / 1e9:5.1f} GB/s)   ratio {c / f:4.2f}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """The CPU lowprec kernel's own paths, against the reference bit for bit: sizes that run it on
-several threads and in chunks that prefetch the next item, rows split into several segments, the two-pass path
-(column and tensor scaling, very long rows, a block whose lcm with the rotation block exceeds a
-segment), and the AVX2 and scalar clones (forced through LOWBIT_CPU_ISA in a subprocess, as
-test_cpu_isa_clones.py does)."""
+several threads, rows split into several segments, the two-pass path (column and tensor scaling,
+very long rows, a block whose lcm with the rotation block exceeds a segment), the E2M1 and float8
+roundings of lowbit/lowprec.h on sweeps of bit patterns, and the AVX2 and scalar clones (forced
+through LOWBIT_CPU_ISA in a subprocess, as test_cpu_isa_clones.py does)."""
 import os
 import subprocess
 import sys
@@ -62,7 +62,8 @@ def test_large_and_multi_segment_shapes_match_the_reference(case):
     assert bits_equal(got, want)
 
 
-# large (threads, straight from x into out) and rows that are no multiple of 16 (no in-register stages)
+# large (threads, straight from x into out) and rows that are no multiple of 16 (no in-register
+# stages)
 @pytest.mark.parametrize("shape", [(260, 4096, 4), (260, 4096, 64), (260, 4096, 512),
                                    (7, 40, 8), (5, 24, 8), (3, 6, 2)], ids=str)
 def test_block_hadamard_shapes_match_the_reference(shape):
@@ -86,8 +87,10 @@ print(_ext.C.isa())
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
     x = awkward(33, 96, dtype, seed=3, specials=dtype != torch.bfloat16)
     for fmt in FORMATS:
-        for scaling, sf, rnd, hb in (("block", "e8m0", "nearest", 32), ("row", "fp32", "stochastic", 0),
-                                     ("column", "fp32", "nearest", 8), ("tensor", "e8m0", "stochastic", 2)):
+        for scaling, sf, rnd, hb in (("block", "e8m0", "nearest", 32),
+                                     ("row", "fp32", "stochastic", 0),
+                                     ("column", "fp32", "nearest", 8),
+                                     ("tensor", "e8m0", "stochastic", 2)):
             spec = QuantSpec(fmt, scaling, 32, sf, rnd)
             want = H.rotated_fake_quant(x, spec, hb, 7, 11)
             got = lowprec.fake_quant(x, spec, 7, 11, hadamard_block=hb, backend="cpu")

@@ -4,8 +4,8 @@
 //
 // Every row segment goes through a small fp32 buffer: load (widening bf16/fp16 exactly), rotate
 // when had > 0, take each group's absmax and scale, quantize and dequantize in place (codes
-// straight to memory), rotate back, store with one nearest-even cast. The rounding itself is lowbit/lowprec.h's, called per
-// element, so codes and values are the CUDA kernels' bit for bit.
+// straight to memory), rotate back, store with one nearest-even cast. The rounding itself is
+// lowbit/lowprec.h's, called per element, so codes and values are the CUDA kernels' bit for bit.
 //   block and row scaling: one pass — a segment holds whole groups, whose absmax and scale come
 //     from the buffer (unless a block and the rotation block have a huge lcm, or a row is very
 //     long: then the two-pass path below)
