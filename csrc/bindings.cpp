@@ -138,6 +138,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("dequantize_blockwise", &py_dequantize_blockwise);
   m.def("stochastic_round", &py_stochastic_round);
   m.def("grad_stats", &py_grad_stats, "per-tensor sum of squares, non-finite count, max |g|, NaN count");
-  m.def("lowprec", &py_lowprec, "scaled low-precision (fake) quantization, block Hadamard rotation");
+  m.def("lowprec", &py_lowprec, "scaled low-precision (fake) quantization, Hadamard rotation");
   m.def("optim_step", &py_optim_step, "fused multi-tensor optimizer step (Adam, Lion, SGD)");
 }

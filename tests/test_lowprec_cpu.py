@@ -1,8 +1,8 @@
 """The CPU lowprec kernel's own paths, against the reference bit for bit: sizes that run it on
-several threads with non-temporal stores, rows split into several segments, the two-pass path
-(column and tensor scaling, very long rows, a block whose lcm with the rotation block exceeds a
-segment), and the AVX2 and scalar clones (forced through LOWBIT_CPU_ISA in a subprocess, as
-test_cpu_isa_clones.py does)."""
+several threads, rows split into several segments, the two-pass path (column and tensor scaling,
+very long rows, a block whose lcm with the rotation block exceeds a segment), the E2M1 and float8
+roundings of lowbit/lowprec.h on sweeps of bit patterns, and the AVX2 and scalar clones (forced
+through LOWBIT_CPU_ISA in a subprocess, as test_cpu_isa_clones.py does)."""
 import os
 import subprocess
 import sys
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif("cpu" not in lowbit.available_backends(),
 
 # (rows, cols, dtype, spec, hadamard block): each crosses a path or boundary of the kernel
 CASES = [
-    # > 1M elements: OpenMP and streamed fp32 stores; the one-pass block path, rotated
+    # > 1M elements: OpenMP, items prefetching their successors; the one-pass block path, rotated
     (300, 4096, torch.float32, QuantSpec("e2m1", "block", 32, "e8m0"), 32),
     (300, 4096, torch.float32, QuantSpec("int4", "block", 256, "fp32", "stochastic"), 0),
     (300, 4096, torch.bfloat16, QuantSpec("e4m3", "row"), 128),
@@ -62,7 +62,8 @@ def test_large_and_multi_segment_shapes_match_the_reference(case):
     assert bits_equal(got, want)
 
 
-# large (threads, streamed stores) and rows that are no multiple of 16 (no in-register stages)
+# large (threads, straight from x into out) and rows that are no multiple of 16 (no in-register
+# stages)
 @pytest.mark.parametrize("shape", [(260, 4096, 4), (260, 4096, 64), (260, 4096, 512),
                                    (7, 40, 8), (5, 24, 8), (3, 6, 2)], ids=str)
 def test_block_hadamard_shapes_match_the_reference(shape):
@@ -86,8 +87,10 @@ print(_ext.C.isa())
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
     x = awkward(33, 96, dtype, seed=3, specials=dtype != torch.bfloat16)
     for fmt in FORMATS:
-        for scaling, sf, rnd, hb in (("block", "e8m0", "nearest", 32), ("row", "fp32", "stochastic", 0),
-                                     ("column", "fp32", "nearest", 8), ("tensor", "e8m0", "stochastic", 2)):
+        for scaling, sf, rnd, hb in (("block", "e8m0", "nearest", 32),
+                                     ("row", "fp32", "stochastic", 0),
+                                     ("column", "fp32", "nearest", 8),
+                                     ("tensor", "e8m0", "stochastic", 2)):
             spec = QuantSpec(fmt, scaling, 32, sf, rnd)
             want = H.rotated_fake_quant(x, spec, hb, 7, 11)
             got = lowprec.fake_quant(x, spec, 7, 11, hadamard_block=hb, backend="cpu")
@@ -115,3 +118,24 @@ def test_forced_isa_clone_lowprec_matches_reference(isa):
     if isa == "avx2" and chosen == "scalar":
         pytest.skip("this CPU has no AVX2; the scalar clone is covered by the other case")
     assert chosen == isa and status == "ok"
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("fmt", ["e2m1", "e4m3", "e5m2"])
+def test_float_rounding_on_a_sweep_of_bit_patterns(fmt, rounding):
+    """lowprec.h rounds E2M1 (both roundings) and float8 (nearest) with its own fp32 arithmetic,
+    not by grid comparisons or round_to_fmt: every 4096th bit pattern up to the format's maximum
+    (all values with few mantissa bits, so every tie), a random sample of the rest, both signs; a
+    maximum in the tensor makes the scale exactly 1 (fp32 and e8m0)."""
+    g = torch.Generator().manual_seed(1)
+    fmax = torch.tensor([ref.FMT_MAX[fmt]], dtype=torch.float32)
+    top = int(fmax.view(torch.int32))
+    bits = torch.cat([torch.arange(0, top + 1, 4096), torch.randint(0, top + 1, (200000,),
+                                                                     generator=g)])
+    x = bits.to(torch.int32).view(torch.float32)
+    x = torch.cat([x, -x, fmax])
+    for sf in ("fp32", "e8m0"):
+        spec = QuantSpec(fmt, "tensor", 32, sf, rounding)
+        want = ref.quantize(x, spec, 5, 9)
+        got = lowprec.quantize(x, spec, 5, 9, backend="cpu")
+        assert bits_equal(got.scales, want.scales) and bits_equal(got.codes, want.codes)
