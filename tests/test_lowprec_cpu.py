@@ -15,7 +15,7 @@ from lowbit import lowprec
 from lowbit.reference import hadamard as ref_hadamard, lowprec as ref
 from lowbit.reference.lowprec import QuantSpec
 
-from test_lowprec_kernels import awkward, bits_equal
+from test_lowprec_kernels import assert_backend_matches, awkward, bits_equal
 
 pytestmark = pytest.mark.skipif("cpu" not in lowbit.available_backends(),
                                 reason="lowbit._C is not built")
@@ -52,14 +52,7 @@ def test_large_and_multi_segment_shapes_match_the_reference(case):
     rows, cols, dtype, spec, hb = case
     x = awkward(rows, cols, dtype, seed=rows + cols, specials=dtype != torch.bfloat16)
     seed, offset = 4321, 2**40 + 5   # counters beyond 32 bits
-    want = ref.quantize(ref_hadamard.block_hadamard(x.float(), hb) if hb else x, spec, seed,
-                        offset)
-    got = lowprec.quantize(x, spec, seed, offset, hadamard_block=hb, backend="cpu")
-    assert bits_equal(got.codes, want.codes)
-    assert bits_equal(got.scales, want.scales)
-    want = ref_hadamard.rotated_fake_quant(x, spec, hb, seed, offset)
-    got = lowprec.fake_quant(x, spec, seed, offset, hadamard_block=hb, backend="cpu")
-    assert bits_equal(got, want)
+    assert_backend_matches(x, spec, hb, seed, offset, "cpu")
 
 
 # large (threads, straight from x into out) and rows that are no multiple of 16 (no in-register
@@ -82,7 +75,7 @@ sys.path.insert(0, TESTS)
 from lowbit import _ext, lowprec
 from lowbit.reference import hadamard as H, lowprec as ref
 from lowbit.reference.lowprec import FORMATS, QuantSpec
-from test_lowprec_kernels import awkward, bits_equal
+from test_lowprec_kernels import assert_backend_matches, awkward, bits_equal
 print(_ext.C.isa())
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
     x = awkward(33, 96, dtype, seed=3, specials=dtype != torch.bfloat16)

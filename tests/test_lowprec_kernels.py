@@ -44,6 +44,19 @@ def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
         a.contiguous().view(view), b.contiguous().view(view))
 
 
+def assert_backend_matches(x, spec, hb, seed, offset, backend):
+    """Codes, scales (of x rotated by hb, when hb) and the fused fake quant of `backend` equal the
+    reference's, bit for bit."""
+    want = ref.quantize(ref_hadamard.block_hadamard(x.float(), hb) if hb else x, spec, seed,
+                        offset)
+    got = lowprec.quantize(x, spec, seed, offset, hadamard_block=hb, backend=backend)
+    assert bits_equal(got.codes, want.codes)
+    assert bits_equal(got.scales, want.scales)
+    want = ref_hadamard.rotated_fake_quant(x, spec, hb, seed, offset)
+    got = lowprec.fake_quant(x, spec, seed, offset, hadamard_block=hb, backend=backend)
+    assert bits_equal(got, want)
+
+
 SPECS = [QuantSpec(fmt, scaling, block, sf, rnd)
          for fmt in FORMATS
          for scaling, block in (("block", 32), ("block", 48), ("row", 32), ("column", 32),

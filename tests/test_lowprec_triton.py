@@ -13,18 +13,11 @@ from lowbit.reference import hadamard as ref_hadamard, lowprec as ref  # noqa: E
 from lowbit.reference.lowprec import QuantSpec  # noqa: E402
 from lowbit.triton_kernels import lowprec as tk  # noqa: E402
 
-from test_lowprec_kernels import awkward, bits_equal  # noqa: E402
+from test_lowprec_kernels import assert_backend_matches, awkward, bits_equal  # noqa: E402
 
 
 def _check(x, spec, hb, seed=7, offset=11):
-    want = ref.quantize(ref_hadamard.block_hadamard(x.float(), hb) if hb else x, spec, seed,
-                        offset)
-    got = lowprec.quantize(x, spec, seed, offset, hadamard_block=hb, backend="triton")
-    assert bits_equal(got.codes, want.codes)
-    assert bits_equal(got.scales, want.scales)
-    want = ref_hadamard.rotated_fake_quant(x, spec, hb, seed, offset)
-    got = lowprec.fake_quant(x, spec, seed, offset, hadamard_block=hb, backend="triton")
-    assert bits_equal(got, want)
+    assert_backend_matches(x, spec, hb, seed, offset, "triton")
 
 
 @pytest.mark.parametrize("scaling,block,hb,want", [

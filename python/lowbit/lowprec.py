@@ -71,7 +71,7 @@ def quantize(x: torch.Tensor, spec: QuantSpec, seed: int = 0, offset: int = 0, *
     _check_stream(seed, offset)
     hb = _check_hadamard(hadamard_block, x)
     name = _backend(x, backend)
-    x2 = _matrix(x if name != "reference" or x.dtype != torch.float64 else x.float())
+    x2 = _matrix(x.float() if x.dtype == torch.float64 else x)   # exact: the rules are fp32
     codes, stored = ops.lowprec_quantize(x2, *_args(spec, seed, offset, hb), name)
     view = _FP8.get(spec.format, torch.int8 if spec.format in ("int8", "int4") else torch.uint8)
     return Quantized(codes.view(view).reshape(x.shape),
