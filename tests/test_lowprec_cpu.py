@@ -113,6 +113,37 @@ def test_forced_isa_clone_lowprec_matches_reference(isa):
     assert chosen == isa and status == "ok"
 
 
+def bit_pattern_sweep(fmt):
+    """Every 4096th fp32 bit pattern from 0 up to the format's maximum (all values with few
+    mantissa bits, so every grid point and tie), a random sample of the rest, both signs, and the
+    maximum itself last."""
+    g = torch.Generator().manual_seed(1)
+    fmax = torch.tensor([ref.FMT_MAX[fmt]], dtype=torch.float32)
+    top = int(fmax.view(torch.int32))
+    bits = torch.cat([torch.arange(0, top + 1, 4096), torch.randint(0, top + 1, (200000,),
+                                                                     generator=g)])
+    x = bits.to(torch.int32).view(torch.float32)
+    return torch.cat([x, -x, fmax])
+
+
+@pytest.mark.parametrize("fmt", ref.FORMATS)
+def test_nearest_fake_quant_on_a_sweep_of_bit_patterns(fmt):
+    """fake_quant with nearest rounding and no codes wanted runs one loop that rounds onto the
+    grid straight from the fp32 bits (lowprec.h lp_grid_nearest; e8m0 scales multiply by the
+    inverse instead of dividing): on the sweep, in the one-pass path (blocks of 32, each holding
+    the maximum, so every scale is exactly 1) and the two-pass path (tensor scaling)."""
+    x = bit_pattern_sweep(fmt)
+    body = x[:-1][: (x.numel() - 1) // (31 * 128) * (31 * 128)].view(-1, 31)
+    blocks = torch.cat([x[-1:].expand(body.shape[0], 1), body], 1).reshape(-1, 4096)
+    for t, scaling in ((blocks, "block"), (x, "tensor")):
+        for sf in ("fp32", "e8m0"):
+            spec = QuantSpec(fmt, scaling, 32, sf)
+            assert bits_equal(lowprec.fake_quant(t, spec, backend="cpu"), ref.fake_quant(t, spec))
+            # and with scales that are not 1 (e8m0: a power of two far from 1)
+            y = t * 2.0**-100
+            assert bits_equal(lowprec.fake_quant(y, spec, backend="cpu"), ref.fake_quant(y, spec))
+
+
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 @pytest.mark.parametrize("fmt", ["e2m1", "e4m3", "e5m2"])
 def test_float_rounding_on_a_sweep_of_bit_patterns(fmt, rounding):
@@ -120,13 +151,7 @@ def test_float_rounding_on_a_sweep_of_bit_patterns(fmt, rounding):
     not by grid comparisons or round_to_fmt: every 4096th bit pattern up to the format's maximum
     (all values with few mantissa bits, so every tie), a random sample of the rest, both signs; a
     maximum in the tensor makes the scale exactly 1 (fp32 and e8m0)."""
-    g = torch.Generator().manual_seed(1)
-    fmax = torch.tensor([ref.FMT_MAX[fmt]], dtype=torch.float32)
-    top = int(fmax.view(torch.int32))
-    bits = torch.cat([torch.arange(0, top + 1, 4096), torch.randint(0, top + 1, (200000,),
-                                                                     generator=g)])
-    x = bits.to(torch.int32).view(torch.float32)
-    x = torch.cat([x, -x, fmax])
+    x = bit_pattern_sweep(fmt)
     for sf in ("fp32", "e8m0"):
         spec = QuantSpec(fmt, "tensor", 32, sf, rounding)
         want = ref.quantize(x, spec, 5, 9)

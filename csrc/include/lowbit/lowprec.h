@@ -224,6 +224,36 @@ LOWBIT_HD float lp_dequant(uint8_t c, float scale, int fmt) {
   return scale != scale ? scale : v;
 }
 
+// The grid value of a scaled value y (finite, |y| <= FMT_MAX) under nearest-even rounding,
+// straight from y's fp32 bits: lp_decode(lp_encode(y, fmt, false, 0), fmt) for every such y and
+// format (checked exhaustively, both signs), at about half the cost of encoding and decoding —
+// the CPU fake-quant loop needs no code. The addition trick of lp_e2m1_nearest / lp_fp8_nearest
+// rounds |y| onto the grid; the sign follows the code's: e2m1 and the integer formats have no
+// negative zero (code 0 decodes to +0; rintf(-0.3) + 0 is +0), float8 keeps it.
+LOWBIT_HD float lp_grid_nearest(float y, int fmt) {
+  if (fmt == kLpInt8 || fmt == kLpInt4) return rintf(y) + 0.0f;
+  const uint32_t b = f32_bits(y), sign = b & 0x80000000u, a = b & 0x7FFFFFFFu;
+  const uint32_t E = a >> 23;
+  if (fmt == kLpE2M1) {
+    const float m = bits_f32(((E > 127u ? E : 127u) + 22u) << 23);
+    const uint32_t v = f32_bits((bits_f32(a) + m) - m);
+    return bits_f32(v | (v ? sign : 0u));
+  }
+  const uint32_t mbits = fmt == kLpE4M3 ? 3u : 2u;
+  const uint32_t emin = fmt == kLpE4M3 ? 127u - 6u : 127u - 14u;
+  const float m = bits_f32(((E > emin ? E : emin) + 23u - mbits) << 23);
+  return bits_f32(f32_bits((bits_f32(a) + m) - m) | sign);
+}
+
+// 1 / s for an e8m0 scale s = 2**e, e in [-127, 127]: the power of two 2**-e, from the bits
+// (2**-127 is the subnormal 0x00400000). x / s and x * (1 / s) then round the same exact
+// quotient, so the multiply may stand in for lp_scaled's division. (A NaN s gives garbage; the
+// caller returns the NaN scale for such groups.)
+LOWBIT_HD float lp_e8m0_inverse(float s) {
+  const uint32_t b = f32_bits(s), E = b >> 23;
+  return bits_f32(b == 0x00400000u ? 0x7F000000u : E >= 254u ? 0x00400000u : (254u - E) << 23);
+}
+
 // One element quantized and dequantized in fp32 (before the cast to the output dtype).
 LOWBIT_HD float lp_fake_quant(float x, float scale, int fmt, bool stochastic, uint32_t r,
                               uint8_t* code) {
