@@ -74,6 +74,23 @@ LOWBIT_HD float lp_scale(float absmax, int fmt, bool e8m0, uint8_t* code) {
   return e8m0_to_f32((uint8_t)(e + 127));
 }
 
+// lp_scale's e8m0 code of a group with absmax bits `ab` (non-negative: an absmax), without the
+// float64 division, so that a loop over many groups vectorizes (the CPU block path): with
+// absmax = a * 2**ea and FMT_MAX = f * 2**ef (a, f in [1, 2)), absmax / FMT_MAX = (a / f) *
+// 2**(ea - ef) with a / f in (1/2, 2), so ceil(log2) = ea - ef, plus one iff a > f. Subnormal
+// absmaxes are normalized by an exact product with 2**64. Equal to lp_scale's code for every
+// absmax bit pattern (checked exhaustively).
+LOWBIT_HD uint32_t lp_e8m0_code(uint32_t ab, int fmt) {
+  const uint32_t fb = f32_bits(lp_fmax(fmt));
+  const uint32_t E = ab >> 23;
+  const uint32_t nb = E ? ab : f32_bits(bits_f32(ab) * 18446744073709551616.0f);  // * 2**64
+  const int ea = (int)(nb >> 23) - 127 - (E ? 0 : 64);
+  int e = ea - ((int)(fb >> 23) - 127) + ((nb & 0x7FFFFFu) > (fb & 0x7FFFFFu) ? 1 : 0);
+  e = ab == 0 ? -127 : e;
+  e = e < -127 ? -127 : (e > 127 ? 127 : e);
+  return ab >= 0x7F800000u ? 255u : (uint32_t)(e + 127);
+}
+
 // x / scale clamped to the format's range; 0 where the scale is 0 (an all-zero group with fp32
 // scales), NaN where it is NaN (a group holding inf or NaN).
 LOWBIT_HD float lp_scaled(float x, float scale, float fmax) {
