@@ -309,11 +309,16 @@ static inline void lp_fill(LpBufs& b, int64_t k, int64_t n, float s) {
 }
 
 // What one call does, decided once.
+struct LpPlan;
+typedef void (*LpFakeSegFn)(const LowprecArgs&, const LpPlan&, LpBufs&, int64_t, int64_t,
+                            int64_t);
+
 struct LpPlan {
   int64_t seg;     // row segment length of a work item (a multiple of the rotation block)
   int64_t nb;      // blocks per row (block scaling)
   int had;         // rotation block, 0 for none
   LpQuantFn quant;
+  LpFakeSegFn fake_seg;  // the one-pass path's nearest fake quant without codes, or null
 };
 
 static inline void lp_store_scale(const LowprecArgs& a, int64_t g, float s, uint8_t e8) {
@@ -346,10 +351,10 @@ static inline void lp_for_groups(const LowprecArgs& a, const LpPlan& p, int64_t 
 // come from lp_e8m0_code's integer form of lp_scale), then the stores and the spreading —
 // rather than block by block, where each block's scalar scale math and short loops cost ~30
 // cycles: 3 ms of 10 for blocks of 32 on 4096 x 4096.
+// (`buf`: the segment's values, b.x or, unrotated fp32, x itself; `spread`: also fill b.scale)
 static void lp_block_scales(const LowprecArgs& a, const LpPlan& p, LpBufs& b, int64_t r,
-                            int64_t c0, int64_t len) {
+                            int64_t c0, int64_t len, const float* buf, bool spread) {
   const int64_t B = a.block, ng = (len + B - 1) / B, g0 = r * p.nb + c0 / B;
-  const float* buf = b.x.data();
   uint32_t* __restrict am = b.gmax.data();
   float* __restrict gs = b.gscale.data();
   for (int64_t j = 0; j < ng; ++j) {
@@ -373,6 +378,7 @@ static void lp_block_scales(const LowprecArgs& a, const LpPlan& p, LpBufs& b, in
       gs[j] = am[j] < 0x7F800000u ? div_rn(bits_f32(am[j]), fmax) : bits_f32(0x7FC00000u);
     memcpy((float*)a.scales + g0, gs, sizeof(float) * (size_t)ng);
   }
+  if (!spread) return;
   for (int64_t j = 0; j < ng; ++j) {
     const int64_t k = j * B;
     lp_fill(b, k, len - k < B ? len - k : B, gs[j]);
@@ -440,6 +446,83 @@ static void lp_quantize(const LowprecArgs& a, const LpPlan& p, LpBufs& b, int64_
   if (!per_chunk) lp_finish<DT>(a, p, r, c0, len, b.x.data());
 }
 
+// Nearest fake quantization of n values with the one scale s, src -> dst (may be the same):
+// lp_fake_chunk's arithmetic with the scale's cases decided once.
+template <int FMT, bool E8>
+static inline void lp_fake_run(const float* src, float* dst, int64_t n, float s) {
+  const float fmax = lp_fmax(FMT);
+  if (!(s > 0.0f)) {  // NaN: a non-finite group (lp_dequant's NaN scale); 0: an all-zero group
+    const float v = s != s ? s : 0.0f;
+    for (int64_t i = 0; i < n; ++i) dst[i] = v;
+    return;
+  }
+  const float inv = E8 ? lp_e8m0_inverse(s) : 0.0f;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    float y = E8 ? mul_rn(src[i], inv) : div_rn(src[i], s);
+    y = y > fmax ? fmax : y;
+    y = y < -fmax ? -fmax : y;
+    dst[i] = mul_rn(lp_grid_nearest(y, FMT), s);
+  }
+}
+
+// The one-pass path's fake quantization with nearest rounding when no codes are wanted: the
+// segment's scales, then group by group with the scale in a register (no per-element scale
+// array), in chunks of 512 that prefetch the next item and store (rotated back) as they go, as
+// lp_quantize. An unrotated fp32 x is read and written in place of the buffer: x -> out.
+template <int DT, int FMT, bool E8>
+static void lp_fake_segment(const LowprecArgs& a, const LpPlan& p, LpBufs& b, int64_t r,
+                            int64_t c0, int64_t len) {
+  const bool direct = DT == kF32 && !p.had;
+  const int64_t e0 = r * a.cols + c0;
+  float* buf = b.x.data();
+  const float* src = direct ? (const float*)a.x + e0 : buf;
+  float* dst = direct ? (float*)a.out + e0 : buf;
+  if (!direct) lp_fetch<DT>(a, p, r, c0, len, buf);
+  const int64_t B = a.scaling == kLpBlock ? a.block : len;
+  if (a.scaling == kLpBlock) {
+    lp_block_scales(a, p, b, r, c0, len, src, false);
+  } else {  // row or tensor scaling: one group
+    uint8_t e8 = 0;
+    const float s = lp_scale(bits_f32(lp_absmax_bits(src, len)), a.fmt, a.e8m0, &e8);
+    lp_store_scale(a, a.scaling == kLpRow ? r : 0, s, e8);
+    b.gscale[0] = s;
+  }
+  const float* gs = b.gscale.data();
+  const int64_t chunk = 512, nchunks = (len + chunk - 1) / chunk;  // (a multiple of had <= 512)
+  const bool per_chunk = !direct && p.had <= chunk;
+  int64_t k = 0, j = 0;
+  for (int64_t c = 0; c < nchunks; ++c) {
+    if (b.next) {
+      const int64_t lo = b.next_bytes * c / nchunks, hi = b.next_bytes * (c + 1) / nchunks;
+      for (int64_t o = lo & ~(int64_t)63; o < hi; o += 64) __builtin_prefetch(b.next + o, 0, 2);
+    }
+    const int64_t end = (c + 1) * chunk < len ? (c + 1) * chunk : len;
+    while (k < end) {  // the part of group j inside this chunk
+      const int64_t gend = (j + 1) * B < len ? (j + 1) * B : len;
+      const int64_t pend = gend < end ? gend : end;
+      lp_fake_run<FMT, E8>(src + k, dst + k, pend - k, gs[j]);
+      k = pend;
+      if (k == gend) ++j;
+    }
+    if (per_chunk) lp_finish<DT>(a, p, r, c0 + c * chunk, end - c * chunk, buf + c * chunk);
+  }
+  if (!direct && !per_chunk) lp_finish<DT>(a, p, r, c0, len, buf);
+}
+
+template <int DT>
+static LpFakeSegFn lp_fake_seg_fn(int fmt, bool e8) {
+#define LOWBIT_LP_FN(F) return e8 ? lp_fake_segment<DT, F, true> : lp_fake_segment<DT, F, false>
+  switch (fmt) {
+    case kLpInt8: LOWBIT_LP_FN(kLpInt8);
+    case kLpInt4: LOWBIT_LP_FN(kLpInt4);
+    case kLpE4M3: LOWBIT_LP_FN(kLpE4M3);
+    case kLpE5M2: LOWBIT_LP_FN(kLpE5M2);
+    default: LOWBIT_LP_FN(kLpE2M1);
+  }
+#undef LOWBIT_LP_FN
+}
+
 // The one-pass path: every work item is a segment holding whole groups (or no quantization).
 template <int DT>
 static void lp_one_pass(const LowprecArgs& a, const LpPlan& p) {
@@ -465,11 +548,15 @@ static void lp_one_pass(const LowprecArgs& a, const LpPlan& p) {
         }
         continue;
       }
+      if (p.fake_seg) {
+        p.fake_seg(a, p, b, r, c0, len);
+        continue;
+      }
       lp_fetch<DT>(a, p, r, c0, len, buf);
       if (a.stochastic)
         fill_philox(a.seed, a.offset + (uint64_t)(r * a.cols + c0), len, b.r.data());
       if (a.scaling == kLpBlock) {
-        lp_block_scales(a, p, b, r, c0, len);
+        lp_block_scales(a, p, b, r, c0, len, buf, true);
       } else {
         lp_for_groups(a, p, r, c0, len, [&](int64_t k, int64_t n, int64_t g) {
           uint8_t e8 = 0;
@@ -599,18 +686,21 @@ static void lp_all(const LowprecArgs& a) {
     return;
   }
   p.nb = a.scaling == kLpBlock ? (a.cols + a.block - 1) / a.block : 0;
-  p.quant = lp_quant_fn(a.fmt, a.stochastic, !a.stochastic && !a.codes, a.e8m0);
+  const bool fake = !a.stochastic && !a.codes;  // nearest rounding, no codes wanted
+  p.quant = lp_quant_fn(a.fmt, a.stochastic, fake, a.e8m0);
   if (a.scaling == kLpBlock) {
     // segments hold whole blocks and whole rotation blocks
     const int64_t unit = a.block / lp_gcd(a.block, unit_had) * unit_had;
     if (unit <= kLpSegMax) {
       if (a.cols > unit) p.seg = unit * (kLpSeg / unit > 1 ? kLpSeg / unit : 1);
       else p.seg = a.cols;
+      if (fake) p.fake_seg = lp_fake_seg_fn<DT>(a.fmt, a.e8m0);
       lp_one_pass<DT>(a, p);
       return;
     }
   } else if (a.scaling == kLpRow && a.cols <= kLpSegMax) {
     p.seg = a.cols;
+    if (fake) p.fake_seg = lp_fake_seg_fn<DT>(a.fmt, a.e8m0);
     lp_one_pass<DT>(a, p);
     return;
   }
