@@ -55,6 +55,25 @@ def test_large_and_multi_segment_shapes_match_the_reference(case):
     assert_backend_matches(x, spec, hb, seed, offset, "cpu")
 
 
+# The stochastic words come four per Philox counter (element i: word i % 4 of counter i // 4)
+# while segments start anywhere (offset + r * cols + c0): misaligned offsets on rows shorter than
+# the words left in the first counter, rows of 37, and a long row split into segments, in the
+# one-pass (block, row) and two-pass (column, tensor) paths, the float8 path included.
+@pytest.mark.parametrize("shape", [(37,), (9, 1), (13, 3), (6, 37), (3, 9000)], ids=str)
+@pytest.mark.parametrize("offset", [5, 2**34 + 6, 3])
+def test_stochastic_stream_on_misaligned_segments_matches_the_reference(shape, offset):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(offset % 100))
+    for spec in (QuantSpec("int8", "block", 4, "fp32", "stochastic"),
+                 QuantSpec("e2m1", "row", 32, "e8m0", "stochastic"),
+                 QuantSpec("e4m3", "column", 32, "fp32", "stochastic"),
+                 QuantSpec("int4", "tensor", 32, "fp32", "stochastic")):
+        want = ref.quantize(x, spec, 77, offset)
+        got = lowprec.quantize(x, spec, 77, offset, backend="cpu")
+        assert bits_equal(got.codes, want.codes), spec
+        assert bits_equal(lowprec.fake_quant(x, spec, 77, offset, backend="cpu"),
+                          ref.fake_quant(x, spec, 77, offset)), spec
+
+
 # large (threads, straight from x into out) and rows that are no multiple of 16 (no in-register
 # stages)
 @pytest.mark.parametrize("shape", [(260, 4096, 4), (260, 4096, 64), (260, 4096, 512),

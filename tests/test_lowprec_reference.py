@@ -9,7 +9,8 @@ import torch
 
 from lowbit.reference.hadamard import block_hadamard, hadamard_matrix
 from lowbit.reference.lowprec import (E2M1_VALUES, FMT_MAX, FORMATS, QuantSpec, decode,
-                                      dequantize, e8m0_to_float, fake_quant, quantize)
+                                      dequantize, e8m0_to_float, fake_quant, philox_uniform,
+                                      quantize)
 
 
 def grid(fmt):
@@ -187,8 +188,64 @@ def test_stochastic_stream_contract():
     a = quantize(x, spec, seed=5)
     assert torch.equal(a.codes, quantize(x, spec, seed=5).codes)
     assert not torch.equal(a.codes, quantize(x, spec, seed=6).codes)
-    # element i uses counter offset + i: rows 1.. quantized at offset 32 draw the same words
+    # element i = offset + position draws word i % 4 of counter i // 4: rows 1.. quantized at
+    # offset 32 draw the same words
     assert torch.equal(quantize(x[1:], spec, seed=5, offset=32).codes, a.codes[1:])
+
+
+_M32 = 0xFFFFFFFF
+
+
+def philox4x32_10(counter, key):
+    """Philox4x32-10 on plain Python ints (Salmon et al., SC'11), written apart from
+    lowbit.reference.philox so that the stream layout is checked against an independent
+    generator."""
+    c, k = list(counter), list(key)
+    for _ in range(10):
+        p0, p1 = 0xD2511F53 * c[0], 0xCD9E8D57 * c[2]
+        c = [(p1 >> 32) ^ c[1] ^ k[0], p1 & _M32, (p0 >> 32) ^ c[3] ^ k[1], p0 & _M32]
+        k = [(k[0] + 0x9E3779B9) & _M32, (k[1] + 0xBB67AE85) & _M32]
+    return c
+
+
+def test_independent_philox_gives_the_random123_answers():
+    # Random123's known-answer vectors for philox4x32_10
+    assert philox4x32_10([0, 0, 0, 0], [0, 0]) == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C,
+                                                  0x9B00DBD8]
+    assert philox4x32_10([_M32] * 4, [_M32, _M32]) == [0x408F276D, 0x41C83B0E, 0xA20BC7C6,
+                                                      0x6D5451FD]
+    assert philox4x32_10([0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344],
+                         [0xA4093822, 0x299F31D0]) == [0xD16CFE09, 0x94FDCCEB, 0x5001E420,
+                                                       0x24126EA1]
+
+
+def stream_words(seed, offset, n):
+    """The lowprec stochastic stream: element i = offset + position takes word i % 4 of Philox
+    counter (lo32(i // 4), hi32(i // 4), 0, 0) under key (lo32(seed), hi32(seed))."""
+    key = [seed & _M32, seed >> 32]
+    return [philox4x32_10([(i >> 2) & _M32, i >> 34, 0, 0], key)[i & 3]
+            for i in range(offset, offset + n)]
+
+
+# misaligned offsets (the stream starts inside a counter's four words), one whose counters need
+# their high 32 bits, and a seed whose high 32 bits are set
+@pytest.mark.parametrize("seed, offset", [(5, 5), (2**40 + 17, 2**34 + 7), (3, 0)])
+def test_stochastic_words_are_word_i_mod_4_of_counter_i_div_4(seed, offset):
+    n = 37
+    want = stream_words(seed, offset, n)
+    assert philox_uniform(seed, offset, n).tolist() == want
+    # and quantize rounds with exactly those words: int8 with absmax 127 (scale exactly 1), so
+    # y = x and element j rounds up iff (word >> 8) < (y - floor(y)) * 2**24 (exact in floats)
+    g = torch.Generator().manual_seed(offset % 1000)
+    y = torch.floor(torch.rand(n, generator=g) * 200 - 100) + torch.rand(n, generator=g)
+    y[0], y[1], y[2] = 127.0, -2.5, 3.0
+    spec = QuantSpec("int8", scaling="tensor", rounding="stochastic")
+    q = quantize(y, spec, seed=seed, offset=offset)
+    assert q.scales.item() == 1.0
+    lo = [math.floor(v) for v in y.tolist()]
+    up = [(w >> 8) < (v - f) * 2**24 for w, v, f in zip(want, y.tolist(), lo)]
+    assert q.codes.tolist() == [f + u for f, u in zip(lo, up)]
+    assert 0 < sum(up) < n - 2              # both directions drawn
 
 
 def test_bad_arguments_name_themselves():

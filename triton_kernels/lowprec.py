@@ -40,7 +40,7 @@ import triton.language as tl
 
 from ..reference.lowprec import FMT_MAX, FORMATS as _FORMAT_NAMES
 from ._common import (FORMATS, INTERP_MAX_TILE, KINDS, LAUNCH_OPTS,
-                      interpreting, load_as_f32, neg, philox_word0, quiet_fp_warnings,
+                      interpreting, load_as_f32, neg, philox_word_of, quiet_fp_warnings,
                       round_to_fmt, uniform24, widen_to_f32)
 from .quant import _store_from_f32
 
@@ -245,7 +245,9 @@ def _lowprec_kernel(x_ptr, codes_ptr, scales_ptr, out_ptr, amax_ptr, R, C, B, nb
                          mask=ok & first)
                 sc = tl.broadcast_to(scale, [TR, NSEG, SEGP])
             if STOCHASTIC:
-                rw = philox_word0(seed, offset + idx)
+                # element i = offset + idx takes word i % 4 of counter i // 4 (the optimizer
+                # write-back's stream; the reference's and the C++ kernels' words)
+                rw = philox_word_of(seed, offset + idx)
             else:
                 rw = 0
             code, dec = _quantize(v, sc, rw, FMT, FMAX, STOCHASTIC, Q_MBITS, Q_EMIN,

@@ -1,6 +1,6 @@
 // The scaled low-precision quantizers and the block Hadamard rotation (lowbit.ops' lowprec
 // contract; the spec is lowbit.backends.reference.lowprec). Included per ISA after
-// kernels_impl.h (whose load_t, fill_philox and AVX-512 helpers it uses).
+// kernels_impl.h (whose load_t, fill_philox4 and AVX-512 helpers it uses).
 //
 // Every row segment goes through a small fp32 buffer: load (widening bf16/fp16 exactly), rotate
 // when had > 0, take each group's absmax and scale, quantize and dequantize in place (codes
@@ -308,6 +308,23 @@ static inline void lp_fill(LpBufs& b, int64_t k, int64_t n, float s) {
   for (int64_t i = 0; i < n; ++i) v[i] = s;
 }
 
+// The Philox words of elements index0 .. index0 + len - 1 (index = offset + row-major position):
+// element i takes word i % 4 of counter i / 4 (philox.h philox_word_of), the optimizer
+// write-back's stream, so one Philox evaluation serves four elements (a word 0 per element cost
+// four). fill_philox4 must start at a multiple of 4, a segment starts anywhere (offset + r * cols
+// + c0): the up to 3 elements before the next multiple of 4 take their words from one scalar
+// evaluation of their counter, fill_philox4 writes the rest from out + head on (out holds len
+// words; nothing is written past them).
+static void lp_fill_philox(uint64_t seed, uint64_t index0, int64_t len, uint32_t* out) {
+  int64_t head = (int64_t)((4u - (uint32_t)(index0 & 3u)) & 3u);
+  head = head < len ? head : len;
+  if (head) {
+    const Philox4 w = philox4x32_10(seed, index0 >> 2);
+    for (int64_t i = 0; i < head; ++i) out[i] = w.w[(index0 + (uint64_t)i) & 3u];
+  }
+  if (len > head) fill_philox4(seed, index0 + (uint64_t)head, len - head, out + head);
+}
+
 // What one call does, decided once.
 struct LpPlan;
 typedef void (*LpFakeSegFn)(const LowprecArgs&, const LpPlan&, LpBufs&, int64_t, int64_t,
@@ -554,7 +571,7 @@ static void lp_one_pass(const LowprecArgs& a, const LpPlan& p) {
       }
       lp_fetch<DT>(a, p, r, c0, len, buf);
       if (a.stochastic)
-        fill_philox(a.seed, a.offset + (uint64_t)(r * a.cols + c0), len, b.r.data());
+        lp_fill_philox(a.seed, a.offset + (uint64_t)(r * a.cols + c0), len, b.r.data());
       if (a.scaling == kLpBlock) {
         lp_block_scales(a, p, b, r, c0, len, buf, true);
       } else {
@@ -648,7 +665,7 @@ static void lp_two_pass(const LowprecArgs& a, const LpPlan& p) {
         }
         lp_fetch<DT>(a, p, r, c0, len, buf);
         const int64_t e0 = r * a.cols + c0;
-        if (a.stochastic) fill_philox(a.seed, a.offset + (uint64_t)e0, len, b.r.data());
+        if (a.stochastic) lp_fill_philox(a.seed, a.offset + (uint64_t)e0, len, b.r.data());
         if (a.scaling == kLpColumn) {
           float* __restrict sc = b.scale.data();
           const uint32_t* __restrict bits = scratch + c0;

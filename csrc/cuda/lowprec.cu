@@ -169,7 +169,12 @@ __global__ void __launch_bounds__(kLpThreads) lowprec_kernel(LpArgs a, int pass)
 
     for (int i = t; i < len; i += nt) {
       const float sc = bits_f32(s_g[group_of(a, c0, i)]);
-      const uint32_t r = a.stochastic ? philox_word0(a.seed, a.offset + (uint64_t)(base + i)) : 0u;
+      // Element e = offset + base + i takes word e % 4 of counter e / 4 (philox_word_of: the
+      // optimizer write-back's stream, the words of the reference and the CPU kernel). Each
+      // thread evaluates Philox for its own element's counter and keeps one word: the same
+      // bits with no exchange between threads.
+      const uint32_t r =
+          a.stochastic ? philox_word_of(a.seed, a.offset + (uint64_t)(base + i)) : 0u;
       uint8_t code;
       const float v = lp_fake_quant(s_v[i], sc, a.fmt, a.stochastic, r, &code);
       if (a.codes) a.codes[base + i] = code;

@@ -243,7 +243,8 @@ def _(grads, backend, xform=None, value_clip=0.0, flags=0, tau=None, over=None, 
 #           no quantization, out = H(x)
 #   scaling block 0, row 1, column 2, tensor 3 (block_size used by block scaling)
 #   e8m0    scales stored as e8m0 codes (uint8) instead of fp32
-#   stochastic, seed, offset: element i (row-major) rounds with Philox word 0 of (seed, offset+i)
+#   stochastic, seed, offset: element i = offset + row-major index rounds with word i % 4 of
+#           Philox counter i // 4 under key seed (the optimizer write-back's four-word stream)
 #   had_block 0, or the block of a Hadamard rotation H applied to x (fp32) before quantizing
 #   codes   None or uint8 (R, C): one code byte per element (lowprec.h lp_encode)
 #   scales  stored scales (fp32 or uint8): (R, nb) block, (R, 1) row, (1, C) column, (1, 1) tensor

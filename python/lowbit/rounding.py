@@ -13,6 +13,10 @@ the same generator with a per-(parameter, step) key, key = sr_key(seed, paramete
 i % 4 of counter (lo32(i // 4), hi32(i // 4), 0, 0) — Triton's tl.randint4x(key, i // 4). A run
 resumed from a checkpoint therefore draws the same bits as an uninterrupted one.
 
+The low-precision quantizers' stochastic rounding (lowbit.lowprec, lowbit.nn) draws from that
+same four-word layout under their own (seed, offset): element i = offset + the element's
+row-major index uses word i % 4 of counter i // 4 (one Philox evaluation per four elements).
+
 Special values, as the target formats define them (and as torch's casts treat them):
   NaN -> NaN.
   +-inf -> +-inf; float8_e4m3fn has no infinity and saturates: +-inf -> +-448.

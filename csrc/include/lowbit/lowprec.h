@@ -190,8 +190,9 @@ LOWBIT_HD uint32_t lp_fp8_nearest(float y, bool e4m3) {
 
 // The code of a scaled value y (|y| <= FMT_MAX or NaN) as one byte: two's complement for
 // int8/int4, the float8 bit pattern for e4m3/e5m2, sign<<3 | exponent<<1 | mantissa for e2m1.
-// r is the element's Philox word 0 (ignored for nearest-even). NaN becomes code 0 for the integer
-// and e2m1 formats (the reference's nan_to_num) and the float8 NaN for e4m3/e5m2.
+// r is the element's Philox word (philox_word_of's stream; ignored for nearest-even). NaN
+// becomes code 0 for the integer and e2m1 formats (the reference's nan_to_num) and the float8
+// NaN for e4m3/e5m2.
 LOWBIT_HD uint8_t lp_encode(float y, int fmt, bool stochastic, uint32_t r) {
   if (fmt == kLpE4M3 || fmt == kLpE5M2) {
     if (!stochastic) return (uint8_t)lp_fp8_nearest(y, fmt == kLpE4M3);

@@ -1,9 +1,12 @@
 // Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11), keyed and
 // countered exactly as Triton's tl.randint / tl.randint4x:
 //   key     = (lo32(seed), hi32(seed))
-//   counter = (lo32(i), hi32(i), 0, 0)     with i = offset + element index (64-bit)
-// so CPU, CUDA, the sim, Triton and the torch reference draw the same 32-bit word for the same
-// (seed, offset, index). lowbit uses word 0 (what tl.randint returns).
+//   counter = (lo32(c), hi32(c), 0, 0)     for a 64-bit counter c
+// so CPU, CUDA, the sim, Triton and the torch reference draw the same 32-bit words for the same
+// (seed, offset, index). In the kernels, element i = offset + element index draws from one of
+// two streams: word 0 of counter c = i (what tl.randint returns) for stochastic_round and
+// stochastic quantize_blockwise, or philox_word_of below (word i % 4 of counter c = i / 4,
+// tl.randint4x) for the optimizer write-back and the lowprec quantizers.
 #pragma once
 #include "hd.h"
 
@@ -40,13 +43,14 @@ LOWBIT_HD Philox4 philox4x32_10(uint64_t seed, uint64_t counter) {
   return r;
 }
 
-// The one random word per element used by stochastic rounding and stochastic quantization.
+// The one random word per element of stochastic_round and stochastic quantize_blockwise.
 LOWBIT_HD uint32_t philox_word0(uint64_t seed, uint64_t counter) {
   return philox4x32_10(seed, counter).w[0];
 }
 
-// The optimizer write-back's stream: element i takes word (i mod 4) of counter i / 4, so one
-// Philox evaluation serves four consecutive elements (tl.randint4x's words on the Triton side).
+// The optimizer write-back's and the lowprec quantizers' stream: element i takes word (i mod 4)
+// of counter i / 4, so one Philox evaluation serves four consecutive elements (tl.randint4x's
+// words on the Triton side).
 LOWBIT_HD uint32_t philox_word_of(uint64_t seed, uint64_t i) {
   return philox4x32_10(seed, i >> 2).w[i & 3];
 }

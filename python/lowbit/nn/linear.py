@@ -23,9 +23,10 @@ own F.linear, bit for bit. Otherwise the backward is the three matmuls above, wr
 
 Randomness: a stochastic role uses the Philox key sr_key(config.seed, 4 * layer_index + role,
 call) with role 0 weight, 1 activation, 2 grad_output, 3 saved_activation and `call` the layer's
-forward count (the backward uses its forward's count); element i uses counter i. Same seed,
-layer order and call sequence -> same bits. The count is the layer's extra state in
-state_dict(), so a resumed run draws what the uninterrupted one would.
+forward count (the backward uses its forward's count); element i (offset 0) uses word i % 4 of
+counter i // 4, as lowbit.reference.lowprec says. Same seed, layer order and call sequence ->
+same bits. The count is the layer's extra state in state_dict(), so a resumed run draws what
+the uninterrupted one would.
 """
 import torch
 import torch.nn.functional as F

@@ -31,10 +31,12 @@ Quantize: y = x / scale (IEEE fp32 division; 0 where scale == 0), clamped to [-F
 (saturation: only reachable through the rounding of absmax / FMT_MAX), then rounded onto the grid:
   nearest    round to nearest, ties to even (even integer; even mantissa bit for e4m3/e5m2/e2m1)
   stochastic between the two neighbouring grid values lo <= y <= hi, up iff
-             (word >> 8) * 2**-24 < (y - lo) / (hi - lo), `word` the element's Philox4x32-10
-             word 0 under key `seed` and counter offset + (row-major element index) — the
-             stream contract of lowbit.rounding. P(up) is the covered fraction rounded up to a
-             multiple of 2**-24, so E[q] = y up to 2**-24 of a grid step per element.
+             (word >> 8) * 2**-24 < (y - lo) / (hi - lo), `word` element i's Philox4x32-10
+             word under key `seed`, i = offset + (row-major element index): word i % 4 of
+             counter i // 4 (philox.philox_word_of) — the optimizer write-back's four-word
+             stream (lowbit.rounding), so one Philox evaluation serves four elements. P(up) is
+             the covered fraction rounded up to a multiple of 2**-24, so E[q] = y up to 2**-24
+             of a grid step per element.
 Dequantize: q * scale in fp32 (a NaN result is the canonical 0x7FC00000), then cast to the input
 dtype (nearest-even; a NaN becomes lowbit's canonical bf16 / fp16 NaN, see cast_from_f32).
 Inputs of any float dtype are first cast to fp32 (exact for bf16/fp16).
@@ -45,7 +47,7 @@ from typing import NamedTuple
 
 import torch
 
-from .philox import philox_word0, uniform24
+from .philox import philox_word_of, uniform24
 from .rounding import round_to_format
 
 FORMATS = ("int8", "int4", "e4m3", "e5m2", "e2m1")
@@ -171,8 +173,10 @@ def e8m0_to_float(code: torch.Tensor) -> torch.Tensor:
 
 
 def philox_uniform(seed: int, offset: int, n: int) -> torch.Tensor:
-    counters = offset + torch.arange(n, dtype=torch.int64)
-    return philox_word0(seed, counters)
+    """The Philox words of elements offset .. offset + n - 1: element i takes word i % 4 of
+    counter i // 4 (the optimizer write-back's stream: a quarter of the Philox evaluations of one
+    counter per element). Every kernel backend draws exactly these words."""
+    return philox_word_of(seed, offset + torch.arange(n, dtype=torch.int64))
 
 
 def _round_int(y: torch.Tensor, words) -> torch.Tensor:

@@ -26,7 +26,8 @@ def philox_word0(seed: int, counters: torch.Tensor) -> torch.Tensor:
 
 
 def philox_word_of(seed: int, index: torch.Tensor) -> torch.Tensor:
-    """The optimizer write-back's stream: element i takes word i % 4 of counter i // 4."""
+    """The optimizer write-back's and the lowprec quantizers' stream: element i takes word
+    i % 4 of counter i // 4."""
     index = index.to(torch.int64)
     words = torch.stack(philox4(seed, index >> 2))
     return words.gather(0, (index & 3).unsqueeze(0)).squeeze(0)
