@@ -145,22 +145,25 @@ def bit_pattern_sweep(fmt):
     return torch.cat([x, -x, fmax])
 
 
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 @pytest.mark.parametrize("fmt", ref.FORMATS)
-def test_nearest_fake_quant_on_a_sweep_of_bit_patterns(fmt):
-    """fake_quant with nearest rounding and no codes wanted runs one loop that rounds onto the
-    grid straight from the fp32 bits (lowprec.h lp_grid_nearest; e8m0 scales multiply by the
-    inverse instead of dividing): on the sweep, in the one-pass path (blocks of 32, each holding
-    the maximum, so every scale is exactly 1) and the two-pass path (tensor scaling)."""
+def test_fake_quant_on_a_sweep_of_bit_patterns(fmt, rounding):
+    """fake_quant without codes runs one loop that rounds onto the grid straight from the fp32
+    bits (lowprec.h lp_grid_nearest / lp_grid_stochastic; e8m0 scales multiply by the inverse
+    instead of dividing): on the sweep, in the one-pass path (blocks of 32, each holding the
+    maximum, so every scale is exactly 1) and the two-pass path (tensor scaling)."""
     x = bit_pattern_sweep(fmt)
     body = x[:-1][: (x.numel() - 1) // (31 * 128) * (31 * 128)].view(-1, 31)
     blocks = torch.cat([x[-1:].expand(body.shape[0], 1), body], 1).reshape(-1, 4096)
     for t, scaling in ((blocks, "block"), (x, "tensor")):
         for sf in ("fp32", "e8m0"):
-            spec = QuantSpec(fmt, scaling, 32, sf)
-            assert bits_equal(lowprec.fake_quant(t, spec, backend="cpu"), ref.fake_quant(t, spec))
+            spec = QuantSpec(fmt, scaling, 32, sf, rounding)
+            assert bits_equal(lowprec.fake_quant(t, spec, 3, 5, backend="cpu"),
+                              ref.fake_quant(t, spec, 3, 5))
             # and with scales that are not 1 (e8m0: a power of two far from 1)
             y = t * 2.0**-100
-            assert bits_equal(lowprec.fake_quant(y, spec, backend="cpu"), ref.fake_quant(y, spec))
+            assert bits_equal(lowprec.fake_quant(y, spec, 3, 5, backend="cpu"),
+                              ref.fake_quant(y, spec, 3, 5))
 
 
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])

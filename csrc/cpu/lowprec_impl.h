@@ -483,11 +483,33 @@ static inline void lp_fake_run(const float* src, float* dst, int64_t n, float s)
   }
 }
 
-// The one-pass path's fake quantization with nearest rounding when no codes are wanted: the
+// lp_fake_run with stochastic rounding (integer formats and E2M1): element i rounds with Philox
+// word r[i], straight to the grid value (lp_grid_stochastic; 2.5x faster than encoding and
+// decoding in this loop).
+template <int FMT, bool E8>
+static inline void lp_fake_run_sr(const float* src, float* dst, int64_t n, float s,
+                                  const uint32_t* __restrict r) {
+  const float fmax = lp_fmax(FMT);
+  if (!(s > 0.0f)) {
+    const float v = s != s ? s : 0.0f;
+    for (int64_t i = 0; i < n; ++i) dst[i] = v;
+    return;
+  }
+  const float inv = E8 ? lp_e8m0_inverse(s) : 0.0f;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    float y = E8 ? mul_rn(src[i], inv) : div_rn(src[i], s);
+    y = y > fmax ? fmax : y;
+    y = y < -fmax ? -fmax : y;
+    dst[i] = mul_rn(lp_grid_stochastic(y, FMT, r[i]), s);
+  }
+}
+
+// The one-pass path's fake quantization when no codes are wanted: the
 // segment's scales, then group by group with the scale in a register (no per-element scale
 // array), in chunks of 512 that prefetch the next item and store (rotated back) as they go, as
 // lp_quantize. An unrotated fp32 x is read and written in place of the buffer: x -> out.
-template <int DT, int FMT, bool E8>
+template <int DT, int FMT, bool E8, bool ST>
 static void lp_fake_segment(const LowprecArgs& a, const LpPlan& p, LpBufs& b, int64_t r,
                             int64_t c0, int64_t len) {
   const bool direct = DT == kF32 && !p.had;
@@ -496,6 +518,7 @@ static void lp_fake_segment(const LowprecArgs& a, const LpPlan& p, LpBufs& b, in
   const float* src = direct ? (const float*)a.x + e0 : buf;
   float* dst = direct ? (float*)a.out + e0 : buf;
   if (!direct) lp_fetch<DT>(a, p, r, c0, len, buf);
+  if (ST) lp_fill_philox(a.seed, a.offset + (uint64_t)e0, len, b.r.data());
   const int64_t B = a.scaling == kLpBlock ? a.block : len;
   if (a.scaling == kLpBlock) {
     lp_block_scales(a, p, b, r, c0, len, src, false);
@@ -518,7 +541,8 @@ static void lp_fake_segment(const LowprecArgs& a, const LpPlan& p, LpBufs& b, in
     while (k < end) {  // the part of group j inside this chunk
       const int64_t gend = (j + 1) * B < len ? (j + 1) * B : len;
       const int64_t pend = gend < end ? gend : end;
-      lp_fake_run<FMT, E8>(src + k, dst + k, pend - k, gs[j]);
+      if (ST) lp_fake_run_sr<FMT, E8>(src + k, dst + k, pend - k, gs[j], b.r.data() + k);
+      else lp_fake_run<FMT, E8>(src + k, dst + k, pend - k, gs[j]);
       k = pend;
       if (k == gend) ++j;
     }
@@ -527,15 +551,26 @@ static void lp_fake_segment(const LowprecArgs& a, const LpPlan& p, LpBufs& b, in
   if (!direct && !per_chunk) lp_finish<DT>(a, p, r, c0, len, buf);
 }
 
+// (null for stochastic float8, which keeps lp_quant_chunk: round_to_fmt in one loop with the
+// scale in a register does not vectorize)
 template <int DT>
-static LpFakeSegFn lp_fake_seg_fn(int fmt, bool e8) {
-#define LOWBIT_LP_FN(F) return e8 ? lp_fake_segment<DT, F, true> : lp_fake_segment<DT, F, false>
+static LpFakeSegFn lp_fake_seg_fn(int fmt, bool e8, bool st) {
+#define LOWBIT_LP_FN(F, S) \
+  return e8 ? lp_fake_segment<DT, F, true, S> : lp_fake_segment<DT, F, false, S>
+  if (st) {
+    switch (fmt) {
+      case kLpInt8: LOWBIT_LP_FN(kLpInt8, true);
+      case kLpInt4: LOWBIT_LP_FN(kLpInt4, true);
+      case kLpE2M1: LOWBIT_LP_FN(kLpE2M1, true);
+      default: return nullptr;
+    }
+  }
   switch (fmt) {
-    case kLpInt8: LOWBIT_LP_FN(kLpInt8);
-    case kLpInt4: LOWBIT_LP_FN(kLpInt4);
-    case kLpE4M3: LOWBIT_LP_FN(kLpE4M3);
-    case kLpE5M2: LOWBIT_LP_FN(kLpE5M2);
-    default: LOWBIT_LP_FN(kLpE2M1);
+    case kLpInt8: LOWBIT_LP_FN(kLpInt8, false);
+    case kLpInt4: LOWBIT_LP_FN(kLpInt4, false);
+    case kLpE4M3: LOWBIT_LP_FN(kLpE4M3, false);
+    case kLpE5M2: LOWBIT_LP_FN(kLpE5M2, false);
+    default: LOWBIT_LP_FN(kLpE2M1, false);
   }
 #undef LOWBIT_LP_FN
 }
@@ -711,13 +746,13 @@ static void lp_all(const LowprecArgs& a) {
     if (unit <= kLpSegMax) {
       if (a.cols > unit) p.seg = unit * (kLpSeg / unit > 1 ? kLpSeg / unit : 1);
       else p.seg = a.cols;
-      if (fake) p.fake_seg = lp_fake_seg_fn<DT>(a.fmt, a.e8m0);
+      if (!a.codes) p.fake_seg = lp_fake_seg_fn<DT>(a.fmt, a.e8m0, a.stochastic);
       lp_one_pass<DT>(a, p);
       return;
     }
   } else if (a.scaling == kLpRow && a.cols <= kLpSegMax) {
     p.seg = a.cols;
-    if (fake) p.fake_seg = lp_fake_seg_fn<DT>(a.fmt, a.e8m0);
+    if (!a.codes) p.fake_seg = lp_fake_seg_fn<DT>(a.fmt, a.e8m0, a.stochastic);
     lp_one_pass<DT>(a, p);
     return;
   }

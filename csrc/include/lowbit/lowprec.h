@@ -281,6 +281,24 @@ LOWBIT_HD float lp_grid_nearest(float y, int fmt) {
   return bits_f32(f32_bits((bits_f32(a) + m) - m) | sign);
 }
 
+// lp_grid_nearest's stochastic counterpart for the integer formats and E2M1 (float8 takes
+// round_to_fmt): lp_decode(lp_encode(y, fmt, true, r), fmt) for y finite, |y| <= FMT_MAX
+// (checked on every such y with several words each). The integers as lp_encode rounds them;
+// E2M1 as lp_e2m1_stochastic, ending at the grid value instead of its index.
+LOWBIT_HD float lp_grid_stochastic(float y, int fmt, uint32_t r) {
+  if (fmt == kLpInt8 || fmt == kLpInt4) {
+    const float lo = floorf(y);
+    return lo + (uniform24(r) < y - lo ? 1.0f : 0.0f);  // (-1 + 1 is +0, as code 0 decodes)
+  }
+  const uint32_t b = f32_bits(y), a = b & 0x7FFFFFFFu;
+  const uint32_t E = a >> 23, Em = E > 127u ? E : 127u;
+  const float d = bits_f32((Em - 1u) << 23), inv = bits_f32((255u - Em) << 23);
+  const float t = mul_rn(bits_f32(a), inv);
+  const float lo = floorf(t);
+  const uint32_t v = f32_bits(mul_rn(lo + (uniform24(r) < t - lo ? 1.0f : 0.0f), d));
+  return bits_f32(v | (v ? b & 0x80000000u : 0u));
+}
+
 // 1 / s for an e8m0 scale s = 2**e, e in [-127, 127]: the power of two 2**-e, from the bits
 // (2**-127 is the subnormal 0x00400000). x / s and x * (1 / s) then round the same exact
 // quotient, so the multiply may stand in for lp_scaled's division. (A NaN s gives garbage; the
