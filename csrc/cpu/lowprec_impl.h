@@ -99,11 +99,16 @@ struct LpVec {
     return _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q),
                               _mm512_castsi512_ps(_mm512_set1_epi32(0x7FC00000)));
   }
+  // v * (+-1) + p in one fused multiply-add: the product is exact, so the one rounding gives
+  // a + c and a - c bit for bit (signed zeros included; NaNs are canonicalized at the end).
+  // Two instructions a stage instead of three.
   static T stage(T v, int h) {
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512i hv = _mm512_set1_epi32(h);
     const __m512 p = _mm512_permutexvar_ps(_mm512_xor_si512(lane, hv), v);
-    return _mm512_mask_sub_ps(_mm512_add_ps(v, p), _mm512_test_epi32_mask(lane, hv), p, v);
+    const __m512 sign = _mm512_mask_blend_ps(_mm512_test_epi32_mask(lane, hv), _mm512_set1_ps(1.0f),
+                                             _mm512_set1_ps(-1.0f));
+    return _mm512_fmadd_ps(v, sign, p);
   }
 };
 #elif defined(LOWBIT_ISA_AVX2)
