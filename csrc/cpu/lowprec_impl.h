@@ -4,8 +4,10 @@
 //
 // Every row segment goes through a small fp32 buffer: load (widening bf16/fp16 exactly), rotate
 // when had > 0, take each group's absmax and scale, quantize and dequantize in place (codes
-// straight to memory), rotate back, store with one nearest-even cast. The rounding itself is
-// lowbit/lowprec.h's, called per element, so codes and values are the CUDA kernels' bit for bit.
+// straight to memory), rotate back, store with one nearest-even cast. (Fake quantization without
+// codes, lp_fake_segment, skips the buffer for an unrotated fp32 x and rounds straight onto the
+// grid.) The rounding itself is lowbit/lowprec.h's, called per element, so codes and values are
+// the CUDA kernels' bit for bit.
 //   block and row scaling: one pass — a segment holds whole groups, whose absmax and scale come
 //     from the buffer (unless a block and the rotation block have a huge lcm, or a row is very
 //     long: then the two-pass path below)
@@ -340,7 +342,7 @@ struct LpPlan {
   int64_t nb;      // blocks per row (block scaling)
   int had;         // rotation block, 0 for none
   LpQuantFn quant;
-  LpFakeSegFn fake_seg;  // the one-pass path's nearest fake quant without codes, or null
+  LpFakeSegFn fake_seg;  // the one-pass path's fake quant when no codes are wanted, or null
 };
 
 static inline void lp_store_scale(const LowprecArgs& a, int64_t g, float s, uint8_t e8) {
@@ -468,10 +470,13 @@ static void lp_quantize(const LowprecArgs& a, const LpPlan& p, LpBufs& b, int64_
   if (!per_chunk) lp_finish<DT>(a, p, r, c0, len, b.x.data());
 }
 
-// Nearest fake quantization of n values with the one scale s, src -> dst (may be the same):
+// Fake quantization of n values with the one scale s, src -> dst (may be the same): nearest
+// rounding (lp_grid_nearest), or stochastic with Philox word r[i] for element i (integer formats
+// and E2M1: lp_grid_stochastic, 2.5x faster in this loop than encoding and decoding).
 // lp_fake_chunk's arithmetic with the scale's cases decided once.
-template <int FMT, bool E8>
-static inline void lp_fake_run(const float* src, float* dst, int64_t n, float s) {
+template <int FMT, bool E8, bool ST>
+static inline void lp_fake_run(const float* src, float* dst, int64_t n, float s,
+                               const uint32_t* __restrict r) {
   const float fmax = lp_fmax(FMT);
   if (!(s > 0.0f)) {  // NaN: a non-finite group (lp_dequant's NaN scale); 0: an all-zero group
     const float v = s != s ? s : 0.0f;
@@ -484,34 +489,12 @@ static inline void lp_fake_run(const float* src, float* dst, int64_t n, float s)
     float y = E8 ? mul_rn(src[i], inv) : div_rn(src[i], s);
     y = y > fmax ? fmax : y;
     y = y < -fmax ? -fmax : y;
-    dst[i] = mul_rn(lp_grid_nearest(y, FMT), s);
+    dst[i] = mul_rn(ST ? lp_grid_stochastic(y, FMT, r[i]) : lp_grid_nearest(y, FMT), s);
   }
 }
 
-// lp_fake_run with stochastic rounding (integer formats and E2M1): element i rounds with Philox
-// word r[i], straight to the grid value (lp_grid_stochastic; 2.5x faster than encoding and
-// decoding in this loop).
-template <int FMT, bool E8>
-static inline void lp_fake_run_sr(const float* src, float* dst, int64_t n, float s,
-                                  const uint32_t* __restrict r) {
-  const float fmax = lp_fmax(FMT);
-  if (!(s > 0.0f)) {
-    const float v = s != s ? s : 0.0f;
-    for (int64_t i = 0; i < n; ++i) dst[i] = v;
-    return;
-  }
-  const float inv = E8 ? lp_e8m0_inverse(s) : 0.0f;
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    float y = E8 ? mul_rn(src[i], inv) : div_rn(src[i], s);
-    y = y > fmax ? fmax : y;
-    y = y < -fmax ? -fmax : y;
-    dst[i] = mul_rn(lp_grid_stochastic(y, FMT, r[i]), s);
-  }
-}
-
-// The one-pass path's fake quantization when no codes are wanted: the
-// segment's scales, then group by group with the scale in a register (no per-element scale
+// The one-pass path's fake quantization when no codes are wanted: the segment's scales (and
+// Philox words), then group by group with the scale in a register (no per-element scale
 // array), in chunks of 512 that prefetch the next item and store (rotated back) as they go, as
 // lp_quantize. An unrotated fp32 x is read and written in place of the buffer: x -> out.
 template <int DT, int FMT, bool E8, bool ST>
@@ -546,8 +529,7 @@ static void lp_fake_segment(const LowprecArgs& a, const LpPlan& p, LpBufs& b, in
     while (k < end) {  // the part of group j inside this chunk
       const int64_t gend = (j + 1) * B < len ? (j + 1) * B : len;
       const int64_t pend = gend < end ? gend : end;
-      if (ST) lp_fake_run_sr<FMT, E8>(src + k, dst + k, pend - k, gs[j], b.r.data() + k);
-      else lp_fake_run<FMT, E8>(src + k, dst + k, pend - k, gs[j]);
+      lp_fake_run<FMT, E8, ST>(src + k, dst + k, pend - k, gs[j], b.r.data() + (ST ? k : 0));
       k = pend;
       if (k == gend) ++j;
     }

@@ -110,7 +110,8 @@ LOWBIT_HD float e2m1_magnitude(uint32_t i) {
 }
 
 // The E2M1 magnitude index (0..7) of y (not NaN, |y| <= 6), rounded to nearest-even or
-// stochastically. E2M1 is a float format with one mantissa bit and exponent bias 1 (1.0 its
+// stochastically: the definition in integer arithmetic, which the faster forms below
+// (lp_e2m1_nearest, lp_e2m1_stochastic, lp_grid_*) were checked against; the kernels call those. E2M1 is a float format with one mantissa bit and exponent bias 1 (1.0 its
 // smallest normal, 0.5 its one subnormal), so the rounding can work on |y|'s fp32
 // representation instead of comparing it with the grid, as round_to_fmt does for float8:
 // q = |y| truncated onto the grid, already laid out as (exponent, mantissa) bits once `base` is
@@ -160,7 +161,7 @@ LOWBIT_HD uint32_t lp_e2m1_nearest(float y) {
   return mag < 7u ? mag : 7u;
 }
 
-// Stochastic rounding once more, in fp32 arithmetic that vectorizes to a third of the integer
+// Stochastic rounding once more, in fp32 arithmetic that vectorizes to about half the integer
 // form's cost: with d the grid's spacing at |y| (2**(max(e, 0) - 1)), t = |y| / d, lo = floor(t)
 // and the fraction t - lo are exact, and (r >> 8) < ceil(rem * 2**(24 - s)) above is exactly
 // uniform24(r) < t - lo (both sides are rem / 2**s and (r >> 8) / 2**24 scaled alike; for s > 24
