@@ -111,7 +111,8 @@ LOWBIT_HD float e2m1_magnitude(uint32_t i) {
 
 // The E2M1 magnitude index (0..7) of y (not NaN, |y| <= 6), rounded to nearest-even or
 // stochastically: the definition in integer arithmetic, which the faster forms below
-// (lp_e2m1_nearest, lp_e2m1_stochastic, lp_grid_*) were checked against; the kernels call those. E2M1 is a float format with one mantissa bit and exponent bias 1 (1.0 its
+// (lp_e2m1_nearest, lp_e2m1_stochastic, lp_grid_*) were checked against; the kernels call
+// those. E2M1 is a float format with one mantissa bit and exponent bias 1 (1.0 its
 // smallest normal, 0.5 its one subnormal), so the rounding can work on |y|'s fp32
 // representation instead of comparing it with the grid, as round_to_fmt does for float8:
 // q = |y| truncated onto the grid, already laid out as (exponent, mantissa) bits once `base` is
