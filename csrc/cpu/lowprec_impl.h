@@ -280,9 +280,7 @@ static void lp_fake_chunk(LpBufs& b, int64_t k0, int64_t len, uint8_t*) {
     const float s = scale[i];
     float y;
     if (E8) {
-      y = mul_rn(x[i], lp_e8m0_inverse(s));
-      y = y > fmax ? fmax : y;
-      y = y < -fmax ? -fmax : y;
+      y = mul_rn(x[i], lp_e8m0_inverse(s));  // (no clamp needed: see lp_fake_run)
     } else {
       y = lp_scaled(x[i], s, fmax);
     }
@@ -486,9 +484,17 @@ static inline void lp_fake_run(const float* src, float* dst, int64_t n, float s,
   const float inv = E8 ? lp_e8m0_inverse(s) : 0.0f;
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    float y = E8 ? mul_rn(src[i], inv) : div_rn(src[i], s);
-    y = y > fmax ? fmax : y;
-    y = y < -fmax ? -fmax : y;
+    float y;
+    if (E8) {
+      // An e8m0 scale is a power of two >= absmax / FMT_MAX, and the product with its inverse
+      // is exact (or underflows towards 0), so |y| <= FMT_MAX already: lp_scaled's clamp is a
+      // no-op here.
+      y = mul_rn(src[i], inv);
+    } else {
+      y = div_rn(src[i], s);
+      y = y > fmax ? fmax : y;
+      y = y < -fmax ? -fmax : y;
+    }
     dst[i] = mul_rn(ST ? lp_grid_stochastic(y, FMT, r[i]) : lp_grid_nearest(y, FMT), s);
   }
 }
