@@ -6,7 +6,7 @@ scaling and dtype on one-program grids."""
 import pytest
 import torch
 
-pytest.importorskip("triton")
+pytest.importorskip("triton", reason="the Triton backend needs the triton package (CI installs it)")
 
 from lowbit import lowprec  # noqa: E402
 from lowbit.reference import hadamard as ref_hadamard, lowprec as ref  # noqa: E402

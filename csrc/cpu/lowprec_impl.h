@@ -266,26 +266,40 @@ static void lp_quant_chunk(LpBufs& b, int64_t k0, int64_t len, uint8_t* __restri
   for (int64_t i = 0; i < len; ++i) x[i] = lp_dequant(codes[i], scale[i], FMT);
 }
 
+// One element of fake quantization without a code, for a group scale s > 0 (finite): x / s
+// clamped to the format's range, onto the grid straight from the fp32 bits (lp_grid_nearest, or
+// lp_grid_stochastic with Philox word r: integer formats and E2M1), times s — lp_dequant of
+// lp_encode, bit for bit. With an e8m0 scale (inv = lp_e8m0_inverse(s)) the division is the
+// exact product with the inverse, and no clamp is needed: s is a power of two >= absmax /
+// FMT_MAX and the product is exact (or underflows towards 0), so |y| <= FMT_MAX already.
+template <int FMT, bool E8, bool ST>
+static inline float lp_fake_value(float x, float s, float inv, uint32_t r) {
+  const float fmax = lp_fmax(FMT);
+  float y;
+  if (E8) {
+    y = mul_rn(x, inv);
+  } else {
+    y = div_rn(x, s);
+    y = y > fmax ? fmax : y;
+    y = y < -fmax ? -fmax : y;
+  }
+  return mul_rn(ST ? lp_grid_stochastic(y, FMT, r) : lp_grid_nearest(y, FMT), s);
+}
+
 // lp_quant_chunk for fake quantization with nearest rounding, when nobody asked for the codes:
-// one loop straight to the dequantized values (lp_grid_nearest, exactly lp_dequant of
-// lp_encode), 1.5-2x faster than the three loops. With e8m0 scales (powers of two) the division
-// becomes a multiply by the exact inverse (another 1.3-1.8x for e2m1).
+// one loop straight to the dequantized values (lp_fake_value), 1.5-2x faster than the three
+// loops; with e8m0 scales another 1.3-1.8x for e2m1 (no division).
 template <int FMT, bool E8>
 static void lp_fake_chunk(LpBufs& b, int64_t k0, int64_t len, uint8_t*) {
-  const float fmax = lp_fmax(FMT);
   float* __restrict x = b.x.data() + k0;
   const float* __restrict scale = b.scale.data() + k0;
 #pragma omp simd
   for (int64_t i = 0; i < len; ++i) {
     const float s = scale[i];
-    float y;
-    if (E8) {
-      y = mul_rn(x[i], lp_e8m0_inverse(s));  // (no clamp needed: see lp_fake_run)
-    } else {
-      y = lp_scaled(x[i], s, fmax);
-    }
-    const float v = mul_rn(lp_grid_nearest(y, FMT), s);
-    x[i] = s != s ? s : v;  // a non-finite group: its NaN scale, as lp_dequant
+    const float v = lp_fake_value<FMT, E8, false>(x[i], s, E8 ? lp_e8m0_inverse(s) : 0.0f, 0u);
+    // a non-finite group: its NaN scale, as lp_dequant; an all-zero group (s = 0): +0, as
+    // lp_scaled then lp_dequant give
+    x[i] = s != s ? s : (s > 0.0f ? v : 0.0f);
   }
 }
 
@@ -468,14 +482,12 @@ static void lp_quantize(const LowprecArgs& a, const LpPlan& p, LpBufs& b, int64_
   if (!per_chunk) lp_finish<DT>(a, p, r, c0, len, b.x.data());
 }
 
-// Fake quantization of n values with the one scale s, src -> dst (may be the same): nearest
-// rounding (lp_grid_nearest), or stochastic with Philox word r[i] for element i (integer formats
-// and E2M1: lp_grid_stochastic, 2.5x faster in this loop than encoding and decoding).
-// lp_fake_chunk's arithmetic with the scale's cases decided once.
+// Fake quantization of n values with the one scale s, src -> dst (may be the same), element i
+// stochastic with Philox word r[i] when ST (lp_grid_stochastic: 2.5x faster in this loop than
+// encoding and decoding): lp_fake_chunk's arithmetic with the scale's cases decided once.
 template <int FMT, bool E8, bool ST>
 static inline void lp_fake_run(const float* src, float* dst, int64_t n, float s,
                                const uint32_t* __restrict r) {
-  const float fmax = lp_fmax(FMT);
   if (!(s > 0.0f)) {  // NaN: a non-finite group (lp_dequant's NaN scale); 0: an all-zero group
     const float v = s != s ? s : 0.0f;
     for (int64_t i = 0; i < n; ++i) dst[i] = v;
@@ -483,20 +495,8 @@ static inline void lp_fake_run(const float* src, float* dst, int64_t n, float s,
   }
   const float inv = E8 ? lp_e8m0_inverse(s) : 0.0f;
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    float y;
-    if (E8) {
-      // An e8m0 scale is a power of two >= absmax / FMT_MAX, and the product with its inverse
-      // is exact (or underflows towards 0), so |y| <= FMT_MAX already: lp_scaled's clamp is a
-      // no-op here.
-      y = mul_rn(src[i], inv);
-    } else {
-      y = div_rn(src[i], s);
-      y = y > fmax ? fmax : y;
-      y = y < -fmax ? -fmax : y;
-    }
-    dst[i] = mul_rn(ST ? lp_grid_stochastic(y, FMT, r[i]) : lp_grid_nearest(y, FMT), s);
-  }
+  for (int64_t i = 0; i < n; ++i)
+    dst[i] = lp_fake_value<FMT, E8, ST>(src[i], s, inv, ST ? r[i] : 0u);
 }
 
 // The one-pass path's fake quantization when no codes are wanted: the segment's scales (and
@@ -516,10 +516,10 @@ static void lp_fake_segment(const LowprecArgs& a, const LpPlan& p, LpBufs& b, in
   const int64_t B = a.scaling == kLpBlock ? a.block : len;
   if (a.scaling == kLpBlock) {
     lp_block_scales(a, p, b, r, c0, len, src, false);
-  } else {  // row or tensor scaling: one group
+  } else {  // row scaling (tensor scaling takes the two-pass path): one group
     uint8_t e8 = 0;
     const float s = lp_scale(bits_f32(lp_absmax_bits(src, len)), a.fmt, a.e8m0, &e8);
-    lp_store_scale(a, a.scaling == kLpRow ? r : 0, s, e8);
+    lp_store_scale(a, r, s, e8);
     b.gscale[0] = s;
   }
   const float* gs = b.gscale.data();
