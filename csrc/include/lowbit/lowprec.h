@@ -273,9 +273,13 @@ LOWBIT_HD float lp_grid_nearest(float y, int fmt) {
   const uint32_t b = f32_bits(y), sign = b & 0x80000000u, a = b & 0x7FFFFFFFu;
   const uint32_t E = a >> 23;
   if (fmt == kLpE2M1) {
-    const float m = bits_f32(((E > 127u ? E : 127u) + 22u) << 23);
-    const uint32_t v = f32_bits((bits_f32(a) + m) - m);
-    return bits_f32(v | (v ? sign : 0u));
+    // The magic number carries y's sign, so y rounds symmetrically in one add and one subtract;
+    // a value rounding to zero comes out +0 (m - m), as code 0 decodes. (Its exponent is that
+    // of max(|y|, 1), i.e. max(E, 127); checked against the unsigned form on every |y| <= 6,
+    // both signs.)
+    const float mx = bits_f32(a) > 1.0f ? bits_f32(a) : 1.0f;
+    const float m = bits_f32(((f32_bits(mx) & 0x7F800000u) + (22u << 23)) | sign);
+    return (y + m) - m;
   }
   const uint32_t mbits = fmt == kLpE4M3 ? 3u : 2u;
   const uint32_t emin = fmt == kLpE4M3 ? 127u - 6u : 127u - 14u;
