@@ -155,8 +155,11 @@ static void fill_philox4(uint64_t seed, uint64_t index0, int64_t len, uint32_t* 
     philox32(seed, (index0 + (uint64_t)i) >> 2, c0, c1, c2, c3);
     for (int g = 0; g < 4; ++g) {
       // per counter, words (0, 1) and (2, 3) as 64-bit pairs, then interleaved counter by counter
-      const __m512i w01 = _mm512_ternarylogic_epi64(lo32, c0[g], _mm512_slli_epi64(c1[g], 32), 0xEA);
-      const __m512i w23 = _mm512_ternarylogic_epi64(lo32, c2[g], _mm512_slli_epi64(c3[g], 32), 0xEA);
+      // ((a & lo32) | b << 32: ternary-logic truth table 0xEA)
+      const __m512i w01 =
+          _mm512_ternarylogic_epi64(lo32, c0[g], _mm512_slli_epi64(c1[g], 32), 0xEA);
+      const __m512i w23 =
+          _mm512_ternarylogic_epi64(lo32, c2[g], _mm512_slli_epi64(c3[g], 32), 0xEA);
       const int64_t at = i + 32 * g;
       store_words(out + at, len - at, _mm512_permutex2var_epi64(w01, first, w23));
       store_words(out + at + 16, len - at - 16, _mm512_permutex2var_epi64(w01, second, w23));

@@ -40,10 +40,11 @@ static void lp_load(const void* __restrict x, int64_t begin, int64_t len, float*
 
 // fp32 src -> dst; with `stream`, non-temporal stores for the 64-byte aligned part (AVX-512;
 // plain copies otherwise). Large outputs take them (LpPlan::stream): a plain store first reads
-// the line it writes, so the result crossed memory three times instead of two. Measured on the
-// FP4 preset's three fake quants (bench/run.py --families nn, whose malloc tuning reuses freed
-// memory): 11.7 -> 8.2 ms. (Where every call's output is fresh memory from mmap, the page
-// faults' zeroing dominates, 32-36 ms, and the streamed stores cost ~10% more there.)
+// the line it overwrites, so each element crossed memory three times (x read, the output's line
+// read, then written) instead of two. Measured on the FP4 preset's three fake quants
+// (bench/run.py --families nn, whose malloc tuning reuses freed memory): 11.7 -> 8.2 ms. (Where
+// every call's output is fresh memory from mmap, the page faults' zeroing dominates, 32-36 ms,
+// and the streamed stores cost ~10% more there.)
 static inline void lp_copy_out(const float* __restrict src, float* __restrict dst, int64_t len,
                                bool stream) {
 #if defined(LOWBIT_ISA_AVX512)
@@ -141,10 +142,11 @@ struct LpVec {
                    : h == 4 ? _mm512_shuffle_f32x4(v, v, 0xB1)
                             : _mm512_shuffle_f32x4(v, v, 0x4E);
     // -1 on the lanes with bit h (literal constants: gcc rebuilt a blend of them every stage)
-    const __m512 sign = h == 1   ? _mm512_setr_ps(1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1)
-                        : h == 2 ? _mm512_setr_ps(1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1)
-                        : h == 4 ? _mm512_setr_ps(1, 1, 1, 1, -1, -1, -1, -1, 1, 1, 1, 1, -1, -1, -1, -1)
-                                 : _mm512_setr_ps(1, 1, 1, 1, 1, 1, 1, 1, -1, -1, -1, -1, -1, -1, -1, -1);
+    const __m512 sign =
+        h == 1   ? _mm512_setr_ps(1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1)
+        : h == 2 ? _mm512_setr_ps(1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1)
+        : h == 4 ? _mm512_setr_ps(1, 1, 1, 1, -1, -1, -1, -1, 1, 1, 1, 1, -1, -1, -1, -1)
+                 : _mm512_setr_ps(1, 1, 1, 1, 1, 1, 1, 1, -1, -1, -1, -1, -1, -1, -1, -1);
     return _mm512_fmadd_ps(v, sign, p);
   }
 };
