@@ -3,6 +3,7 @@
 // source is vectorized for AVX-512, AVX2 or plain x86-64. The per-element math comes from
 // csrc/include/lowbit/*.h, the headers the CUDA kernels use too.
 #include <omp.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(LOWBIT_ISA_AVX512)
 #include <immintrin.h>
@@ -435,6 +436,81 @@ static void dequant_f32_avx512(const uint8_t* codes, const float* code, int64_t 
     else _mm512_mask_storeu_ps(out + i, m, v);
   }
 }
+#endif
+
+#if defined(LOWBIT_ISA_AVX512)
+// A 256-entry fp32 codebook as four byte planes for dequant_planes: b[p][k] = byte p (from the
+// least significant) of code[k]'s bits.
+struct CodePlanes {
+  alignas(64) uint8_t b[4][256];
+};
+
+// AVX512-VBMI (vpermb / vpermi2b: Ice Lake and Zen 4 on; Skylake-X has none).
+// LOWBIT_CPU_NO_VBMI=1 keeps the gather path (the tests run it that way too).
+static bool cpu_has_vbmi() {
+  static const bool yes = __builtin_cpu_supports("avx512vbmi") && !getenv("LOWBIT_CPU_NO_VBMI");
+  return yes;
+}
+
+#define LOWBIT_VBMI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi")))
+
+LOWBIT_VBMI_TARGET static void make_planes(const float* code, CodePlanes* pl) {
+  // the 64 bytes of 16 values regrouped by plane: bytes p, p + 4, ... of the vector
+  alignas(64) uint8_t idx[64];
+  for (int p = 0; p < 4; ++p)
+    for (int j = 0; j < 16; ++j) idx[16 * p + j] = (uint8_t)(4 * j + p);
+  const __m512i by_plane = _mm512_load_si512(idx);
+  for (int k = 0; k < 256; k += 16) {
+    alignas(64) uint8_t t[64];
+    _mm512_store_si512(t, _mm512_maskz_permutexvar_epi8(~(__mmask64)0, by_plane,
+                                                         _mm512_loadu_si512(code + k)));
+    for (int p = 0; p < 4; ++p) memcpy(pl->b[p] + k, t + 16 * p, 16);
+  }
+}
+
+// dequant_f32_avx512<256> (plain stores) by table lookups in registers instead of gathers, 64
+// codes at a time: each of the value's four bytes comes from its plane by two vpermi2b (codes
+// below and above 128) and a blend on the code's top bit, and unpacking the four byte vectors
+// assembles the fp32 bits. A vpermb first puts the codes in the order the unpacks (which work
+// inside 128-bit lanes) need for the values to come out in sequence. The same table entries,
+// so the same values bit for bit. (One thread, L1-resident codes: 4.9 cycles per 16 values
+// against 19.6 for the gather, on a Zen 5.)
+LOWBIT_VBMI_TARGET static void dequant_planes(const uint8_t* codes, const CodePlanes& pl,
+                                              int64_t begin, int64_t len, float am, float* out) {
+  __m512i tb[4][4];
+  for (int p = 0; p < 4; ++p)
+    for (int q = 0; q < 4; ++q) tb[p][q] = _mm512_load_si512(pl.b[p] + 64 * q);
+  // input byte 16L + 4v + q (128-bit lane L, output vector v) holds code 16v + 4L + q
+  alignas(64) uint8_t ord[64];
+  for (int L = 0; L < 4; ++L)
+    for (int v = 0; v < 4; ++v)
+      for (int q = 0; q < 4; ++q) ord[16 * L + 4 * v + q] = (uint8_t)(16 * v + 4 * L + q);
+  const __m512i order = _mm512_load_si512(ord);
+  const __m512 vam = _mm512_set1_ps(am);
+  const __m512 qnan = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FC00000));
+  for (int64_t i = 0; i < len; i += 64) {
+    const int64_t n = len - i < 64 ? len - i : 64;
+    const __mmask64 in = n == 64 ? ~(__mmask64)0 : (((__mmask64)1 << n) - 1);
+    // (the maskz forms: gcc 12's plain ones trip -Wuninitialized on an undefined operand)
+    const __m512i idx = _mm512_maskz_permutexvar_epi8(
+        ~(__mmask64)0, order, _mm512_maskz_loadu_epi8(in, codes + begin + i));
+    const __mmask64 upper = _mm512_movepi8_mask(idx);
+    __m512i b[4];
+    for (int p = 0; p < 4; ++p)
+      b[p] = _mm512_mask_mov_epi8(_mm512_permutex2var_epi8(tb[p][0], idx, tb[p][1]), upper,
+                                  _mm512_permutex2var_epi8(tb[p][2], idx, tb[p][3]));
+    const __m512i lo01 = _mm512_unpacklo_epi8(b[0], b[1]), hi01 = _mm512_unpackhi_epi8(b[0], b[1]);
+    const __m512i lo23 = _mm512_unpacklo_epi8(b[2], b[3]), hi23 = _mm512_unpackhi_epi8(b[2], b[3]);
+    const __m512i vals[4] = {_mm512_unpacklo_epi16(lo01, lo23), _mm512_unpackhi_epi16(lo01, lo23),
+                             _mm512_unpacklo_epi16(hi01, hi23), _mm512_unpackhi_epi16(hi01, hi23)};
+    for (int v = 0; v < 4 && 16 * v < n; ++v) {
+      __m512 x = _mm512_mul_ps(_mm512_castsi512_ps(vals[v]), vam);
+      x = _mm512_mask_mov_ps(x, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), qnan);
+      _mm512_mask_storeu_ps(out + i + 16 * v, tail_mask(n - 16 * v), x);
+    }
+  }
+}
+#undef LOWBIT_VBMI_TARGET
 #endif
 
 template <int DT, int NCODE>

@@ -153,6 +153,13 @@ static void update_run(const OptArgs& a, const OptTensor& t, int64_t begin, int6
   const float* __restrict hz = HESS ? (t.hess ? t.hess + begin : kZeroRun) : nullptr;
   const Fmt fmt = fmt_of(DT);
   int32_t clipped = 0;  // (runs are at most kOptChunk elements)
+#if defined(LOWBIT_ISA_AVX512)
+  // (DEC on a CPU with VBMI: the codebooks as byte planes, decoded by in-register lookups)
+  const bool planes = DEC && cpu_has_vbmi();
+  CodePlanes pl1, pl2;
+  if (planes && NST >= 1) make_planes(a.code1, &pl1);
+  if (planes && NST >= 2) make_planes(a.code2, &pl2);
+#endif
   for (int64_t s0 = 0, j = 0; s0 < len; s0 += sub, ++j) {
     const int64_t s1_end = s0 + sub < len ? s0 + sub : len;
     uint32_t max1 = 0, max2 = 0;
@@ -163,10 +170,18 @@ static void update_run(const OptArgs& a, const OptTensor& t, int64_t begin, int6
     for (int64_t q0 = s0; q0 < s1_end; q0 += kDecPiece) {
       const int64_t q1 = q0 + kDecPiece < s1_end ? q0 + kDecPiece : s1_end;
       prefetch_piece<DT, NST, DEC>(t, p, g, m, v, begin, q0);
-      if (DEC && NST >= 1)
-        decode_block<256>((const uint8_t*)t.s1, begin + q0, q1 - q0, a.code1, am1, m + q0);
-      if (DEC && NST >= 2)
-        decode_block<256>((const uint8_t*)t.s2, begin + q0, q1 - q0, a.code2, am2, v + q0);
+#if defined(LOWBIT_ISA_AVX512)
+      if (planes) {
+        if (NST >= 1) dequant_planes((const uint8_t*)t.s1, pl1, begin + q0, q1 - q0, am1, m + q0);
+        if (NST >= 2) dequant_planes((const uint8_t*)t.s2, pl2, begin + q0, q1 - q0, am2, v + q0);
+      } else
+#endif
+      {
+        if (DEC && NST >= 1)
+          decode_block<256>((const uint8_t*)t.s1, begin + q0, q1 - q0, a.code1, am1, m + q0);
+        if (DEC && NST >= 2)
+          decode_block<256>((const uint8_t*)t.s2, begin + q0, q1 - q0, a.code2, am2, v + q0);
+      }
 #pragma omp simd reduction(max : max1, max2) reduction(+ : clipped)
       for (int64_t i = q0; i < q1; ++i) {
         float x = widen<DT>(p[i]);
