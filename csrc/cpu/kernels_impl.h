@@ -127,10 +127,16 @@ static inline void philox32(uint64_t seed, uint64_t base, __m512i c0[4], __m512i
   }
 }
 
-// Stores n <= 16 words of v at out (masked when short).
+// The lanes of a 16-lane vector among `remaining` (> 0) elements.
+static inline __mmask16 tail_mask(int64_t remaining) {
+  return remaining >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << remaining) - 1u);
+}
+
+// Stores the first n words of v at out (none when n <= 0). (Whole vectors by a plain store: a
+// masked one made the Philox fill 40% slower on a Zen 5.)
 static inline void store_words(uint32_t* out, int64_t n, __m512i v) {
   if (n >= 16) _mm512_storeu_si512(out, v);
-  else if (n > 0) _mm512_mask_storeu_epi32(out, (__mmask16)((1u << n) - 1u), v);
+  else if (n > 0) _mm512_mask_storeu_epi32(out, tail_mask(n), v);
 }
 
 // Word 0 of counters counter0 .. counter0 + len - 1 (philox_word0).
@@ -249,10 +255,6 @@ static inline __m512 load16(const void* x, int64_t i, __mmask16 m) {
                                 : _mm256_maskz_loadu_epi16(m, (const uint16_t*)x + i);
   if (DT == kBF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   return _mm512_cvtph_ps(h);  // exact; quiets NaNs like f16_to_f32
-}
-
-static inline __mmask16 tail_mask(int64_t remaining) {
-  return remaining >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << remaining) - 1u);
 }
 
 // Nearest-code indices of 16 values (as int32 lanes) from the byte-exact bucket table.

@@ -208,10 +208,25 @@ static void lp_hadamard_pass(const float* src, float* dst, int64_t len, float no
   }
 }
 
-template <int H, bool NT = false, bool CANON = true>
+template <int H, bool NT, bool CANON>
 static void lp_hadamard_fixed(const float* src, float* dst, int64_t len, float norm) {
   lp_hadamard_pass<(H < LpVec::W ? H : LpVec::W), (H > LpVec::W ? H / LpVec::W : 1), true, NT,
                    CANON>(src, dst, len, norm);
+}
+
+// lp_hadamard_fixed for the block h picked at run time (len a multiple of W); false, doing
+// nothing, for a block above 64 (stages outside registers).
+template <bool NT, bool CANON>
+static bool lp_hadamard_small(const float* src, float* dst, int64_t len, int h, float norm) {
+  switch (h) {
+    case 2: lp_hadamard_fixed<2, NT, CANON>(src, dst, len, norm); return true;
+    case 4: lp_hadamard_fixed<4, NT, CANON>(src, dst, len, norm); return true;
+    case 8: lp_hadamard_fixed<8, NT, CANON>(src, dst, len, norm); return true;
+    case 16: lp_hadamard_fixed<16, NT, CANON>(src, dst, len, norm); return true;
+    case 32: lp_hadamard_fixed<32, NT, CANON>(src, dst, len, norm); return true;
+    case 64: lp_hadamard_fixed<64, NT, CANON>(src, dst, len, norm); return true;
+    default: return false;
+  }
 }
 #endif
 
@@ -228,34 +243,17 @@ static void lp_hadamard(const float* src, float* dst, int64_t len, int h, bool s
   const float norm = hadamard_norm(h);
   (void)stream, (void)canon;
 #if defined(LOWBIT_LP_VEC)
-  if (!canon && h >= LpVec::W && h <= 64) {
-    switch (h) {
-      case 16: lp_hadamard_fixed<16, false, false>(src, dst, len, norm); return;
-      case 32: lp_hadamard_fixed<32, false, false>(src, dst, len, norm); return;
-      case 64: lp_hadamard_fixed<64, false, false>(src, dst, len, norm); return;
-    }
-  }
-  if (stream && h >= LpVec::W && h <= 64 && (uintptr_t)dst % sizeof(LpVec::T) == 0) {
-    switch (h) {
-      case 16: lp_hadamard_fixed<16, true>(src, dst, len, norm); return;
-      case 32: lp_hadamard_fixed<32, true>(src, dst, len, norm); return;
-      case 64: lp_hadamard_fixed<64, true>(src, dst, len, norm); return;
-    }
-  }
+  // (h >= W: W | len, as the fixed passes need)
+  if (!canon && h >= LpVec::W && lp_hadamard_small<false, false>(src, dst, len, h, norm)) return;
+  if (stream && h >= LpVec::W && (uintptr_t)dst % sizeof(LpVec::T) == 0 &&
+      lp_hadamard_small<true, true>(src, dst, len, h, norm))
+    return;
   // W | len holds whenever h >= W, and for smaller h on all but odd-sized rows.
   if (h > 1 && len % LpVec::W == 0) {
-    switch (h) {
-      case 2: lp_hadamard_fixed<2>(src, dst, len, norm); return;
-      case 4: lp_hadamard_fixed<4>(src, dst, len, norm); return;
-      case 8: lp_hadamard_fixed<8>(src, dst, len, norm); return;
-      case 16: lp_hadamard_fixed<16>(src, dst, len, norm); return;
-      case 32: lp_hadamard_fixed<32>(src, dst, len, norm); return;
-      case 64: lp_hadamard_fixed<64>(src, dst, len, norm); return;
-      default:
-        lp_hadamard_pass<LpVec::W, 64 / LpVec::W, false>(src, dst, len, norm);
-        lp_stages(dst, len, 64, h, norm);
-        return;
-    }
+    if (lp_hadamard_small<false, true>(src, dst, len, h, norm)) return;
+    lp_hadamard_pass<LpVec::W, 64 / LpVec::W, false>(src, dst, len, norm);
+    lp_stages(dst, len, 64, h, norm);
+    return;
   }
 #endif
   if (h == 1) {
