@@ -172,10 +172,11 @@ def run_hvp(args, ctx):
         label = f"lowbit hvp {r}" if r in hb.ROUTES else f"lowbit HessianOperator ({r})"
         out.append(row("hvp", group, label, "lowbit", times[r], reps=hargs.reps,
                        note=f"{times[r] / grad:.2f}x one gradient{extra}"))
-    for name, secs, lam, products in res["eigen"]:
+    for (name, secs, lam, products), err in zip(res["eigen"], hb.relative_error(res["eigen"])):
         out.append(row("hvp", "top Hessian eigenvalue", name,
                        "lowbit" if name.startswith("lowbit") else "peer", secs, reps=1,
-                       note=f"lambda_max {lam:.4f}" + (f"; {products} HVPs" if products else "")))
+                       note=f"lambda_max {lam:.4f} ({err * 100:.2f}% from converged)"
+                       + (f"; {products} HVPs" if products else "")))
     if not args.no_peers and not any(not e[0].startswith("lowbit") for e in res["eigen"]):
         notes.append("PyHessian not installed: the eigenvalue readings have no peer "
                      "(pip install --no-deps pyhessian)")

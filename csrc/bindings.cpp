@@ -75,6 +75,12 @@ void py_stochastic_round(uintptr_t x, int64_t n, uintptr_t out, int fmt, uint64_
   lowbit::cpu::stochastic_round(a);
 }
 
+void py_philox_words(uintptr_t out, int64_t n, int words, uint64_t seed, uint64_t counter0) {
+  PhiloxArgs a{ptr<uint32_t>(out), n, words, seed, counter0};
+  py::gil_scoped_release release;
+  lowbit::cpu::philox_words(a);
+}
+
 // One fused optimizer step over a list of tensors sharing a rule, dtype and state format: the
 // lists hold data_ptr()s (lowbit/optim_args.h, csrc/optim_lists.h); the 8-bit states' nearest-code
 // tables come from the same cache as quantize_blockwise's.
@@ -137,6 +143,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("quantize_blockwise", &py_quantize_blockwise);
   m.def("dequantize_blockwise", &py_dequantize_blockwise);
   m.def("stochastic_round", &py_stochastic_round);
+  m.def("philox_words", &py_philox_words, "raw Philox4x32-10 words of a counter range");
   m.def("grad_stats", &py_grad_stats, "per-tensor sum of squares, non-finite count, max |g|, NaN count");
   m.def("lowprec", &py_lowprec, "scaled low-precision (fake) quantization, Hadamard rotation");
   m.def("optim_step", &py_optim_step, "fused multi-tensor optimizer step (Adam, Lion, SGD)");

@@ -101,6 +101,19 @@ void py_stochastic_round(uintptr_t x, int64_t n, uintptr_t out, int fmt, uint64_
   check("stochastic_round launch", err);
 }
 
+void py_philox_words(uintptr_t out, int64_t n, int words, uint64_t seed, uint64_t counter0,
+                     int device, uintptr_t stream) {
+  cudaError_t err;
+  {
+    py::gil_scoped_release release;
+    err = set_device(device);
+    if (err == cudaSuccess)
+      err = lowbit::cuda::philox_words(ptr<uint32_t>(out), n, words, seed, counter0,
+                                       reinterpret_cast<cudaStream_t>(stream));
+  }
+  check("philox_words launch", err);
+}
+
 // One fused optimizer step over a list of tensors sharing a rule, dtype and state format:
 // lowbit._C's optim_step (csrc/bindings.cpp) plus (device, stream). Every pointer, including the
 // code / mids tables of quantized states, is device memory; the tensor table is packed into
@@ -189,6 +202,7 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def("quantize_blockwise", &py_quantize_blockwise);
   m.def("dequantize_blockwise", &py_dequantize_blockwise);
   m.def("stochastic_round", &py_stochastic_round);
+  m.def("philox_words", &py_philox_words);
   m.def("optim_step", &py_optim_step, "fused multi-tensor optimizer step (Adam, Lion, SGD)");
   m.def("grad_stats_workspace", &py_grad_stats_workspace,
         "device workspace bytes grad_stats needs for tensors of these sizes");

@@ -30,6 +30,12 @@ for dt in (torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2
     a = lowbit.stochastic_round(x, dt, seed=5, offset=11, backend="cpu")
     b = lowbit.stochastic_round(x, dt, seed=5, offset=11, backend="reference")
     assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), dt
+# the raw stream (Hessian probes): word 0 alone, and two words through the four-word fill
+from lowbit.rounding import philox_words
+for words in (1, 2):
+    assert torch.equal(philox_words(5003, seed=9, counter0=2**32 - 2000, words=words, backend="cpu"),
+                       philox_words(5003, seed=9, counter0=2**32 - 2000, words=words,
+                                    backend="reference"))
 # the rank-1 second moment's prepass and step (odd row lengths: rows start on either nibble)
 import lowbit.optim as lo
 def rank1_run(backend):

@@ -58,3 +58,26 @@ def stochastic_round(x, out, seed, offset):
         x.reshape(-1), out_bits, n, int(seed), int(offset),
         WIDTH=width, MBITS=mbits, EMIN=emin, MAX_FINITE=max_finite, OVERFLOW=overflow, NAN=nan,
         NAN_KEEPS_SIGN=nan_sign, ELEMS=elems, num_warps=4, **LAUNCH_OPTS)
+
+
+@triton.jit
+def _philox_words_kernel(out_ptr, n, seed, counter0, WORDS: tl.constexpr, ELEMS: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    idx = pid * ELEMS + tl.arange(0, ELEMS).to(tl.int64)
+    m = idx < n
+    r0, r1, r2, r3 = tl.randint4x(seed, counter0 + idx)  # philox.h's layout for an int64 counter
+    tl.store(out_ptr + idx, r0.to(tl.int32, bitcast=True), mask=m)
+    if WORDS > 1:
+        tl.store(out_ptr + n + idx, r1.to(tl.int32, bitcast=True), mask=m)
+    if WORDS > 2:
+        tl.store(out_ptr + 2 * n + idx, r2.to(tl.int32, bitcast=True), mask=m)
+    if WORDS > 3:
+        tl.store(out_ptr + 3 * n + idx, r3.to(tl.int32, bitcast=True), mask=m)
+
+
+def philox_words(out, seed, counter0):
+    """lowbit.ops.philox_words: out int32 [words, n] (contiguous), seed an unsigned 64-bit int."""
+    words, n = out.shape
+    elems = _elems_per_program(n)
+    _philox_words_kernel[(triton.cdiv(n, elems),)](
+        out, n, int(seed), int(counter0), WORDS=words, ELEMS=elems, num_warps=4, **LAUNCH_OPTS)

@@ -41,6 +41,12 @@ struct RoundArgs {
   const float* x; int64_t n; void* out; int fmt; uint64_t seed; uint64_t offset;
 };
 
+// Raw Philox words (lowbit.ops.philox_words): word w (< words <= 4) of counter counter0 + i goes
+// to out[w * n + i]; counter0 + n <= 2**62.
+struct PhiloxArgs {
+  uint32_t* out; int64_t n; int words; uint64_t seed; uint64_t counter0;
+};
+
 // The fused optimizer step's arguments plus the CPU's nearest-code tables of the two state
 // codebooks (8-bit states; unused otherwise).
 struct OptimCpuArgs {
@@ -61,6 +67,7 @@ struct LowprecArgs {
   void quantize_blockwise(const QuantArgs& a);          \
   void dequantize_blockwise(const DequantArgs& a);      \
   void stochastic_round(const RoundArgs& a);            \
+  void philox_words(const PhiloxArgs& a);               \
   void optim_step(const OptimCpuArgs& a);               \
   void grad_stats(const StatsArgs& a);                  \
   void lowprec(const LowprecArgs& a);                   \
@@ -77,6 +84,7 @@ void build_nearest_lut(const float* mids, int nmid, int32_t* table, int* max_ins
 void quantize_blockwise(const QuantArgs& a);
 void dequantize_blockwise(const DequantArgs& a);
 void stochastic_round(const RoundArgs& a);
+void philox_words(const PhiloxArgs& a);
 void optim_step(const OptimCpuArgs& a);
 void grad_stats(const StatsArgs& a);
 void lowprec(const LowprecArgs& a);

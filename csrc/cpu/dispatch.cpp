@@ -53,6 +53,7 @@ const char* isa_name() {
 void quantize_blockwise(const QuantArgs& a) { LOWBIT_DISPATCH(quantize_blockwise, a) }
 void dequantize_blockwise(const DequantArgs& a) { LOWBIT_DISPATCH(dequantize_blockwise, a) }
 void stochastic_round(const RoundArgs& a) { LOWBIT_DISPATCH(stochastic_round, a) }
+void philox_words(const PhiloxArgs& a) { LOWBIT_DISPATCH(philox_words, a) }
 void optim_step(const OptimCpuArgs& a) { LOWBIT_DISPATCH(optim_step, a) }
 void grad_stats(const StatsArgs& a) { LOWBIT_DISPATCH(grad_stats, a) }
 void lowprec(const LowprecArgs& a) { LOWBIT_DISPATCH(lowprec, a) }

@@ -595,6 +595,28 @@ void stochastic_round(const RoundArgs& a) {
   }
 }
 
+// Word 0 straight from fill_philox; more words from fill_philox4 (all four of each counter,
+// interleaved) through a small buffer, spread into their rows.
+void philox_words(const PhiloxArgs& a) {
+  constexpr int64_t kChunk = 1024;
+  const int64_t nchunks = (a.n + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static) if (a.n >= kParallelMin)
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const int64_t begin = c * kChunk;
+    const int64_t len = a.n - begin < kChunk ? a.n - begin : kChunk;
+    if (a.words == 1) {
+      fill_philox(a.seed, a.counter0 + (uint64_t)begin, len, a.out + begin);
+      continue;
+    }
+    uint32_t buf[4 * kChunk];
+    fill_philox4(a.seed, 4 * (a.counter0 + (uint64_t)begin), 4 * len, buf);
+    for (int w = 0; w < a.words; ++w) {
+      uint32_t* __restrict row = a.out + w * a.n + begin;
+      for (int64_t i = 0; i < len; ++i) row[i] = buf[4 * i + w];
+    }
+  }
+}
+
 }  // namespace LOWBIT_ISA_NS
 }  // namespace cpu
 }  // namespace lowbit

@@ -34,6 +34,10 @@ cudaError_t dequantize_blockwise(const uint8_t* codes, const float* absmax, cons
 cudaError_t stochastic_round(const float* x, int64_t n, void* out, int fmt, uint64_t seed,
                              uint64_t offset, cudaStream_t stream);
 
+// out: words * n uint32; word w (words in [1, 4]) of counter counter0 + i at out[w * n + i].
+cudaError_t philox_words(uint32_t* out, int64_t n, int words, uint64_t seed, uint64_t counter0,
+                         cudaStream_t stream);
+
 // ---- csrc/cuda/optim.cu ------------------------------------------------------------------------
 
 // Fused multi-tensor optimizer step (Adam/AdamW, Lion, SGD), bit-identical to

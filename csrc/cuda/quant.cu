@@ -112,6 +112,15 @@ stochastic_round_kernel(const float* __restrict__ x, int64_t n, void* __restrict
   }
 }
 
+__global__ void __launch_bounds__(kEltThreads)
+philox_words_kernel(uint32_t* __restrict__ out, int64_t n, int words, uint64_t seed,
+                    uint64_t counter0) {
+  for (int64_t i = global_thread(); i < n; i += grid_stride()) {
+    const Philox4 r = philox4x32_10(seed, counter0 + (uint64_t)i);
+    for (int w = 0; w < words; ++w) out[w * n + i] = r.w[w];
+  }
+}
+
 int64_t elt_blocks(int64_t n) {
   const int64_t b = (n + kEltThreads - 1) / kEltThreads;
   return b < kMaxEltBlocks ? b : kMaxEltBlocks;
@@ -232,6 +241,15 @@ cudaError_t stochastic_round(const float* x, int64_t n, void* out, int fmt, uint
     case kE5M2: return launch_round<kE5M2>(x, n, out, seed, offset, stream);
     default: return cudaErrorInvalidValue;
   }
+}
+
+cudaError_t philox_words(uint32_t* out, int64_t n, int words, uint64_t seed, uint64_t counter0,
+                         cudaStream_t stream) {
+  if (n < 0 || words < 1 || words > 4) return cudaErrorInvalidValue;
+  if (n == 0) return cudaSuccess;
+  LOWBIT_LAUNCH(philox_words_kernel, dim3((unsigned)elt_blocks(n)), dim3(kEltThreads), 0, stream,
+                out, n, words, seed, counter0);
+  return cudaGetLastError();
 }
 
 }  // namespace cuda

@@ -68,6 +68,15 @@ void py_stochastic_round(uintptr_t x, int64_t n, uintptr_t out, int fmt, uint64_
   check("stochastic_round", err);
 }
 
+void py_philox_words(uintptr_t out, int64_t n, int words, uint64_t seed, uint64_t counter0) {
+  cudaError_t err;
+  {
+    py::gil_scoped_release release;
+    err = lc::philox_words(ptr<uint32_t>(out), n, words, seed, counter0, nullptr);
+  }
+  check("philox_words", err);
+}
+
 // lowbit._C's optim_step signature (csrc/bindings.cpp); runs csrc/cuda/optim.cu.
 void py_optim_step(int kind, const std::vector<uintptr_t>& p, const std::vector<uintptr_t>& g,
                    const std::vector<int64_t>& numel, const std::vector<uintptr_t>& s1,
@@ -255,6 +264,7 @@ PYBIND11_MODULE(_C_sim, m) {
   m.def("quantize_blockwise", &py_quantize_blockwise);
   m.def("dequantize_blockwise", &py_dequantize_blockwise);
   m.def("stochastic_round", &py_stochastic_round);
+  m.def("philox_words", &py_philox_words);
   m.def("optim_step", &py_optim_step, "fused multi-tensor optimizer step (Adam, Lion, SGD)");
   m.def("grad_stats_workspace", &py_grad_stats_workspace,
         "workspace bytes grad_stats needs for tensors of these sizes");

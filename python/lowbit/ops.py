@@ -127,6 +127,19 @@ def _(x, out, seed, offset, backend):
     return None
 
 
+@torch.library.custom_op("lowbit::philox_words", mutates_args=("out",))
+def philox_words(out: torch.Tensor, seed: int, counter0: int, backend: str) -> None:
+    """out: int32 [words, n], words in 1..4: out[w, i] = the bits of word w of Philox4x32-10
+    keyed by `seed` (its 64 bits as a signed int64) at counter counter0 + i."""
+    if out.numel():
+        _backend_impl(backend).philox_words(out, seed & (2**64 - 1), counter0)
+
+
+@philox_words.register_fake
+def _(out, seed, counter0, backend):
+    return None
+
+
 # --- fused optimizer steps (issue 3) -----------------------------------------------------------
 
 @torch.library.custom_op(

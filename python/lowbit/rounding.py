@@ -32,6 +32,29 @@ from . import _validate, ops
 TARGETS = (torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2)
 
 
+def philox_words(n: int, *, seed: int, counter0: int = 0, words: int = 1, device=None,
+                 backend: str | None = None) -> torch.Tensor:
+    """The raw stream: an int32 tensor [words, n] whose element [w, i] holds the bits of word w
+    (words in 1..4) of Philox4x32-10 keyed by `seed` (an int in [0, 2**64)) at counter
+    counter0 + i — the words every random op above draws from (the Hessian probes use words 0
+    and 1). Read a word as unsigned with `.to(torch.int64) & 0xFFFFFFFF`."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    if isinstance(words, bool) or not isinstance(words, int) or not 1 <= words <= 4:
+        raise ValueError(f"words must be an int in 1..4, got {words!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+    if isinstance(counter0, bool) or not isinstance(counter0, int) or counter0 < 0:
+        raise ValueError(f"counter0 must be a non-negative int, got {counter0!r}")
+    if counter0 + n > 2**62:
+        raise ValueError(f"counter0 + n must stay within 2**62, got {counter0 + n}")
+    device = torch.device("cpu") if device is None else torch.device(device)
+    be = ops.resolve_backend(backend, device)
+    out = torch.empty((words, n), dtype=torch.int32, device=device)
+    ops.philox_words(out, seed - 2**64 if seed >= 2**63 else seed, counter0, be)
+    return out
+
+
 def stochastic_round(x: torch.Tensor, dtype: torch.dtype, *, seed: int, offset: int = 0,
                      backend: str | None = None) -> torch.Tensor:
     """Round fp32 `x` to `dtype` stochastically; same bits on every backend for the same

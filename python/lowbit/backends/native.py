@@ -35,6 +35,10 @@ class NativeBackend:
         self.module.stochastic_round(x.data_ptr(), x.numel(), out.data_ptr(),
                                      DTYPE_CODE[out.dtype], seed, offset, *self._stream(x))
 
+    def philox_words(self, out, seed, counter0):
+        self.module.philox_words(out.data_ptr(), out.shape[1], out.shape[0], seed, counter0,
+                                 *self._stream(out))
+
     def lowprec(self, x, fmt, scaling, block_size, e8m0, stochastic, seed, offset, had_block,
                 codes, scales, out):
         """lowbit.ops' lowprec contract. The module also gets `absmax`: zeroed fp32 scratch

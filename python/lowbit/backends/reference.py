@@ -19,6 +19,14 @@ def stochastic_round(x, out, seed, offset):
     out.copy_(ref.stochastic_round(x.cpu(), out.dtype, seed, offset))
 
 
+def philox_words(out, seed, counter0):
+    from ..reference.philox import philox4
+    words = philox4(seed, counter0 + torch.arange(out.shape[1], dtype=torch.int64))
+    for w in range(out.shape[0]):
+        v = words[w]  # uint32 values in int64: their bits as int32
+        out[w].copy_(torch.where(v >= 2**31, v - 2**32, v).to(torch.int32))
+
+
 def optim_step(params, grads, state1, absmax1, state2, absmax2, comps, keys, kind, state_bits,
                block_size, scalars, flags, writeback, v_cols=(), v_colmax=(), clip=None,
                clipped=None, rms=None, hess=()):

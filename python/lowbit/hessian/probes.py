@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from ..reference.philox import philox4, uniform24
+from ..rounding import philox_words
 
 DISTRIBUTIONS = ("rademacher", "gaussian")
 
@@ -33,12 +33,16 @@ def _check(distribution, seed, offset):
         raise ValueError(f"offset must be a non-negative int, got {offset!r}")
 
 
-def _values(counters: torch.Tensor, seed: int, distribution: str) -> torch.Tensor:
-    w0, w1, _, _ = philox4(seed, counters)
+def _values(n: int, counter0: int, seed: int, distribution: str, device) -> torch.Tensor:
+    """Float64 values of counters counter0 .. counter0 + n - 1 (the module docstring's map), from
+    the words of lowbit.rounding.philox_words (a native kernel where one is built)."""
+    w = philox_words(n, seed=seed, counter0=counter0,
+                     words=1 if distribution == "rademacher" else 2, device=device)
     if distribution == "rademacher":
-        return 1.0 - 2.0 * (w0 >> 31).to(torch.float64)
-    u1 = 1.0 - uniform24(w0).to(torch.float64)
-    u2 = uniform24(w1).to(torch.float64)
+        return 1.0 - 2.0 * (w[0] < 0).to(torch.float64)   # bit 31 of w0 is the int32 sign
+    # uniform24 of the unsigned word: its top 24 bits ((w >> 8) of the int32, masked)
+    u = ((w >> 8) & 0xFFFFFF).to(torch.float64) * 2.0**-24
+    u1, u2 = 1.0 - u[0], u[1]
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
 
 
@@ -54,11 +58,11 @@ def probes(like, count: int, *, seed: int = 0, distribution: str = "rademacher",
     out, base = [], 0
     for t in like:
         device = torch.device("cpu") if t.device.type == "meta" else t.device
-        rows = torch.arange(first, first + count, dtype=torch.int64, device=device)
-        cols = torch.arange(t.numel(), dtype=torch.int64, device=device)
-        counters = offset + rows[:, None] * n + base + cols[None, :]
-        out.append(_values(counters, seed, distribution).to(t.dtype)
-                   .reshape((count,) + tuple(t.shape)))
+        rows = [_values(t.numel(), offset + j * n + base, seed, distribution, device)
+                for j in range(first, first + count)]
+        vals = torch.stack(rows) if rows else torch.empty(0, t.numel(), dtype=torch.float64,
+                                                          device=device)
+        out.append(vals.to(t.dtype).reshape((count,) + tuple(t.shape)))
         base += t.numel()
     return out
 
