@@ -8,7 +8,9 @@ SophiaH, when installed) on N parameters in 8 tensors — all on the CPU.
 The model is a byte-level decoder (2 layers, d=128, 4 heads, sequence 64, batch 8) written with
 explicit attention so every route applies (fused scaled_dot_product_attention has no double
 backward on CPU). Times are medians of interleaved repetitions, reported as ratios to the
-gradient's time measured in the same run (issue 5's target: double backward <= 2.5x a gradient).
+gradient's time measured in the same run (issue 5's target: double backward <= 2.5x a gradient),
+next to each pass's matrix-multiply FLOPs counted by torch.profiler: the arithmetic floor (one
+double-backward product from scratch does 3x a gradient's matmul work on this model).
 Peak memory: each route runs in a fresh process, and its peak resident set minus that of a
 process that only takes gradients is reported.
 
@@ -152,6 +154,32 @@ def time_routes(args):
         op(v)
         reused.append(time.perf_counter() - t0)
     out[REUSED] = statistics.median(reused)
+    return out
+
+
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")
+
+
+def matmul_work(model="default"):
+    """{"gradient" | "double_backward" | REUSED: (matmul GFLOP, matmul calls)} of one gradient,
+    one double-backward product from scratch and one with the graph kept, counted by
+    torch.profiler (with_flops) over aten::mm / addmm / bmm: the arithmetic floor of each."""
+    from torch.profiler import profile
+    _, params, loss_fn, _, _, v = setup(model=model)
+    kept = torch.autograd.grad(loss_fn(), params, create_graph=True)
+
+    def scratch():
+        g = torch.autograd.grad(loss_fn(), params, create_graph=True)
+        return torch.autograd.grad(g, params, grad_outputs=v)
+    fns = {"gradient": lambda: torch.autograd.grad(loss_fn(), params),
+           "double_backward": scratch,
+           REUSED: lambda: torch.autograd.grad(kept, params, grad_outputs=v, retain_graph=True)}
+    out = {}
+    for name, fn in fns.items():
+        with profile(with_flops=True) as prof:
+            fn()
+        events = [e for e in prof.key_averages() if e.key in MATMULS]
+        out[name] = (sum(e.flops for e in events) / 1e9, sum(e.count for e in events))
     return out
 
 
@@ -330,8 +358,9 @@ def collect(args):
     if not args.quick:
         base = peak_rss_mib("gradient", args.model)
         memory = {r: peak_rss_mib(r, args.model) - base for r in ROUTES}
-    return {"times_s": times, "extra_peak_mib": memory, "eigen": eigen_readings(args),
-            "monitor": monitor_readings(args), "sophia_s": time_sophia(args)}
+    return {"times_s": times, "extra_peak_mib": memory, "matmul": matmul_work(args.model),
+            "eigen": eigen_readings(args), "monitor": monitor_readings(args),
+            "sophia_s": time_sophia(args)}
 
 
 def main(args):
@@ -347,6 +376,12 @@ def main(args):
     for r in ROUTES + (REUSED,):
         mem = f"{memory[r]:.0f}" if r in memory else "-"
         lines.append(f"| {r} | {times[r] * 1e3:.2f} | {times[r] / grad:.2f} | {mem} |")
+    work = res["matmul"]
+    lines += ["", "Matrix-multiply work (torch.profiler with_flops, aten::mm / addmm / bmm): the "
+              "arithmetic floor of each pass:", "",
+              "| pass | matmul GFLOP | x one gradient | matmul calls |", "|---|---|---|---|"]
+    for name, (gflop, calls) in work.items():
+        lines.append(f"| {name} | {gflop:.3f} | {gflop / work['gradient'][0]:.2f} | {calls} |")
     eig = res["eigen"]
     lines += ["", "Top Hessian eigenvalue of the same loss:", "",
               "| method | seconds | lambda_max | error vs converged | Hessian-vector products |",
@@ -370,7 +405,7 @@ def main(args):
     with open(os.path.join(args.out, "hessian_report.md"), "w") as f:
         f.write(text + "\n")
     with open(os.path.join(args.out, "hessian_results.json"), "w") as f:
-        json.dump({"times_s": times, "extra_peak_mib": memory,
+        json.dump({"times_s": times, "extra_peak_mib": memory, "matmul": work,
                    "eigen": [list(r) for r in eig], "monitor": [list(r) for r in mon],
                    "sophia_s": sophia}, f, indent=1)
 

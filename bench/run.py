@@ -167,8 +167,11 @@ def run_hvp(args, ctx):
     group = f"HVP, {model}"
     out.append(row("hvp", group, "gradient (torch.autograd.grad)", "baseline", grad,
                    reps=hargs.reps, note="the reference: one gradient"))
+    work = res["matmul"]
     for r in hb.ROUTES + (hb.REUSED,):
         extra = f"; +{mem[r]:.0f} MiB peak" if r in mem else ""
+        if r in work:  # the arithmetic floor: matmul FLOPs over the gradient's
+            extra += f"; matmul work {work[r][0] / work['gradient'][0]:.2f}x a gradient's"
         label = f"lowbit hvp {r}" if r in hb.ROUTES else f"lowbit HessianOperator ({r})"
         out.append(row("hvp", group, label, "lowbit", times[r], reps=hargs.reps,
                        note=f"{times[r] / grad:.2f}x one gradient{extra}"))
