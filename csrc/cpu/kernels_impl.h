@@ -258,7 +258,13 @@ static inline __m512 load16(const void* x, int64_t i, __mmask16 m) {
 }
 
 // Nearest-code indices of 16 values (as int32 lanes) from the byte-exact bucket table.
+// A gather merges into its destination register, so that register must be a fresh zero: when
+// gcc can see a full mask it treats the merge source as dead and gathers into whatever register
+// is free, in the streaming loop below the previous gather's result, chaining every gather to the
+// one before (quantize_blockwise of 2**24 values: 8.2 ms -> 6.8 ms on one Zen 5 core once the
+// mask is hidden from the optimizer by the empty asm).
 static inline __m512i lut_index16(__m512i yb, __mmask16 m, const NearestLut& lut) {
+  asm("" : "+k"(m));
   const __m512i e = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m,
                                                 _mm512_srli_epi32(yb, 16), lut.packed, 4);
   const __m512i below = _mm512_and_si512(e, _mm512_set1_epi32(0xFF));
