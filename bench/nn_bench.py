@@ -6,7 +6,10 @@ For one layer (default 4096 x 4096 weight, 2048 tokens, fp32), per preset (INT4,
   * the quantization itself, apart from the matmuls: the fused fake-quant kernel on each tensor
     the layer quantizes (weight and activation in the forward, the output gradient in the
     backward, with the preset's Hadamard rotations), charged 8 B per fp32 element (read x, write
-    the dequantized values), against the fp32 copy bandwidth measured interleaved with it;
+    the dequantized values), against the fp32 copy bandwidth measured interleaved with it: a
+    copy of as many bytes as the row charges (a smaller copy runs partly in the last-level
+    cache — 66 GB/s for 32 MB against 45-48 GB/s from 64 MB up on the 32 MB-L3 EPYC — and would
+    set the bar above the memory bandwidth the quantization streams through);
   * lowbit's fused quantize + dequantize vs the unfused PyTorch sequence a user writes today
     (absmax, divide, round, clamp, multiply as separate torch ops; the rotation as a matmul with
     the Hadamard matrix; E2M1 rounding by bucketize). Those sequences compute the same format but
@@ -126,20 +129,29 @@ def collect(args):
     g = torch.randn(t, d)
     linear = torch.nn.Linear(d, d)
     tensors = {"weight": linear.weight.detach(), "activation": x.detach(), "grad_output": g}
-    bench = Bench(t * d, args)   # copies of one activation-sized fp32 tensor
+    benches = {}
+
+    def bench(nbytes):
+        """The copy-interleaved timer whose copy moves `nbytes` (nbytes / 8 fp32 elements)."""
+        n = nbytes // 8
+        if n not in benches:
+            benches.clear()  # one pair of copy buffers at a time (the largest is ~270 MB)
+            benches[n] = Bench(n, args)
+        return benches[n]
+
     rows = []
 
-    def add(group, label, kind, timing, nbytes=None, note=""):
+    def add(group, label, kind, timing, nbytes=None, note="", copy_bytes=8 * t * d):
         rows.append(dict(group=group, label=label, kind=kind, ms=timing.median * 1e3,
                          reps=len(timing.times), bytes=nbytes, copy_ms=timing.copy_median * 1e3,
-                         copy_bytes=8 * t * d, note=note))
+                         copy_bytes=copy_bytes, note=note))
 
     layer_group = f"QuantLinear forward + backward, {d}x{d}, {t} tokens, fp32"
-    base = bench.time(_layer_step(linear, x, g))
+    base = bench(8 * t * d).time(_layer_step(linear, x, g))
     add(layer_group, "torch nn.Linear", "baseline", base, note="the matmuls alone")
     for name, cfg in PRESETS.items():
         q = QuantLinear.from_linear(linear, cfg)
-        tm = bench.time(_layer_step(q, x, g))
+        tm = bench(8 * t * d).time(_layer_step(q, x, g))
         add(layer_group, f"lowbit QuantLinear {name}", "lowbit", tm,
             note=f"{tm.median / base.median:.3f}x nn.Linear")
 
@@ -147,9 +159,10 @@ def collect(args):
         specs = {r: getattr(cfg, r) for r in ROLES if getattr(cfg, r) is not None}
         nbytes = sum(8 * tensors[r].numel() for r in specs)
         over_group = f"quantization overhead per forward + backward, {d}x{d}, {t} tokens"
-        tm = bench.time(lambda: [lowbit_fake_quant(tensors[r], s) for r, s in specs.items()])
+        tm = bench(nbytes).time(lambda: [lowbit_fake_quant(tensors[r], s)
+                                         for r, s in specs.items()])
         add(over_group, f"lowbit {name} ({', '.join(specs)})", "lowbit", tm, nbytes,
-            note="fused fake-quant kernels, 8 B per fp32 element")
+            note="fused fake-quant kernels, 8 B per fp32 element", copy_bytes=nbytes)
         for role, spec in specs.items():
             src = tensors[role]
             what = f"{spec.format} {spec.scaling}{spec.block_size if spec.scaling == 'block' else ''}" \
@@ -159,11 +172,12 @@ def collect(args):
             group = f"fake quant of the {role} ({tuple(src.shape)}), {what}"
             if any(r["group"] == group for r in rows):
                 continue
-            mine = bench.time(lambda: lowbit_fake_quant(src, spec))
-            add(group, "lowbit fused fake_quant", "lowbit", mine, 8 * src.numel())
+            nb = 8 * src.numel()
+            mine = bench(nb).time(lambda: lowbit_fake_quant(src, spec))
+            add(group, "lowbit fused fake_quant", "lowbit", mine, nb, copy_bytes=nb)
             if not args.no_peers:
-                peer = bench.time(lambda: torch_fake_quant(src, spec))
-                add(group, "torch unfused sequence", "peer", peer, 8 * src.numel())
+                peer = bench(nb).time(lambda: torch_fake_quant(src, spec))
+                add(group, "torch unfused sequence", "peer", peer, nb, copy_bytes=nb)
     return rows
 
 
