@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include <mutex>
+#include <stdexcept>
 #include <unordered_map>
 #include <vector>
 #include <string>
@@ -76,6 +77,9 @@ void py_stochastic_round(uintptr_t x, int64_t n, uintptr_t out, int fmt, uint64_
 }
 
 void py_philox_words(uintptr_t out, int64_t n, int words, uint64_t seed, uint64_t counter0) {
+  // (lowbit.rounding.philox_words validates these for users; the guard keeps the buffer in bounds)
+  if (n < 0 || words < 1 || words > 4)
+    throw std::invalid_argument("philox_words: n must be >= 0 and words in 1..4");
   PhiloxArgs a{ptr<uint32_t>(out), n, words, seed, counter0};
   py::gil_scoped_release release;
   lowbit::cpu::philox_words(a);
