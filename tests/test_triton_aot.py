@@ -75,6 +75,12 @@ def _variants():
                               "NAN_KEEPS_SIGN"), fmt), ELEMS=elems)
             out.append((f"stochastic_round to {dtype} elems={elems}",
                         "rounding._stochastic_round_kernel", sig, const, False))
+    # the raw Philox words behind the Hessian probes: one word and all four (a seed above 2**63
+    # reaches the kernel as u64)
+    for words, seed_t in ((1, "i64"), (4, "u64")):
+        out.append((f"philox_words words={words}", "rounding._philox_words_kernel",
+                    {"out_ptr": "*i32", "n": "i64", "seed": seed_t, "counter0": "i64"},
+                    {"WORDS": words, "ELEMS": 1024}, False))
     # fused optimizer step: every rule, state format and param write-back at least once (fp32 and
     # bf16 params, fp16 kahan for its widening), and the 4-bit tile the wrapper launches on a GPU
     # (16 blocks of 128). Lion and SGD divide only when requantizing (1 / absmax).
