@@ -54,7 +54,7 @@ void py_quantize_blockwise(uintptr_t x, int x_dtype, int64_t n, int block, uintp
   QuantArgs a{};
   a.x = ptr<const void>(x); a.x_dtype = x_dtype; a.n = n; a.block = block;
   a.code = ptr<const float>(code); a.mids = ptr<const float>(mids); a.ncode = ncode;
-  if (ncode == 256 && !stochastic) a.lut = lut_for(a.mids, ncode - 1);
+  if (ncode == 256) a.lut = lut_for(a.mids, ncode - 1);  // (stochastic: its bracket search)
   a.codes = ptr<uint8_t>(codes); a.absmax = ptr<float>(absmax);
   a.stochastic = stochastic; a.seed = seed; a.offset = offset;
   py::gil_scoped_release release;

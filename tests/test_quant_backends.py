@@ -122,6 +122,27 @@ def test_clustered_user_codebook_matches_reference(backend, ncode):
                                       backend="reference"))
 
 
+@pytest.mark.parametrize("backend", kernel_backend_params())
+def test_repeated_and_adjacent_codes_match_reference(backend):
+    # 8-bit books whose midpoints do not all lie strictly between their codes (a repeated code,
+    # a code one float above another): the CPU kernel's stochastic rounding cannot take its
+    # bracket from the nearest-code table and must use its general search.
+    base = torch.linspace(-1, 1, 250)
+    repeated = torch.sort(torch.cat([base, torch.full((6,), 0.25)])).values
+    pair = torch.tensor([0.5, 0.5]).nextafter(torch.tensor([0.5, 1.0]))  # 0.5 and one float up
+    adjacent = torch.sort(torch.cat([base, pair, torch.linspace(0.61, 0.69, 4)])).values
+    x = torch.cat([torch.randn(3000), 0.25 + torch.randn(1000) * 1e-3, 0.5 + torch.randn(1000) * 1e-7])
+    for book in (repeated, adjacent):
+        mids = (book[1:] + book[:-1]) / 2
+        assert book.numel() == 256 and ((mids <= book[:-1]) | (mids >= book[1:])).any()
+        for stochastic in (False, True):
+            _assert_same_quant(
+                lowbit.quantize_blockwise(x, book, 256, stochastic=stochastic, seed=6,
+                                          backend=backend),
+                lowbit.quantize_blockwise(x, book, 256, stochastic=stochastic, seed=6,
+                                          backend="reference"))
+
+
 def test_large_inputs_take_the_streaming_path_exactly():
     # From 2**20 elements on, the CPU kernels write with non-temporal stores (and fence); the
     # results must not change. The other backends are covered at small sizes above.
