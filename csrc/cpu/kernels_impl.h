@@ -356,9 +356,10 @@ static void stochastic256_avx512(const void* x, int64_t begin, int64_t len, floa
     const __m512 y = _mm512_mul_ps(load16<DT>(x, begin + i, m), vinv);
     const __m512i n = lut_index16(_mm512_castps_si512(y), m, lut);
     const __m512 cn = _mm512_i32gather_ps(n, code, 4);
+    const __m512i zero = _mm512_setzero_si512();
     __m512i lo = _mm512_mask_add_epi32(_mm512_sub_epi32(n, one),
-                                       _mm512_cmp_ps_mask(cn, y, _CMP_LE_OQ), n, _mm512_setzero_si512());
-    lo = _mm512_min_epi32(_mm512_max_epi32(lo, _mm512_setzero_si512()), _mm512_set1_epi32(254));
+                                       _mm512_cmp_ps_mask(cn, y, _CMP_LE_OQ), n, zero);
+    lo = _mm512_min_epi32(_mm512_max_epi32(lo, zero), _mm512_set1_epi32(254));
     const __m512 c_lo = _mm512_i32gather_ps(lo, code, 4);
     const __m512 c_hi = _mm512_i32gather_ps(_mm512_add_epi32(lo, one), code, 4);
     const __m512 p = _mm512_div_ps(_mm512_sub_ps(y, c_lo), _mm512_sub_ps(c_hi, c_lo));
