@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from ..reference.philox import uniform24
 from ..rounding import philox_words
 
 DISTRIBUTIONS = ("rademacher", "gaussian")
@@ -40,8 +41,7 @@ def _values(n: int, counter0: int, seed: int, distribution: str, device) -> torc
                      words=1 if distribution == "rademacher" else 2, device=device)
     if distribution == "rademacher":
         return 1.0 - 2.0 * (w[0] < 0).to(torch.float64)   # bit 31 of w0 is the int32 sign
-    # uniform24 of the unsigned word: its top 24 bits ((w >> 8) of the int32, masked)
-    u = ((w >> 8) & 0xFFFFFF).to(torch.float64) * 2.0**-24
+    u = uniform24(w.to(torch.int64) & 0xFFFFFFFF).to(torch.float64)  # the unsigned words
     u1, u2 = 1.0 - u[0], u[1]
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
 

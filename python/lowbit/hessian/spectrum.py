@@ -143,12 +143,14 @@ def _lanczos_basis(op: LinearOperator, q0, steps, seed, check=None):
         if m > 0 and beta[-1] != 0.0:
             w = w - beta[-1] * Q[m - 1]
         basis = Q[:m + 1]
+        nrm = w.norm()
         for _ in range(2):
-            before = w.norm()
+            before = nrm
             w = w - basis.T @ (basis @ w)
-            if w.norm() >= 0.7071067811865476 * before:
+            nrm = w.norm()
+            if nrm >= 0.7071067811865476 * before:
                 break
-        b = float(w.norm())
+        b = float(nrm)
         beta.append(b)
         if check is not None and check(alpha, beta, m + 1):
             return alpha, beta, Q[:m + 1]
